@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs every build, test and tooling dependency of dmdserve from Debian 12 packages.
+# Idempotent: safe to run again; apt-get skips what is already installed.
+set -euo pipefail
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+export DEBIAN_FRONTEND=noninteractive
+PKGS=(
+  # toolchain
+  build-essential cmake ninja-build pkg-config git ca-certificates curl
+  # serving stack
+  libtorch-dev libgrpc++-dev protobuf-compiler-grpc protobuf-compiler libprotobuf-dev
+  libabsl-dev libspdlog-dev libfmt-dev prometheus-cpp-dev libpng-dev nlohmann-json3-dev
+  # tokenizer: Unicode classes
+  libutf8proc-dev
+  # tests and benchmarks
+  libgtest-dev libgmock-dev libbenchmark-dev prometheus
+  # fuzzing (libFuzzer + sanitizers)
+  clang-14 libfuzzer-14-dev libclang-rt-14-dev
+  # python tooling (Debian's interpreter at /usr/bin/python3)
+  python3 python3-torch python3-numpy python3-grpcio python3-protobuf python3-pil
+)
+$SUDO apt-get update -q
+$SUDO apt-get install -y -q --no-install-recommends "${PKGS[@]}"
