@@ -1,0 +1,234 @@
+// Engine: the public API of worker/ -- everything the server needs to serve image generation.
+//
+// The engine owns, per model bundle: its manifest, ClipTokenizer, Pipeline, one DynamicBatcher
+// (batching key = index of the output size) and `workers_per_model` model-worker threads that pull
+// formed batches and run them; plus one PNG-encode ThreadPool shared by all models, so encoding
+// never runs on a model worker. A request's images are queued as independent work items (the
+// batching unit is one image) and may ride in different batches.
+//
+// Flow: Submit() validates the model-dependent parts of a request (model, num_images, size, prompt
+// encoding), tokenizes the prompt, and enqueues its images; it fails fast with a status (NOT_FOUND,
+// INVALID_ARGUMENT, RESOURCE_EXHAUSTED when the queue is full, UNAVAILABLE when not ready or
+// shutting down) and then calls no callback. When it returns OK, callbacks.on_done is called
+// exactly once, later, on an engine thread, with the result or the first error (DEADLINE_EXCEEDED
+// or CANCELLED when dropped in the queue, INTERNAL when the model failed on its batch).
+//
+// Seeds: image i of a request uses seed `seed + i` (mod 2^64); an absent seed is drawn at random
+// and reported with every image. Noise contract: see docs/ARCHITECTURE.md.
+//
+// Thread safety: all public methods are thread-safe. Callbacks run on engine threads and must not
+// block. No exception leaves the engine. gRPC/protobuf/Prometheus are unknown here: metrics flow
+// out through the EngineListener interface.
+#ifndef DMDSERVE_WORKER_ENGINE_H_
+#define DMDSERVE_WORKER_ENGINE_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "worker/clock.h"
+
+namespace dmdserve {
+
+enum class ImageEncoding { kPng, kRaw };
+
+// A generation request in native types (the server converts the wire format into this).
+struct GenerateParams {
+  std::string model;             // empty: the default model
+  std::string prompt;            // UTF-8
+  int num_images = 1;            // 1..the model's max_images_per_request
+  std::optional<uint64_t> seed;  // seed of image 0; absent: drawn at random
+  int width = 0;                 // pixels; 0 (with height 0): the model's default size
+  int height = 0;
+  ImageEncoding encoding = ImageEncoding::kPng;
+  std::string request_id;                        // for logs only
+  absl::Time deadline = absl::InfiniteFuture();  // dropped unrun once this passes in the queue
+};
+
+// Where a request's time went.
+struct RequestTimings {
+  absl::Duration queue;         // accepted -> its first image entered a batch
+  absl::Duration text_encoder;  // stage times of the last batch the request rode in
+  absl::Duration generator;
+  absl::Duration decoder;
+  absl::Duration encode;  // sum of its images' encode times
+  absl::Duration total;   // accepted -> last image ready
+  int batch_size = 0;     // largest batch (images, padding excluded) it rode in
+};
+
+struct GeneratedImage {
+  int index = 0;
+  uint64_t seed = 0;
+  int width = 0;
+  int height = 0;
+  int channels = 0;
+  ImageEncoding encoding = ImageEncoding::kPng;
+  std::string data;  // PNG file, or raw uint8 HWC pixels
+  absl::Duration encode_time;
+};
+
+struct GenerateResult {
+  std::string model;                   // resolved model name
+  std::vector<GeneratedImage> images;  // index order; empty when images were streamed
+  RequestTimings timings;
+  int truncated_tokens = 0;  // prompt tokens cut by the model's token limit
+};
+
+struct GenerateCallbacks {
+  // Optional. When set, each image is handed over as soon as it is encoded (any index order) and
+  // GenerateResult::images stays empty. `so_far` holds the request-level fields (model, timings up
+  // to this image, truncated_tokens) and no images. Called with the request's lock held, so calls
+  // are serialised and all precede on_done: must not block.
+  std::function<void(GeneratedImage image, const GenerateResult& so_far)> on_image;
+  // Required. Called exactly once when the request completes or fails.
+  std::function<void(absl::Status status, GenerateResult result)> on_done;
+  // Optional. Polled before the request's images enter a batch; true drops them (CANCELLED).
+  std::function<bool()> is_cancelled;
+};
+
+struct ImageSize {
+  int width = 0;
+  int height = 0;
+};
+
+struct ModelInfo {
+  std::string name;
+  std::string description;
+  int width = 0;
+  int height = 0;
+  int channels = 0;
+  int steps = 0;
+  bool is_default = false;
+  int max_images_per_request = 0;
+  bool ready = false;
+  std::vector<ImageSize> supported_sizes;  // default first
+  int max_tokens = 0;
+};
+
+struct TokenizeResult {
+  std::string model;
+  std::vector<int32_t> ids;
+  std::vector<std::string> tokens;
+  std::vector<int32_t> input_ids;
+  int truncated_tokens = 0;
+};
+
+// What one batch did, for metrics.
+struct BatchStats {
+  std::string_view model;
+  int images = 0;       // real images in the batch
+  int padded_size = 0;  // what the model ran (>= images)
+  absl::Duration text_encoder;
+  absl::Duration generator;
+  absl::Duration decoder;
+  bool ok = true;
+};
+
+// Receives engine events (the server turns them into Prometheus metrics). Methods are called on
+// engine threads, concurrently; they must be thread-safe and must not block. Default: ignore.
+class EngineListener {
+ public:
+  virtual ~EngineListener() = default;
+  virtual void OnBatchDone(const BatchStats& stats) {}
+  virtual void OnImageEncoded(std::string_view model, absl::Duration encode_time) {}
+  virtual void OnQueueDepth(std::string_view model, int queued_images) {}
+  virtual void OnModelReady(std::string_view model, bool ready) {}
+};
+
+class Engine {
+ public:
+  struct Options {
+    // Model bundle directories (each holds a model.json). At least one.
+    std::vector<std::string> model_dirs;
+    // Name of the model used when a request names none; empty: the first bundle's model.
+    std::string default_model;
+    // libtorch device: "cpu" (or "cuda:N" in a CUDA build).
+    std::string device = "cpu";
+    // Model-worker threads per model, each running one batch at a time. >= 1. Default 1.
+    int workers_per_model = 1;
+    // libtorch intra-op threads (process-wide). 0: libtorch's default (one per core).
+    int intra_op_threads = 0;
+    // Largest batch in images; 0: the model's largest supported batch size. Capped at the latter.
+    int max_batch_size = 0;
+    // A partial batch closes when its oldest image has waited this long. Default 2 ms.
+    absl::Duration max_queue_delay = absl::Milliseconds(2);
+    // Images queued per model before requests are rejected with RESOURCE_EXHAUSTED. Default 256.
+    int max_queued_images = 256;
+    // Optional batch sizes to pad batches up to (ascending); empty: no padding.
+    std::vector<int> allowed_batch_sizes;
+    // Largest num_images per request; 0: each model's own limit. Capped at the latter.
+    int max_images_per_request = 0;
+    // Warm-up passes over every batch size before a model reports ready. TorchScript's profiling
+    // executor optimises a graph only after it has run a couple of times. >= 1. Default 2.
+    int warmup_runs = 2;
+    // PNG encoder threads (shared by all models). >= 1. Default 2.
+    int encode_threads = 2;
+    // zlib level 0..9 for PNG. Default 1 (fast; images are small).
+    int png_compression_level = 1;
+    // Time source; not owned; nullptr: the real clock.
+    Clock* clock = nullptr;
+  };
+
+  // Loads every bundle (manifest, tokenizer, TorchScript modules) and starts the worker threads.
+  // Models are not ready until Warmup(). Errors name the bundle and the field or file at fault.
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(Options options);
+
+  // Shuts down (see Shutdown) and joins every thread.
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Sets the sink for engine events (metrics). Not owned; must outlive the engine. Call before
+  // Warmup(); the model names it needs are known from ListModels() after Create().
+  void SetListener(EngineListener* listener);
+
+  // Runs every model once per batch size it will see, then marks it ready. Call once, before
+  // serving; an error is a startup error.
+  absl::Status Warmup();
+
+  // See the class comment. `callbacks.on_done` must be set.
+  absl::Status Submit(GenerateParams params, GenerateCallbacks callbacks);
+
+  // Tokenizes `text` with `model`'s tokenizer (empty: the default model) exactly as Submit does.
+  absl::StatusOr<TokenizeResult> Tokenize(std::string_view model, std::string_view text) const;
+
+  std::vector<ModelInfo> ListModels() const;
+
+  // The name of the model `name` refers to (empty: the default model); NOT_FOUND naming the
+  // served models otherwise.
+  absl::StatusOr<std::string> ResolveModel(std::string_view name) const;
+
+  // True once every model is warmed up and until Shutdown() starts.
+  bool ready() const;
+
+  // Stops accepting (Submit returns UNAVAILABLE), finishes every accepted request (their on_done
+  // runs), and joins the threads. Idempotent.
+  void Shutdown();
+
+ private:
+  struct Model;
+  struct Request;
+  struct WorkItem;
+
+  explicit Engine(Options options);
+  absl::StatusOr<Model*> FindModel(std::string_view name) const;
+  void WorkerLoop(Model* model);
+  void RunBatch(Model* model, int size_index, std::vector<WorkItem> items, int padded_size,
+                const std::vector<absl::Time>& enqueue_times);
+  void FinishImage(const std::shared_ptr<Request>& request, GeneratedImage image);
+  static void FailRequest(const std::shared_ptr<Request>& request, absl::Status status);
+
+  struct State;
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace dmdserve
+
+#endif  // DMDSERVE_WORKER_ENGINE_H_

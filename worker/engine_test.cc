@@ -1,0 +1,345 @@
+// Engine tests on the real tiny TorchScript bundle (models/tiny-random): no fakes.
+#include "worker/engine.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <filesystem>
+#include <map>
+#include <set>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "worker/clip_tokenizer.h"
+#include "worker/image_codec.h"
+
+namespace dmdserve {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::Not;
+
+const std::string kTinyBundle = std::string(DMDSERVE_SOURCE_DIR) + "/models/tiny-random";
+
+// Collects the outcome of one Submit.
+struct Outcome {
+  absl::Notification done;
+  absl::Status status;
+  GenerateResult result;
+  std::vector<GeneratedImage> streamed;
+  bool image_after_done = false;
+
+  GenerateCallbacks Callbacks(bool stream = false) {
+    GenerateCallbacks cb;
+    cb.on_done = [this](absl::Status s, GenerateResult r) {
+      status = std::move(s);
+      result = std::move(r);
+      done.Notify();
+    };
+    if (stream) {
+      cb.on_image = [this](GeneratedImage image, const GenerateResult&) {
+        if (done.HasBeenNotified()) image_after_done = true;
+        streamed.push_back(std::move(image));
+      };
+    }
+    return cb;
+  }
+};
+
+std::unique_ptr<Engine> MakeEngine(Engine::Options options, bool warm = true) {
+  if (options.model_dirs.empty()) options.model_dirs = {kTinyBundle};
+  auto engine = Engine::Create(std::move(options));
+  EXPECT_TRUE(engine.ok()) << engine.status();
+  if (!engine.ok()) return nullptr;
+  if (warm) EXPECT_TRUE((*engine)->Warmup().ok());
+  return *std::move(engine);
+}
+
+GenerateParams Params(std::string prompt, int n, uint64_t seed) {
+  GenerateParams p;
+  p.prompt = std::move(prompt);
+  p.num_images = n;
+  p.seed = seed;
+  return p;
+}
+
+std::string Pixels(const GeneratedImage& image) {
+  absl::StatusOr<DecodedImage> decoded = DecodePng(image.data);
+  EXPECT_TRUE(decoded.ok()) << decoded.status();
+  return decoded.ok() ? decoded->pixels : "";
+}
+
+TEST(EngineTest, GeneratesPngImagesWithConsecutiveSeeds) {
+  auto engine = MakeEngine({});
+  ASSERT_NE(engine, nullptr);
+  const ModelInfo info = engine->ListModels().at(0);
+  Outcome out;
+  ASSERT_TRUE(engine->Submit(Params("a photo of a sneaker", 3, 41), out.Callbacks()).ok());
+  out.done.WaitForNotification();
+  ASSERT_TRUE(out.status.ok()) << out.status;
+  EXPECT_EQ(out.result.model, info.name);
+  ASSERT_EQ(out.result.images.size(), 3u);
+  for (int i = 0; i < 3; ++i) {
+    const GeneratedImage& image = out.result.images[i];
+    EXPECT_EQ(image.index, i);
+    EXPECT_EQ(image.seed, 41u + i);
+    EXPECT_EQ(image.width, info.width);
+    EXPECT_EQ(image.height, info.height);
+    absl::StatusOr<DecodedImage> decoded = DecodePng(image.data);
+    ASSERT_TRUE(decoded.ok()) << decoded.status();
+    EXPECT_EQ(decoded->width, info.width);
+    EXPECT_EQ(decoded->height, info.height);
+    EXPECT_EQ(decoded->channels, info.channels);
+  }
+  EXPECT_NE(Pixels(out.result.images[0]), Pixels(out.result.images[1]));
+  EXPECT_GE(out.result.timings.batch_size, 1);
+  EXPECT_GE(out.result.timings.total, out.result.timings.queue);
+}
+
+TEST(EngineTest, RawEncodingReturnsHwcPixelsEqualToThePngContent) {
+  auto engine = MakeEngine({});
+  ASSERT_NE(engine, nullptr);
+  Outcome png, raw;
+  GenerateParams p = Params("trainers", 1, 7);
+  ASSERT_TRUE(engine->Submit(p, png.Callbacks()).ok());
+  p.encoding = ImageEncoding::kRaw;
+  ASSERT_TRUE(engine->Submit(p, raw.Callbacks()).ok());
+  png.done.WaitForNotification();
+  raw.done.WaitForNotification();
+  ASSERT_TRUE(png.status.ok() && raw.status.ok());
+  const GeneratedImage& r = raw.result.images.at(0);
+  EXPECT_EQ(r.encoding, ImageEncoding::kRaw);
+  EXPECT_EQ(r.data.size(), static_cast<size_t>(r.width * r.height * r.channels));
+  EXPECT_EQ(r.data, Pixels(png.result.images.at(0)));
+}
+
+TEST(EngineTest, AbsentSeedIsDrawnAndReported) {
+  auto engine = MakeEngine({});
+  ASSERT_NE(engine, nullptr);
+  Outcome a, b;
+  GenerateParams p = Params("a handbag", 2, 0);
+  p.seed.reset();
+  ASSERT_TRUE(engine->Submit(p, a.Callbacks()).ok());
+  ASSERT_TRUE(engine->Submit(p, b.Callbacks()).ok());
+  a.done.WaitForNotification();
+  b.done.WaitForNotification();
+  ASSERT_TRUE(a.status.ok() && b.status.ok());
+  EXPECT_EQ(a.result.images[1].seed, a.result.images[0].seed + 1);
+  EXPECT_NE(a.result.images[0].seed, b.result.images[0].seed);
+}
+
+// The same model + prompt + seed gives the same image alone and inside a full batch of others.
+TEST(EngineTest, ImageDependsOnlyOnPromptAndSeedNotOnBatchmates) {
+  auto engine = MakeEngine({.max_queue_delay = absl::Milliseconds(50)});
+  ASSERT_NE(engine, nullptr);
+  Outcome alone;
+  ASSERT_TRUE(engine->Submit(Params("an ankle boot", 1, 1234), alone.Callbacks()).ok());
+  alone.done.WaitForNotification();
+  ASSERT_TRUE(alone.status.ok());
+
+  std::vector<std::unique_ptr<Outcome>> crowd;
+  for (int i = 0; i < 7; ++i) {
+    crowd.push_back(std::make_unique<Outcome>());
+    const std::string prompt = i == 3 ? "an ankle boot" : absl::StrCat("a pullover ", i);
+    const uint64_t seed = i == 3 ? 1234 : 100 + i;
+    ASSERT_TRUE(engine->Submit(Params(prompt, 1, seed), crowd.back()->Callbacks()).ok());
+  }
+  for (auto& o : crowd) o->done.WaitForNotification();
+  ASSERT_TRUE(crowd[3]->status.ok());
+  EXPECT_GT(crowd[3]->result.timings.batch_size, 1);  // it really shared a batch
+  const std::string a = Pixels(alone.result.images[0]);
+  const std::string b = Pixels(crowd[3]->result.images[0]);
+  ASSERT_EQ(a.size(), b.size());
+  int max_diff = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    max_diff = std::max(max_diff, std::abs(static_cast<int>(static_cast<uint8_t>(a[i])) -
+                                           static_cast<int>(static_cast<uint8_t>(b[i]))));
+  }
+  EXPECT_LE(max_diff, 1);
+}
+
+TEST(EngineTest, StreamsEveryImageBeforeDone) {
+  auto engine = MakeEngine({});
+  ASSERT_NE(engine, nullptr);
+  Outcome out;
+  ASSERT_TRUE(engine->Submit(Params("a shirt", 4, 5), out.Callbacks(/*stream=*/true)).ok());
+  out.done.WaitForNotification();
+  ASSERT_TRUE(out.status.ok());
+  EXPECT_TRUE(out.result.images.empty());
+  ASSERT_EQ(out.streamed.size(), 4u);
+  EXPECT_FALSE(out.image_after_done);
+  std::set<int> indices;
+  for (const GeneratedImage& image : out.streamed) indices.insert(image.index);
+  EXPECT_EQ(indices, (std::set<int>{0, 1, 2, 3}));
+}
+
+TEST(EngineTest, RejectsBadRequestsNamingTheField) {
+  auto engine = MakeEngine({});
+  ASSERT_NE(engine, nullptr);
+  const ModelInfo info = engine->ListModels().at(0);
+  Outcome unused;
+  auto submit = [&](GenerateParams p) { return engine->Submit(std::move(p), unused.Callbacks()); };
+
+  GenerateParams p = Params("x", 1, 1);
+  p.model = "no-such-model";
+  absl::Status s = submit(p);
+  EXPECT_EQ(s.code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(std::string(s.message()), HasSubstr(info.name));  // lists what is served
+
+  s = submit(Params("x", info.max_images_per_request + 1, 1));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("num_images"));
+
+  p = Params("x", 1, 1);
+  p.width = info.width + 1;
+  p.height = info.height;
+  s = submit(p);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("width x height"));
+
+  s = submit(Params("bad \xC3\x28 utf8", 1, 1));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("prompt"));
+  EXPECT_FALSE(unused.done.HasBeenNotified());  // a rejected Submit calls no callback
+}
+
+TEST(EngineTest, NotReadyUntilWarmedUp) {
+  auto engine = MakeEngine({}, /*warm=*/false);
+  ASSERT_NE(engine, nullptr);
+  EXPECT_FALSE(engine->ready());
+  EXPECT_FALSE(engine->ListModels()[0].ready);
+  Outcome out;
+  EXPECT_EQ(engine->Submit(Params("x", 1, 1), out.Callbacks()).code(),
+            absl::StatusCode::kUnavailable);
+  ASSERT_TRUE(engine->Warmup().ok());
+  EXPECT_TRUE(engine->ready());
+  EXPECT_TRUE(engine->ListModels()[0].ready);
+}
+
+TEST(EngineTest, FullQueueRejectsAtOnceWhileAcceptedRequestsComplete) {
+  auto engine = MakeEngine({.max_batch_size = 1, .max_queued_images = 4});
+  ASSERT_NE(engine, nullptr);
+  std::vector<std::unique_ptr<Outcome>> accepted;
+  int rejected = 0;
+  for (int i = 0; i < 40; ++i) {
+    auto out = std::make_unique<Outcome>();
+    absl::Status s = engine->Submit(Params("a coat", 2, i), out->Callbacks());
+    if (s.ok()) {
+      accepted.push_back(std::move(out));
+    } else {
+      EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
+      ++rejected;
+    }
+  }
+  EXPECT_GT(rejected, 0);
+  for (auto& o : accepted) {
+    o->done.WaitForNotification();
+    EXPECT_TRUE(o->status.ok()) << o->status;
+  }
+}
+
+TEST(EngineTest, ExpiredAndCancelledRequestsNeverRun) {
+  auto engine = MakeEngine({});
+  ASSERT_NE(engine, nullptr);
+  Outcome expired, cancelled;
+  GenerateParams p = Params("a sandal", 2, 3);
+  p.deadline = absl::Now() - absl::Seconds(1);
+  ASSERT_TRUE(engine->Submit(p, expired.Callbacks()).ok());
+  GenerateCallbacks cb = cancelled.Callbacks();
+  cb.is_cancelled = [] { return true; };
+  ASSERT_TRUE(engine->Submit(Params("a sandal", 2, 3), std::move(cb)).ok());
+  expired.done.WaitForNotification();
+  cancelled.done.WaitForNotification();
+  EXPECT_EQ(expired.status.code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(cancelled.status.code(), absl::StatusCode::kCancelled);
+}
+
+TEST(EngineTest, ShutdownFinishesEveryAcceptedRequestThenRejects) {
+  auto engine = MakeEngine({.max_queued_images = 1000});
+  ASSERT_NE(engine, nullptr);
+  std::vector<std::unique_ptr<Outcome>> outs;
+  for (int i = 0; i < 20; ++i) {
+    outs.push_back(std::make_unique<Outcome>());
+    ASSERT_TRUE(engine->Submit(Params("a dress", 3, i), outs.back()->Callbacks()).ok());
+  }
+  engine->Shutdown();
+  for (auto& o : outs) {
+    ASSERT_TRUE(o->done.HasBeenNotified());
+    EXPECT_TRUE(o->status.ok()) << o->status;
+    EXPECT_EQ(o->result.images.size(), 3u);
+  }
+  Outcome late;
+  EXPECT_EQ(engine->Submit(Params("late", 1, 1), late.Callbacks()).code(),
+            absl::StatusCode::kUnavailable);
+  EXPECT_FALSE(engine->ready());
+}
+
+TEST(EngineTest, TokenizeMatchesTheTokenizer) {
+  auto engine = MakeEngine({}, /*warm=*/false);
+  ASSERT_NE(engine, nullptr);
+  absl::StatusOr<TokenizeResult> t = engine->Tokenize("", "a photo of a cat");
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ(t->ids, (std::vector<int32_t>{320, 1125, 539, 320, 2368}));
+  EXPECT_EQ(t->tokens, (std::vector<std::string>{"a</w>", "photo</w>", "of</w>", "a</w>",
+                                                  "cat</w>"}));
+  EXPECT_EQ(t->input_ids.size(), 77u);
+  EXPECT_EQ(t->truncated_tokens, 0);
+  EXPECT_EQ(engine->Tokenize("nope", "x").status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST(EngineTest, RejectsBadOptionsAndBundles) {
+  EXPECT_EQ(Engine::Create({}).status().code(), absl::StatusCode::kInvalidArgument);
+  auto s = Engine::Create({.model_dirs = {kTinyBundle}, .workers_per_model = 0}).status();
+  EXPECT_THAT(std::string(s.message()), HasSubstr("workers_per_model"));
+  s = Engine::Create({.model_dirs = {"/nonexistent/bundle"}}).status();
+  EXPECT_FALSE(s.ok());
+  EXPECT_THAT(std::string(s.message()), HasSubstr("/nonexistent/bundle"));
+  s = Engine::Create({.model_dirs = {kTinyBundle, kTinyBundle}}).status();
+  EXPECT_THAT(std::string(s.message()), HasSubstr("already served"));
+  s = Engine::Create({.model_dirs = {kTinyBundle}, .default_model = "other"}).status();
+  EXPECT_THAT(std::string(s.message()), HasSubstr("default_model"));
+}
+
+// A model failure fails the requests of that batch with INTERNAL; the worker keeps serving, and
+// the other model is unaffected.
+TEST(EngineTest, ModelFailureFailsOnlyItsBatchAndWorkersKeepGoing) {
+  auto tokenizer = ClipTokenizer::Create(
+      {.vocab_path = kTinyBundle + "/tokenizer/vocab.json",
+       .merges_path = kTinyBundle + "/tokenizer/merges.txt"});
+  ASSERT_TRUE(tokenizer.ok());
+  absl::StatusOr<std::vector<int32_t>> boom = (*tokenizer)->Encode("boom");
+  ASSERT_TRUE(boom.ok() && boom->size() == 1);
+  const std::string dir = ::testing::TempDir() + "/faulty-bundle";
+  std::filesystem::remove_all(dir);
+  const std::string cmd = absl::StrCat(DMDSERVE_PYTHON, " ", DMDSERVE_SOURCE_DIR,
+                                       "/tests/fixtures/make_faulty_bundle.py --src ",
+                                       kTinyBundle, " --out ", dir, " --trigger-id ",
+                                       (*boom)[0]);
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+
+  auto engine = MakeEngine({.model_dirs = {dir, kTinyBundle}});
+  ASSERT_NE(engine, nullptr);
+  Outcome bad, good, other;
+  GenerateParams p = Params("boom", 2, 1);
+  p.model = "faulty";
+  ASSERT_TRUE(engine->Submit(p, bad.Callbacks()).ok());
+  bad.done.WaitForNotification();
+  EXPECT_EQ(bad.status.code(), absl::StatusCode::kInternal);
+  EXPECT_THAT(std::string(bad.status.message()), HasSubstr("faulty"));
+  EXPECT_THAT(std::string(bad.status.message()), Not(HasSubstr("/")));  // no internal paths
+
+  p = Params("a bag", 2, 1);
+  p.model = "faulty";
+  ASSERT_TRUE(engine->Submit(p, good.Callbacks()).ok());
+  p.model = engine->ListModels().at(1).name;  // the healthy model
+  ASSERT_TRUE(engine->Submit(p, other.Callbacks()).ok());
+  good.done.WaitForNotification();
+  other.done.WaitForNotification();
+  EXPECT_TRUE(good.status.ok()) << good.status;
+  EXPECT_TRUE(other.status.ok()) << other.status;
+}
+
+}  // namespace
+}  // namespace dmdserve
