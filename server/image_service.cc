@@ -1,0 +1,287 @@
+#include "server/image_service.h"
+
+#include <chrono>
+#include <deque>
+#include <optional>
+#include <string>
+#include <utility>
+
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "server/status_util.h"
+#include "spdlog/spdlog.h"
+
+namespace dmdserve {
+namespace {
+
+absl::Time DeadlineOf(const grpc::CallbackServerContext* context) {
+  const auto deadline = context->deadline();
+  if (deadline == std::chrono::system_clock::time_point::max()) return absl::InfiniteFuture();
+  return absl::FromChrono(deadline);
+}
+
+v1::ImageEncoding ToProto(ImageEncoding e) {
+  return e == ImageEncoding::kRaw ? v1::IMAGE_ENCODING_RAW : v1::IMAGE_ENCODING_PNG;
+}
+
+void ToProto(const RequestTimings& t, v1::Timings* out) {
+  out->set_queue_seconds(absl::ToDoubleSeconds(t.queue));
+  out->set_text_encoder_seconds(absl::ToDoubleSeconds(t.text_encoder));
+  out->set_generator_seconds(absl::ToDoubleSeconds(t.generator));
+  out->set_decoder_seconds(absl::ToDoubleSeconds(t.decoder));
+  out->set_encode_seconds(absl::ToDoubleSeconds(t.encode));
+  out->set_total_seconds(absl::ToDoubleSeconds(t.total));
+  out->set_batch_size(t.batch_size);
+}
+
+void ToProto(GeneratedImage&& image, v1::GeneratedImage* out) {
+  out->set_index(image.index);
+  out->set_seed(image.seed);
+  out->set_width(image.width);
+  out->set_height(image.height);
+  out->set_channels(image.channels);
+  out->set_encoding(ToProto(image.encoding));
+  out->set_data(std::move(image.data));
+}
+
+}  // namespace
+
+void ImageGenerationService::Finished(RpcMethod method, std::string_view model,
+                                      const std::string& request_id, const grpc::Status& status,
+                                      absl::Time started, int images) {
+  const absl::Duration elapsed = absl::Now() - started;
+  metrics_->RecordRequest(method, model, status.error_code(), elapsed, images);
+  if (status.ok()) {
+    spdlog::info("rpc={} request_id={} model={} images={} code=OK seconds={:.4f}",
+                 RpcMethodName(method), request_id, model, images,
+                 absl::ToDoubleSeconds(elapsed));
+  } else {
+    spdlog::info("rpc={} request_id={} model={} images={} code={} seconds={:.4f} error=\"{}\"",
+                 RpcMethodName(method), request_id, model, images,
+                 GrpcCodeName(status.error_code()), absl::ToDoubleSeconds(elapsed),
+                 status.error_message());
+  }
+}
+
+grpc::ServerUnaryReactor* ImageGenerationService::Generate(grpc::CallbackServerContext* context,
+                                                           const v1::GenerateRequest* request,
+                                                           v1::GenerateResponse* response) {
+  const absl::Time started = absl::Now();
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  auto fail = [&](std::string_view model, const absl::Status& s) {
+    grpc::Status status = ToGrpcStatus(s);
+    Finished(RpcMethod::kGenerate, model, request->request_id(), status, started, 0);
+    reactor->Finish(status);
+    return reactor;
+  };
+  absl::StatusOr<GenerateParams> params =
+      ToGenerateParams(*request, limits_, DeadlineOf(context));
+  if (!params.ok()) return fail(request->model(), params.status());
+  absl::StatusOr<std::string> model = engine_->ResolveModel(params->model);
+  if (!model.ok()) return fail(request->model(), model.status());
+  params->model = *model;
+
+  GenerateCallbacks callbacks;
+  callbacks.is_cancelled = [context] { return context->IsCancelled(); };
+  callbacks.on_done = [this, reactor, response, started, model = *model,
+                       request_id = params->request_id](absl::Status status,
+                                                        GenerateResult result) {
+    int images = 0;
+    if (status.ok()) {
+      response->set_request_id(request_id);
+      response->set_model(result.model);
+      response->set_truncated_tokens(result.truncated_tokens);
+      ToProto(result.timings, response->mutable_timings());
+      images = static_cast<int>(result.images.size());
+      for (GeneratedImage& image : result.images) ToProto(std::move(image), response->add_images());
+      metrics_->RecordQueueWait(model, result.timings.queue);
+    }
+    metrics_->AddInFlight(model, -1);
+    grpc::Status grpc_status = ToGrpcStatus(status);
+    Finished(RpcMethod::kGenerate, model, request_id, grpc_status, started, images);
+    reactor->Finish(grpc_status);
+  };
+  metrics_->AddInFlight(*model, 1);
+  if (absl::Status s = engine_->Submit(*std::move(params), std::move(callbacks)); !s.ok()) {
+    metrics_->AddInFlight(*model, -1);
+    return fail(*model, s);
+  }
+  return reactor;
+}
+
+// Streams each image as soon as the engine hands it over. One write is outstanding at a time;
+// images arriving meanwhile wait in `pending_`. Finish() follows the last write. StartWrite and
+// Finish are called without `mu_` held, since gRPC may run reactions inline.
+class ImageGenerationService::StreamReactor final
+    : public grpc::ServerWriteReactor<v1::GeneratedImage> {
+ public:
+  StreamReactor(ImageGenerationService* service, grpc::CallbackServerContext* context)
+      : service_(service), context_(context), started_(absl::Now()) {}
+
+  void Start(const v1::GenerateRequest& request) {
+    request_id_ = request.request_id();
+    absl::StatusOr<GenerateParams> params =
+        ToGenerateParams(request, service_->limits_, DeadlineOf(context_));
+    if (!params.ok()) return FailNow(request.model(), params.status());
+    absl::StatusOr<std::string> model = service_->engine_->ResolveModel(params->model);
+    if (!model.ok()) return FailNow(request.model(), model.status());
+    params->model = model_ = *model;
+
+    GenerateCallbacks callbacks;
+    grpc::CallbackServerContext* context = context_;
+    callbacks.is_cancelled = [context] { return context->IsCancelled(); };
+    callbacks.on_image = [this](GeneratedImage image, const GenerateResult& so_far) {
+      v1::GeneratedImage out;
+      ToProto(std::move(image), &out);
+      ToProto(so_far.timings, out.mutable_timings());
+      out.set_request_id(request_id_);
+      out.set_model(model_);
+      out.set_truncated_tokens(so_far.truncated_tokens);
+      {
+        absl::MutexLock lock(&mu_);
+        pending_.push_back(std::move(out));
+        ++images_;
+      }
+      Pump();
+    };
+    callbacks.on_done = [this](absl::Status status, GenerateResult result) {
+      if (status.ok()) service_->metrics_->RecordQueueWait(model_, result.timings.queue);
+      service_->metrics_->AddInFlight(model_, -1);
+      {
+        absl::MutexLock lock(&mu_);
+        final_status_ = ToGrpcStatus(status);
+      }
+      Pump();
+    };
+    service_->metrics_->AddInFlight(model_, 1);
+    if (absl::Status s = service_->engine_->Submit(*std::move(params), std::move(callbacks));
+        !s.ok()) {
+      service_->metrics_->AddInFlight(model_, -1);
+      return FailNow(model_, s);
+    }
+  }
+
+  void OnWriteDone(bool ok) override {
+    {
+      absl::MutexLock lock(&mu_);
+      writing_ = false;
+      pending_.pop_front();
+      if (!ok) {
+        // The client is gone; drop what is left and let the engine finish (it sees the
+        // cancellation before running further images).
+        pending_.clear();
+        broken_ = true;
+      }
+    }
+    Pump();
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  void FailNow(std::string_view model, const absl::Status& s) {
+    grpc::Status status = ToGrpcStatus(s);
+    service_->Finished(RpcMethod::kGenerateStream, model, request_id_, status, started_, 0);
+    Finish(status);
+  }
+
+  // Starts the next write, or finishes once everything is written and the engine is done.
+  void Pump() {
+    const v1::GeneratedImage* to_write = nullptr;
+    std::optional<grpc::Status> to_finish;
+    int images = 0;
+    {
+      absl::MutexLock lock(&mu_);
+      if (writing_ || finish_called_) return;
+      if (!pending_.empty() && !broken_) {
+        writing_ = true;
+        to_write = &pending_.front();  // deque::push_back keeps references valid
+      } else if (final_status_.has_value()) {
+        finish_called_ = true;
+        to_finish = *final_status_;
+        images = images_;
+      }
+    }
+    if (to_write != nullptr) {
+      StartWrite(to_write);
+    } else if (to_finish.has_value()) {
+      service_->Finished(RpcMethod::kGenerateStream, model_, request_id_, *to_finish, started_,
+                         to_finish->ok() ? images : 0);
+      Finish(*to_finish);
+    }
+  }
+
+  ImageGenerationService* const service_;
+  grpc::CallbackServerContext* const context_;
+  const absl::Time started_;
+  std::string request_id_;
+  std::string model_;
+
+  absl::Mutex mu_;
+  std::deque<v1::GeneratedImage> pending_ ABSL_GUARDED_BY(mu_);
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool broken_ ABSL_GUARDED_BY(mu_) = false;
+  bool finish_called_ ABSL_GUARDED_BY(mu_) = false;
+  int images_ ABSL_GUARDED_BY(mu_) = 0;
+  std::optional<grpc::Status> final_status_ ABSL_GUARDED_BY(mu_);
+};
+
+grpc::ServerWriteReactor<v1::GeneratedImage>* ImageGenerationService::GenerateStream(
+    grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
+  auto* reactor = new StreamReactor(this, context);
+  reactor->Start(*request);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* ImageGenerationService::ListModels(
+    grpc::CallbackServerContext* context, const v1::ListModelsRequest* request,
+    v1::ListModelsResponse* response) {
+  const absl::Time started = absl::Now();
+  for (const ModelInfo& info : engine_->ListModels()) {
+    v1::ModelInfo* m = response->add_models();
+    m->set_name(info.name);
+    m->set_description(info.description);
+    m->set_width(info.width);
+    m->set_height(info.height);
+    m->set_channels(info.channels);
+    m->set_steps(info.steps);
+    m->set_is_default(info.is_default);
+    m->set_max_images_per_request(info.max_images_per_request);
+    m->set_ready(info.ready);
+    m->set_max_tokens(info.max_tokens);
+    for (const ImageSize& size : info.supported_sizes) {
+      v1::ImageSize* s = m->add_supported_sizes();
+      s->set_width(size.width);
+      s->set_height(size.height);
+    }
+  }
+  Finished(RpcMethod::kListModels, "", "", grpc::Status::OK, started, 0);
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* ImageGenerationService::Tokenize(grpc::CallbackServerContext* context,
+                                                           const v1::TokenizeRequest* request,
+                                                           v1::TokenizeResponse* response) {
+  const absl::Time started = absl::Now();
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  absl::StatusOr<TokenizeResult> result = [&]() -> absl::StatusOr<TokenizeResult> {
+    if (absl::Status s = ValidateTokenizeRequest(*request, limits_); !s.ok()) return s;
+    return engine_->Tokenize(request->model(), request->text());
+  }();
+  std::string model = result.ok() ? result->model : request->model();
+  if (result.ok()) {
+    response->set_model(result->model);
+    response->mutable_ids()->Assign(result->ids.begin(), result->ids.end());
+    for (std::string& token : result->tokens) response->add_tokens(std::move(token));
+    response->mutable_input_ids()->Assign(result->input_ids.begin(), result->input_ids.end());
+    response->set_truncated_tokens(result->truncated_tokens);
+  }
+  grpc::Status status = ToGrpcStatus(result.status());
+  Finished(RpcMethod::kTokenize, model, "", status, started, 0);
+  reactor->Finish(status);
+  return reactor;
+}
+
+}  // namespace dmdserve

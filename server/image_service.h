@@ -1,0 +1,49 @@
+// ImageGenerationService: the gRPC callback-API implementation of dmdserve.v1.ImageGeneration.
+//
+// A thin adapter: each handler validates the request and converts it to native types
+// (request_validation.h), hands it to the Engine and returns at once -- no handler blocks. The
+// engine's completion callbacks finish the reactors on engine threads. Statuses are mapped to gRPC
+// once (status_util.h); each finished RPC is counted in Metrics and logged as one line.
+// Thread-safe; does not own the engine or metrics, which must outlive it.
+#ifndef DMDSERVE_SERVER_IMAGE_SERVICE_H_
+#define DMDSERVE_SERVER_IMAGE_SERVICE_H_
+
+#include "dmdserve/v1/dmdserve.grpc.pb.h"
+#include "server/metrics.h"
+#include "server/request_validation.h"
+#include "worker/engine.h"
+
+namespace dmdserve {
+
+class ImageGenerationService final : public v1::ImageGeneration::CallbackService {
+ public:
+  ImageGenerationService(Engine* engine, Metrics* metrics, RequestLimits limits)
+      : engine_(engine), metrics_(metrics), limits_(limits) {}
+
+  grpc::ServerUnaryReactor* Generate(grpc::CallbackServerContext* context,
+                                     const v1::GenerateRequest* request,
+                                     v1::GenerateResponse* response) override;
+  grpc::ServerWriteReactor<v1::GeneratedImage>* GenerateStream(
+      grpc::CallbackServerContext* context, const v1::GenerateRequest* request) override;
+  grpc::ServerUnaryReactor* ListModels(grpc::CallbackServerContext* context,
+                                       const v1::ListModelsRequest* request,
+                                       v1::ListModelsResponse* response) override;
+  grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* context,
+                                     const v1::TokenizeRequest* request,
+                                     v1::TokenizeResponse* response) override;
+
+ private:
+  class StreamReactor;
+
+  // Records the metrics and the log line of a finished RPC.
+  void Finished(RpcMethod method, std::string_view model, const std::string& request_id,
+                const grpc::Status& status, absl::Time started, int images);
+
+  Engine* const engine_;
+  Metrics* const metrics_;
+  const RequestLimits limits_;
+};
+
+}  // namespace dmdserve
+
+#endif  // DMDSERVE_SERVER_IMAGE_SERVICE_H_

@@ -1,0 +1,185 @@
+#include "server/metrics.h"
+
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+
+namespace dmdserve {
+namespace {
+
+constexpr std::string_view kUnknownModel = "_unknown";
+
+// Seconds: from sub-millisecond GPU stages to multi-second CPU requests.
+prometheus::Histogram::BucketBoundaries LatencyBuckets() {
+  return {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+          0.25,   0.5,   1,      2.5,   5,    10,    30,    60};
+}
+
+prometheus::Histogram::BucketBoundaries BatchBuckets() { return {1, 2, 4, 8, 16, 32, 64, 128}; }
+
+// gRPC code names as used in label values ("OK", "INVALID_ARGUMENT", ...).
+constexpr std::array<std::string_view, kNumGrpcCodes> kCodeNames = {
+    "OK",        "CANCELLED",          "UNKNOWN",        "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
+    "NOT_FOUND", "ALREADY_EXISTS",     "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION", "ABORTED",  "OUT_OF_RANGE",   "UNIMPLEMENTED",    "INTERNAL",
+    "UNAVAILABLE", "DATA_LOSS",        "UNAUTHENTICATED"};
+
+}  // namespace
+
+std::string_view GrpcCodeName(grpc::StatusCode code) {
+  const int c = static_cast<int>(code);
+  return kCodeNames[c >= 0 && c < kNumGrpcCodes ? c : 2];
+}
+
+std::string_view RpcMethodName(RpcMethod method) {
+  switch (method) {
+    case RpcMethod::kGenerate:
+      return "Generate";
+    case RpcMethod::kGenerateStream:
+      return "GenerateStream";
+    case RpcMethod::kListModels:
+      return "ListModels";
+    case RpcMethod::kTokenize:
+      return "Tokenize";
+  }
+  return "unknown";
+}
+
+absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const Options& options) {
+  if (options.models.empty()) return absl::InvalidArgumentError("Metrics needs at least one model");
+  std::unique_ptr<Metrics> m(new Metrics());
+  m->registry_ = std::make_shared<prometheus::Registry>();
+  prometheus::Registry& r = *m->registry_;
+
+  auto& requests = prometheus::BuildCounter()
+                       .Name("dmdserve_requests_total")
+                       .Help("RPCs finished, by model, method and gRPC status code.")
+                       .Register(r);
+  auto& images = prometheus::BuildCounter()
+                     .Name("dmdserve_images_generated_total")
+                     .Help("Images returned to clients.")
+                     .Register(r);
+  auto& request_duration =
+      prometheus::BuildHistogram()
+          .Name("dmdserve_request_duration_seconds")
+          .Help("Time from accepting a successful request to its last image, in seconds.")
+          .Register(r);
+  auto& queue_wait = prometheus::BuildHistogram()
+                         .Name("dmdserve_queue_wait_seconds")
+                         .Help("Time a request waited before its first image entered a batch.")
+                         .Register(r);
+  auto& stage = prometheus::BuildHistogram()
+                    .Name("dmdserve_stage_duration_seconds")
+                    .Help("Duration of a pipeline stage: per batch for text_encoder, generator "
+                          "and decoder; per image for png_encode.")
+                    .Register(r);
+  auto& batch_size = prometheus::BuildHistogram()
+                         .Name("dmdserve_batch_size_images")
+                         .Help("Real images per batch run by the model (padding excluded).")
+                         .Register(r);
+  auto& batches = prometheus::BuildCounter()
+                      .Name("dmdserve_batches_total")
+                      .Help("Batches run by the model, by result (ok or error).")
+                      .Register(r);
+  auto& queue_depth = prometheus::BuildGauge()
+                          .Name("dmdserve_queue_depth_images")
+                          .Help("Images waiting in the model's batch queue.")
+                          .Register(r);
+  auto& in_flight = prometheus::BuildGauge()
+                        .Name("dmdserve_requests_in_flight")
+                        .Help("Generate requests accepted and not yet finished.")
+                        .Register(r);
+  auto& ready = prometheus::BuildGauge()
+                    .Name("dmdserve_model_ready")
+                    .Help("1 when the model is loaded and warmed up, else 0.")
+                    .Register(r);
+  prometheus::BuildGauge()
+      .Name("dmdserve_build_info")
+      .Help("Build information; the value is always 1.")
+      .Register(r)
+      .Add({{"version", options.version}})
+      .Set(1);
+
+  std::vector<std::string> names = options.models;
+  names.emplace_back(kUnknownModel);
+  for (const std::string& name : names) {
+    PerModel pm;
+    for (int method = 0; method < kNumRpcMethods; ++method) {
+      const std::string method_name(RpcMethodName(static_cast<RpcMethod>(method)));
+      for (int code = 0; code < kNumGrpcCodes; ++code) {
+        pm.requests[method][code] = &requests.Add(
+            {{"model", name}, {"method", method_name}, {"code", std::string(kCodeNames[code])}});
+      }
+      pm.request_duration[method] =
+          &request_duration.Add({{"model", name}, {"method", method_name}}, LatencyBuckets());
+    }
+    pm.images = &images.Add({{"model", name}});
+    pm.queue_wait = &queue_wait.Add({{"model", name}}, LatencyBuckets());
+    pm.text_encoder = &stage.Add({{"model", name}, {"stage", "text_encoder"}}, LatencyBuckets());
+    pm.generator = &stage.Add({{"model", name}, {"stage", "generator"}}, LatencyBuckets());
+    pm.decoder = &stage.Add({{"model", name}, {"stage", "decoder"}}, LatencyBuckets());
+    pm.png_encode = &stage.Add({{"model", name}, {"stage", "png_encode"}}, LatencyBuckets());
+    pm.batch_size = &batch_size.Add({{"model", name}}, BatchBuckets());
+    pm.batches_ok = &batches.Add({{"model", name}, {"result", "ok"}});
+    pm.batches_error = &batches.Add({{"model", name}, {"result", "error"}});
+    // "_unknown" only counts failed requests: it has no queue, nothing in flight, no readiness.
+    if (name != kUnknownModel) {
+      pm.queue_depth = &queue_depth.Add({{"model", name}});
+      pm.in_flight = &in_flight.Add({{"model", name}});
+      pm.ready = &ready.Add({{"model", name}});
+    }
+    m->models_.emplace(name, pm);
+  }
+  return m;
+}
+
+Metrics::PerModel& Metrics::For(std::string_view model) {
+  auto it = models_.find(model);
+  if (it == models_.end()) it = models_.find(kUnknownModel);
+  return it->second;
+}
+
+void Metrics::RecordRequest(RpcMethod method, std::string_view model, grpc::StatusCode code,
+                            absl::Duration duration, int images) {
+  PerModel& pm = For(model);
+  const int c = static_cast<int>(code);
+  pm.requests[static_cast<int>(method)][c >= 0 && c < kNumGrpcCodes ? c : 2]->Increment();
+  static_assert(kCodeNames[2] == "UNKNOWN");
+  if (code == grpc::StatusCode::OK) {
+    pm.request_duration[static_cast<int>(method)]->Observe(absl::ToDoubleSeconds(duration));
+    if (images > 0) pm.images->Increment(images);
+  }
+}
+
+void Metrics::RecordQueueWait(std::string_view model, absl::Duration wait) {
+  For(model).queue_wait->Observe(absl::ToDoubleSeconds(wait));
+}
+
+void Metrics::AddInFlight(std::string_view model, int delta) {
+  if (prometheus::Gauge* g = For(model).in_flight) g->Increment(delta);
+}
+
+void Metrics::OnBatchDone(const BatchStats& stats) {
+  PerModel& pm = For(stats.model);
+  (stats.ok ? pm.batches_ok : pm.batches_error)->Increment();
+  if (!stats.ok) return;
+  pm.batch_size->Observe(stats.images);
+  pm.text_encoder->Observe(absl::ToDoubleSeconds(stats.text_encoder));
+  pm.generator->Observe(absl::ToDoubleSeconds(stats.generator));
+  pm.decoder->Observe(absl::ToDoubleSeconds(stats.decoder));
+}
+
+void Metrics::OnImageEncoded(std::string_view model, absl::Duration encode_time) {
+  For(model).png_encode->Observe(absl::ToDoubleSeconds(encode_time));
+}
+
+void Metrics::OnQueueDepth(std::string_view model, int queued_images) {
+  if (prometheus::Gauge* g = For(model).queue_depth) g->Set(queued_images);
+}
+
+void Metrics::OnModelReady(std::string_view model, bool ready) {
+  if (prometheus::Gauge* g = For(model).ready) g->Set(ready ? 1 : 0);
+}
+
+}  // namespace dmdserve

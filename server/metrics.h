@@ -1,0 +1,106 @@
+// Metrics: every Prometheus metric of dmdserve, defined in one place.
+//
+// Label children are created once in Create() for every served model (plus "_unknown" for requests
+// naming no served model), every RPC method and every gRPC code, so recording never allocates or
+// registers. Implements EngineListener to receive batch/encode/queue events from worker/.
+// Thread-safe (prometheus-cpp metrics are atomic; lookup tables are immutable after Create()).
+//
+// Metric list (all durations in seconds):
+//   dmdserve_requests_total{model,method,code}             counter
+//   dmdserve_images_generated_total{model}                 counter
+//   dmdserve_request_duration_seconds{model,method}        histogram (accepted -> finished, OK only)
+//   dmdserve_queue_wait_seconds{model}                     histogram
+//   dmdserve_stage_duration_seconds{model,stage}           histogram, stage = text_encoder |
+//                                                          generator | decoder (per batch) |
+//                                                          png_encode (per image)
+//   dmdserve_batch_size_images{model}                      histogram (real images per batch)
+//   dmdserve_batches_total{model,result}                   counter, result = ok | error
+//   dmdserve_queue_depth_images{model}                     gauge
+//   dmdserve_requests_in_flight{model}                     gauge
+//   dmdserve_model_ready{model}                            gauge (1 ready, 0 not)
+//   dmdserve_build_info{version}                           gauge (always 1)
+#ifndef DMDSERVE_SERVER_METRICS_H_
+#define DMDSERVE_SERVER_METRICS_H_
+
+#include <grpcpp/support/status.h>
+#include <prometheus/counter.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+
+#include <array>
+#include <map>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "worker/engine.h"
+
+namespace dmdserve {
+
+enum class RpcMethod { kGenerate = 0, kGenerateStream, kListModels, kTokenize };
+inline constexpr int kNumRpcMethods = 4;
+inline constexpr int kNumGrpcCodes = 17;
+
+class Metrics final : public EngineListener {
+ public:
+  struct Options {
+    // Served model names (label values). At least one.
+    std::vector<std::string> models;
+    // Reported by dmdserve_build_info.
+    std::string version;
+  };
+  static absl::StatusOr<std::unique_ptr<Metrics>> Create(const Options& options);
+
+  // The registry to expose (shared with the HTTP exposer).
+  std::shared_ptr<prometheus::Registry> registry() const { return registry_; }
+
+  // One finished RPC. `model` may be any string; unknown names are counted as "_unknown".
+  void RecordRequest(RpcMethod method, std::string_view model, grpc::StatusCode code,
+                     absl::Duration duration, int images);
+  void RecordQueueWait(std::string_view model, absl::Duration wait);
+  void AddInFlight(std::string_view model, int delta);
+
+  // EngineListener.
+  void OnBatchDone(const BatchStats& stats) override;
+  void OnImageEncoded(std::string_view model, absl::Duration encode_time) override;
+  void OnQueueDepth(std::string_view model, int queued_images) override;
+  void OnModelReady(std::string_view model, bool ready) override;
+
+ private:
+  struct PerModel {
+    std::array<std::array<prometheus::Counter*, kNumGrpcCodes>, kNumRpcMethods> requests;
+    std::array<prometheus::Histogram*, kNumRpcMethods> request_duration;
+    prometheus::Counter* images;
+    prometheus::Histogram* queue_wait;
+    prometheus::Histogram* text_encoder;
+    prometheus::Histogram* generator;
+    prometheus::Histogram* decoder;
+    prometheus::Histogram* png_encode;
+    prometheus::Histogram* batch_size;
+    prometheus::Counter* batches_ok;
+    prometheus::Counter* batches_error;
+    prometheus::Gauge* queue_depth = nullptr;  // null for "_unknown"
+    prometheus::Gauge* in_flight = nullptr;
+    prometheus::Gauge* ready = nullptr;
+  };
+
+  Metrics() = default;
+  PerModel& For(std::string_view model);
+
+  std::shared_ptr<prometheus::Registry> registry_;
+  std::map<std::string, PerModel, std::less<>> models_;  // immutable after Create()
+};
+
+// Label value of a method ("Generate", ...).
+std::string_view RpcMethodName(RpcMethod method);
+
+// Label value of a gRPC code ("OK", "INVALID_ARGUMENT", ...); "UNKNOWN" for codes out of range.
+std::string_view GrpcCodeName(grpc::StatusCode code);
+
+}  // namespace dmdserve
+
+#endif  // DMDSERVE_SERVER_METRICS_H_

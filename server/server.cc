@@ -1,0 +1,105 @@
+#include "server/server.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <prometheus/exposer.h>
+
+#include <exception>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "server/image_service.h"
+#include "server/metrics.h"
+#include "spdlog/spdlog.h"
+
+namespace dmdserve {
+namespace {
+
+constexpr char kServiceName[] = "dmdserve.v1.ImageGeneration";
+
+void SetHealth(grpc::Server* server, bool serving) {
+  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
+  if (health == nullptr) return;
+  health->SetServingStatus("", serving);
+  health->SetServingStatus(kServiceName, serving);
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<DmdServer>> DmdServer::Create(Options options) {
+  std::unique_ptr<DmdServer> s(new DmdServer());
+  s->options_ = options;
+
+  spdlog::info("loading {} model bundle(s) on {}", options.engine.model_dirs.size(),
+               options.engine.device);
+  absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(options.engine);
+  if (!engine.ok()) return engine.status();
+  s->engine_ = *std::move(engine);
+
+  Metrics::Options metrics_options{.version = options.version};
+  for (const ModelInfo& info : s->engine_->ListModels()) metrics_options.models.push_back(info.name);
+  absl::StatusOr<std::unique_ptr<Metrics>> metrics = Metrics::Create(metrics_options);
+  if (!metrics.ok()) return metrics.status();
+  s->metrics_ = *std::move(metrics);
+  s->engine_->SetListener(s->metrics_.get());
+
+  // /metrics on its own port and threads: a scrape never waits behind the model queue.
+  try {
+    s->exposer_ = std::make_unique<prometheus::Exposer>(
+        absl::StrCat(options.listen_host, ":", options.metrics_port));
+  } catch (const std::exception& e) {
+    return absl::UnavailableError(absl::StrCat("cannot listen for /metrics on ",
+                                               options.listen_host, ":", options.metrics_port,
+                                               ": ", e.what()));
+  }
+  s->exposer_->RegisterCollectable(s->metrics_->registry());
+  const auto metrics_ports = s->exposer_->GetListeningPorts();
+  s->metrics_port_ = metrics_ports.empty() ? 0 : metrics_ports.front();
+
+  s->service_ = std::make_unique<ImageGenerationService>(s->engine_.get(), s->metrics_.get(),
+                                                         options.limits);
+  grpc::EnableDefaultHealthCheckService(true);
+  if (options.reflection) grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  const std::string address = absl::StrCat(options.listen_host, ":", options.port);
+  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &s->port_);
+  builder.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
+  builder.SetMaxSendMessageSize(options.max_send_message_bytes);
+  builder.RegisterService(s->service_.get());
+  s->server_ = builder.BuildAndStart();
+  if (s->server_ == nullptr || s->port_ == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen for gRPC on ", address));
+  }
+  // gRPC's default health service starts as SERVING: not until the models are warm.
+  SetHealth(s->server_.get(), false);
+  spdlog::info("gRPC listening on {}:{}, /metrics on {}:{}; warming up", options.listen_host,
+               s->port_, options.listen_host, s->metrics_port_);
+
+  if (absl::Status warm = s->engine_->Warmup(); !warm.ok()) return warm;
+  SetHealth(s->server_.get(), true);
+  spdlog::info("ready: serving {} model(s)", metrics_options.models.size());
+  return s;
+}
+
+DmdServer::~DmdServer() { Shutdown(); }
+
+void DmdServer::Shutdown() {
+  absl::MutexLock lock(&shutdown_mu_);
+  if (shut_down_) return;
+  shut_down_ = true;
+  if (server_ != nullptr) {
+    // NOT_SERVING first, so load balancers stop sending while accepted work finishes.
+    SetHealth(server_.get(), false);
+    if (auto* health = server_->GetHealthCheckService()) health->Shutdown();
+    spdlog::info("draining: finishing accepted requests (grace {})",
+                 absl::FormatDuration(options_.drain_grace));
+    // Refuses new RPCs, waits for in-flight ones until the grace period ends, then cancels them.
+    server_->Shutdown(absl::ToChronoTime(absl::Now() + options_.drain_grace));
+  }
+  if (engine_ != nullptr) engine_->Shutdown();
+  if (server_ != nullptr) server_->Wait();
+  spdlog::info("stopped");
+}
+
+}  // namespace dmdserve

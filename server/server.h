@@ -1,0 +1,80 @@
+// DmdServer: wires the engine, the gRPC service, health, reflection and the /metrics endpoint.
+//
+// Lifecycle: Create() loads every model (Engine::Create), starts gRPC and /metrics with health
+// NOT_SERVING, warms every model up, then reports SERVING. Shutdown() drains: health goes
+// NOT_SERVING at once, new RPCs are refused, accepted requests finish (up to the drain grace
+// period, after which gRPC cancels what is left), then the engine and the threads stop.
+// Thread-safe. Owns everything it creates.
+#ifndef DMDSERVE_SERVER_SERVER_H_
+#define DMDSERVE_SERVER_SERVER_H_
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "server/request_validation.h"
+#include "worker/engine.h"
+
+namespace grpc {
+class Server;
+}
+namespace prometheus {
+class Exposer;
+}
+
+namespace dmdserve {
+
+class ImageGenerationService;
+class Metrics;
+
+class DmdServer {
+ public:
+  struct Options {
+    // Address to listen on for gRPC and /metrics. Default all interfaces.
+    std::string listen_host = "0.0.0.0";
+    // gRPC port; 0 picks a free port (see port()). Default 50051.
+    int port = 50051;
+    // Prometheus /metrics port; 0 picks a free port (see metrics_port()). Default 9464.
+    int metrics_port = 9464;
+    // Serve grpc.reflection.v1alpha (lets grpcurl-like tools discover the API). Default on.
+    bool reflection = true;
+    // Largest request / response message, in bytes. Requests are small; responses carry images.
+    int max_receive_message_bytes = 4 << 20;
+    int max_send_message_bytes = 256 << 20;
+    // How long Shutdown() lets accepted requests finish before cancelling them. Default 30 s.
+    absl::Duration drain_grace = absl::Seconds(30);
+    RequestLimits limits;
+    Engine::Options engine;
+    // Reported in dmdserve_build_info and logs.
+    std::string version;
+  };
+
+  static absl::StatusOr<std::unique_ptr<DmdServer>> Create(Options options);
+  ~DmdServer();
+
+  int port() const { return port_; }
+  int metrics_port() const { return metrics_port_; }
+
+  // Drains and stops; see the class comment. Idempotent; returns when everything has stopped.
+  void Shutdown();
+
+ private:
+  DmdServer() = default;
+
+  Options options_;
+  int port_ = 0;
+  int metrics_port_ = 0;
+  std::unique_ptr<Metrics> metrics_;
+  std::unique_ptr<prometheus::Exposer> exposer_;
+  std::unique_ptr<Engine> engine_;
+  std::unique_ptr<ImageGenerationService> service_;
+  std::unique_ptr<grpc::Server> server_;
+  absl::Mutex shutdown_mu_;
+  bool shut_down_ ABSL_GUARDED_BY(shutdown_mu_) = false;
+};
+
+}  // namespace dmdserve
+
+#endif  // DMDSERVE_SERVER_SERVER_H_
