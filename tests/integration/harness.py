@@ -1,0 +1,149 @@
+"""Shared helpers for the integration tests: start the real dmdserve on free ports, talk to it.
+
+Environment (set by CTest, see tests/CMakeLists.txt): DMDSERVE_BIN, DMDCTL_BIN,
+DMDSERVE_SOURCE_DIR, DMDSERVE_BUILD_DIR, PYTHONPATH with the generated stubs.
+"""
+import io
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+
+import grpc
+from PIL import Image
+
+from dmdserve.v1 import dmdserve_pb2 as pb
+from dmdserve.v1 import dmdserve_pb2_grpc as pb_grpc
+from grpc_health_v1 import health_pb2, health_pb2_grpc
+
+SOURCE_DIR = os.environ["DMDSERVE_SOURCE_DIR"]
+BUILD_DIR = os.environ["DMDSERVE_BUILD_DIR"]
+DMDSERVE_BIN = os.environ["DMDSERVE_BIN"]
+DMDCTL_BIN = os.environ["DMDCTL_BIN"]
+TINY_BUNDLE = os.path.join(SOURCE_DIR, "models", "tiny-random")
+
+_READY_LINE = re.compile(r"serving port=(\d+) metrics_port=(\d+)")
+
+
+class Server:
+    """A dmdserve process on loopback with free ports; its log is collected in `lines`."""
+
+    def __init__(self, *flags, model_dirs=(TINY_BUNDLE,), wait_ready=True, timeout_s=120):
+        args = [DMDSERVE_BIN, "--listen_host=127.0.0.1", "--port=0", "--metrics_port=0",
+                "--model_dirs=" + ",".join(model_dirs), *flags]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, bufsize=1)
+        self.lines = []
+        self.port = None
+        self.metrics_port = None
+        self._ready = threading.Event()
+        self._listening = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.channel = None
+        if wait_ready:
+            self.wait_ready(timeout_s)
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            m = re.search(r"gRPC listening on [^:]+:(\d+), /metrics on [^:]+:(\d+)", line)
+            if m:
+                self.port, self.metrics_port = int(m.group(1)), int(m.group(2))
+                self._listening.set()
+            if _READY_LINE.search(line):
+                self._ready.set()
+        self._ready.set()
+        self._listening.set()
+
+    def wait_listening(self, timeout_s=120):
+        if not self._listening.wait(timeout_s) or self.port is None:
+            raise RuntimeError("dmdserve did not start listening:\n" + self.log())
+        self._connect()
+
+    def wait_ready(self, timeout_s=120):
+        if not self._ready.wait(timeout_s) or self.proc.poll() is not None:
+            raise RuntimeError("dmdserve did not become ready:\n" + self.log())
+        self._connect()
+
+    def _connect(self):
+        if self.channel is None:
+            self.channel = grpc.insecure_channel(
+                f"127.0.0.1:{self.port}",
+                options=[("grpc.max_receive_message_length", 256 << 20)])
+            self.stub = pb_grpc.ImageGenerationStub(self.channel)
+            self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    @property
+    def target(self):
+        return f"127.0.0.1:{self.port}"
+
+    def log(self):
+        return "\n".join(self.lines[-200:])
+
+    def metrics(self):
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.read().decode()
+
+    def health_status(self, service=""):
+        return self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+    def stop(self, sig=signal.SIGTERM, timeout_s=60):
+        """Sends `sig` and returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        self._reader.join(10)
+        if self.channel is not None:
+            self.channel.close()
+        return code
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.stop()
+
+
+def metric_value(text, name, **labels):
+    """The value of one sample of the Prometheus text exposition; None when absent."""
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(3) or ""))
+        if all(found.get(k) == str(v) for k, v in labels.items()):
+            return float(m.group(4))
+    return None
+
+
+def decode_png(data):
+    """(width, height, mode, pixel bytes) of a PNG."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image.width, image.height, image.mode, image.tobytes()
+
+
+def wait_until(predicate, timeout_s=30, interval_s=0.02):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return False
+
+
+def run_dmdctl(*args, target, check=False, timeout_s=120):
+    return subprocess.run([DMDCTL_BIN, f"--target={target}", *args], capture_output=True,
+                          text=True, timeout=timeout_s, check=check)

@@ -1,0 +1,109 @@
+"""Bad requests: each gets its gRPC status and a message naming the field; the server keeps
+serving. Runs against the real server with the tiny bundle."""
+import unittest
+
+import grpc
+
+from harness import Server, metric_value, pb
+
+OK_PROMPT = "a photo of a sneaker"
+
+# (name, request fields, expected code, text the message must contain)
+BAD_GENERATE = [
+    ("missing prompt", dict(), grpc.StatusCode.INVALID_ARGUMENT, "prompt is required"),
+    ("prompt too long", dict(prompt="a" * 4097), grpc.StatusCode.INVALID_ARGUMENT,
+     "prompt is 4097 bytes; the limit is 4096"),
+    ("negative num_images", dict(prompt=OK_PROMPT, num_images=-1),
+     grpc.StatusCode.INVALID_ARGUMENT, "num_images"),
+    ("num_images over the server limit", dict(prompt=OK_PROMPT, num_images=100000),
+     grpc.StatusCode.INVALID_ARGUMENT, "num_images is 100000"),
+    ("num_images over the model limit", dict(prompt=OK_PROMPT, num_images=9),
+     grpc.StatusCode.INVALID_ARGUMENT, "num_images is 9; model 'tiny-random' allows 1..8"),
+    ("unknown model", dict(prompt=OK_PROMPT, model="sdxl-turbo"), grpc.StatusCode.NOT_FOUND,
+     "model 'sdxl-turbo' is not served; models: tiny-random"),
+    ("model name too long", dict(prompt=OK_PROMPT, model="m" * 300),
+     grpc.StatusCode.INVALID_ARGUMENT, "model is 300 bytes"),
+    ("negative width", dict(prompt=OK_PROMPT, width=-32, height=32),
+     grpc.StatusCode.INVALID_ARGUMENT, "width must be >= 0"),
+    ("negative height", dict(prompt=OK_PROMPT, width=32, height=-32),
+     grpc.StatusCode.INVALID_ARGUMENT, "height must be >= 0"),
+    ("width without height", dict(prompt=OK_PROMPT, width=32), grpc.StatusCode.INVALID_ARGUMENT,
+     "width and height must both be 0"),
+    ("height without width", dict(prompt=OK_PROMPT, height=32),
+     grpc.StatusCode.INVALID_ARGUMENT, "width and height must both be 0"),
+    ("unsupported size", dict(prompt=OK_PROMPT, width=512, height=512),
+     grpc.StatusCode.INVALID_ARGUMENT, "512x512 is not supported by model 'tiny-random'; "
+     "supported: 32x32"),
+    ("unknown encoding", dict(prompt=OK_PROMPT, encoding=7), grpc.StatusCode.INVALID_ARGUMENT,
+     "encoding 7 is not a known ImageEncoding"),
+    ("request_id too long", dict(prompt=OK_PROMPT, request_id="r" * 129),
+     grpc.StatusCode.INVALID_ARGUMENT, "request_id is 129 bytes; the limit is 128"),
+    ("request_id not printable", dict(prompt=OK_PROMPT, request_id="a\nb"),
+     grpc.StatusCode.INVALID_ARGUMENT, "request_id must be printable ASCII"),
+    ("request_id not ASCII", dict(prompt=OK_PROMPT, request_id="caf\u00e9"),
+     grpc.StatusCode.INVALID_ARGUMENT, "request_id must be printable ASCII"),
+]
+
+BAD_TOKENIZE = [
+    ("tokenize unknown model", dict(text="x", model="nope"), grpc.StatusCode.NOT_FOUND,
+     "model 'nope' is not served"),
+    ("tokenize text too long", dict(text="b" * 5000), grpc.StatusCode.INVALID_ARGUMENT,
+     "text is 5000 bytes"),
+]
+
+
+class ErrorsTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.server = Server()
+
+    @classmethod
+    def tearDownClass(cls):
+        assert cls.server.stop() == 0, cls.server.log()
+
+    def check(self, rpc, cases):
+        for name, fields, code, text in cases:
+            with self.subTest(name):
+                with self.assertRaises(grpc.RpcError) as ctx:
+                    result = rpc(fields)
+                    if not hasattr(result, "ByteSize"):  # a stream: read it to the end
+                        list(result)
+                self.assertEqual(ctx.exception.code(), code, ctx.exception.details())
+                self.assertIn(text, ctx.exception.details())
+            # After every bad request the server still serves a good one.
+            ok = self.server.stub.Generate(pb.GenerateRequest(prompt=OK_PROMPT, seed=1),
+                                           timeout=60)
+            self.assertEqual(len(ok.images), 1)
+
+    def test_bad_generate_requests(self):
+        self.assertGreaterEqual(len(BAD_GENERATE) + len(BAD_TOKENIZE), 15)
+        self.check(lambda f: self.server.stub.Generate(pb.GenerateRequest(**f), timeout=30),
+                   BAD_GENERATE)
+
+    def test_bad_stream_requests_fail_the_same_way(self):
+        self.check(lambda f: self.server.stub.GenerateStream(pb.GenerateRequest(**f), timeout=30),
+                   BAD_GENERATE)
+
+    def test_bad_tokenize_requests(self):
+        self.check(lambda f: self.server.stub.Tokenize(pb.TokenizeRequest(**f), timeout=30),
+                   BAD_TOKENIZE)
+
+    def test_errors_are_counted_by_code(self):
+        with self.assertRaises(grpc.RpcError):
+            self.server.stub.Generate(pb.GenerateRequest(prompt=OK_PROMPT, model="zzz"), timeout=30)
+        text = self.server.metrics()
+        self.assertGreaterEqual(metric_value(text, "dmdserve_requests_total", model="_unknown",
+                                             method="Generate", code="NOT_FOUND"), 1)
+        self.assertGreaterEqual(metric_value(text, "dmdserve_requests_total", model="tiny-random",
+                                             method="Generate", code="INVALID_ARGUMENT"), 1)
+        self.assertNotIn('model="zzz"', text)
+
+    def test_client_deadline_too_short_is_deadline_exceeded(self):
+        with self.assertRaises(grpc.RpcError) as ctx:
+            self.server.stub.Generate(pb.GenerateRequest(prompt=OK_PROMPT, num_images=8),
+                                      timeout=0.000001)
+        self.assertEqual(ctx.exception.code(), grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,190 @@
+"""Server lifecycle against the real binary: health transitions, /metrics (promtool-clean),
+back-pressure under a burst, and draining on SIGTERM."""
+import concurrent.futures
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import unittest
+
+import grpc
+
+from harness import Server, health_pb2, metric_value, pb, wait_until
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE = "dmdserve.v1.ImageGeneration"
+
+
+class HealthTest(unittest.TestCase):
+    def test_not_serving_while_warming_up_then_serving(self):
+        # Many warm-up passes keep the server in warm-up long enough to observe it.
+        with Server("--warmup_runs=300", wait_ready=False) as server:
+            server.wait_listening()
+            self.assertEqual(server.health_status(), NOT_SERVING)
+            self.assertEqual(server.health_status(SERVICE), NOT_SERVING)
+            with self.assertRaises(grpc.RpcError) as ctx:
+                server.stub.Generate(pb.GenerateRequest(prompt="x"), timeout=30)
+            self.assertEqual(ctx.exception.code(), grpc.StatusCode.UNAVAILABLE)
+            self.assertIn("not ready", ctx.exception.details())
+            models = server.stub.ListModels(pb.ListModelsRequest(), timeout=10).models
+            self.assertFalse(models[0].ready)
+            self.assertEqual(metric_value(server.metrics(), "dmdserve_model_ready",
+                                          model="tiny-random"), 0)
+            server.wait_ready()
+            self.assertEqual(server.health_status(), SERVING)
+            self.assertEqual(server.health_status(SERVICE), SERVING)
+            self.assertEqual(metric_value(server.metrics(), "dmdserve_model_ready",
+                                          model="tiny-random"), 1)
+            self.assertEqual(server.stop(), 0)
+
+    def test_watch_sees_not_serving_as_soon_as_draining_starts(self):
+        server = Server()
+        updates = []
+        stream = server.health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+
+        def read():
+            try:
+                for update in stream:
+                    updates.append(update.status)
+            except grpc.RpcError:
+                pass
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        self.assertTrue(wait_until(lambda: SERVING in updates))
+        self.assertEqual(server.stop(signal.SIGTERM), 0, server.log())
+        reader.join(30)
+        self.assertEqual(updates[0], SERVING)
+        self.assertIn(NOT_SERVING, updates)
+
+
+class MetricsTest(unittest.TestCase):
+    def test_metrics_are_promtool_clean_and_count_traffic(self):
+        with Server() as server:
+            server.stub.Generate(pb.GenerateRequest(prompt="a bag", num_images=3, seed=1),
+                                 timeout=60)
+            list(server.stub.GenerateStream(pb.GenerateRequest(prompt="a bag", num_images=2),
+                                            timeout=60))
+            server.stub.Tokenize(pb.TokenizeRequest(text="a bag"), timeout=10)
+            text = server.metrics()
+            promtool = shutil.which("promtool")
+            self.assertIsNotNone(promtool, "promtool (Debian package prometheus) is required")
+            check = subprocess.run([promtool, "check", "metrics"], input=text,
+                                   capture_output=True, text=True)
+            self.assertEqual(check.returncode, 0, check.stdout + check.stderr)
+
+            def value(name, **labels):
+                return metric_value(text, name, **labels)
+
+            self.assertEqual(value("dmdserve_requests_total", model="tiny-random",
+                                   method="Generate", code="OK"), 1)
+            self.assertEqual(value("dmdserve_requests_total", model="tiny-random",
+                                   method="GenerateStream", code="OK"), 1)
+            self.assertEqual(value("dmdserve_requests_total", model="tiny-random",
+                                   method="Tokenize", code="OK"), 1)
+            self.assertEqual(value("dmdserve_images_generated_total", model="tiny-random"), 5)
+            self.assertEqual(value("dmdserve_request_duration_seconds_count", model="tiny-random",
+                                   method="Generate"), 1)
+            self.assertEqual(value("dmdserve_queue_wait_seconds_count", model="tiny-random"), 2)
+            self.assertEqual(value("dmdserve_stage_duration_seconds_count", model="tiny-random",
+                                   stage="png_encode"), 5)
+            for stage in ("text_encoder", "generator", "decoder"):
+                self.assertGreaterEqual(value("dmdserve_stage_duration_seconds_count",
+                                              model="tiny-random", stage=stage), 1)
+            self.assertEqual(value("dmdserve_batch_size_images_sum", model="tiny-random"), 5)
+            self.assertEqual(value("dmdserve_requests_in_flight", model="tiny-random"), 0)
+            self.assertEqual(value("dmdserve_queue_depth_images", model="tiny-random"), 0)
+            self.assertEqual(value("dmdserve_model_ready", model="tiny-random"), 1)
+            self.assertIsNotNone(value("dmdserve_build_info"))
+
+
+class LoadTest(unittest.TestCase):
+    def test_burst_beyond_the_queue_is_rejected_while_accepted_requests_complete(self):
+        with Server("--max_queue_images=8", "--max_batch_size=1", "--workers=1") as server:
+            def one(i):
+                try:
+                    r = server.stub.Generate(
+                        pb.GenerateRequest(prompt=f"a coat {i}", num_images=4, seed=i), timeout=120)
+                    return ("ok", len(r.images))
+                except grpc.RpcError as e:
+                    return (e.code(), e.details())
+
+            with concurrent.futures.ThreadPoolExecutor(48) as pool:
+                results = list(pool.map(one, range(96)))
+            ok = [r for r in results if r[0] == "ok"]
+            rejected = [r for r in results if r[0] == grpc.StatusCode.RESOURCE_EXHAUSTED]
+            self.assertEqual(len(ok) + len(rejected), len(results), results)
+            self.assertGreater(len(ok), 0)
+            self.assertGreater(len(rejected), 0)
+            self.assertTrue(all(n == 4 for _, n in ok))
+            self.assertIn("queue full", rejected[0][1])
+            text = server.metrics()
+            self.assertEqual(metric_value(text, "dmdserve_requests_total", model="tiny-random",
+                                          method="Generate", code="RESOURCE_EXHAUSTED"),
+                             len(rejected))
+
+    def test_expired_requests_are_dropped_before_compute(self):
+        with Server("--max_batch_size=1", "--workers=1", "--max_queue_images=1000") as server:
+            # A long queue ahead, then requests whose deadline ends while they wait.
+            backlog = [server.stub.Generate.future(
+                pb.GenerateRequest(prompt="a shirt", num_images=8, seed=i), timeout=120)
+                for i in range(60)]
+            self.assertTrue(wait_until(lambda: metric_value(
+                server.metrics(), "dmdserve_queue_depth_images", model="tiny-random") >= 300))
+            late = [server.stub.Generate.future(pb.GenerateRequest(prompt="late", seed=i),
+                                                timeout=0.05) for i in range(5)]
+            for f in late:
+                with self.assertRaises(grpc.RpcError) as ctx:
+                    f.result()
+                self.assertEqual(ctx.exception.code(), grpc.StatusCode.DEADLINE_EXCEEDED)
+            for f in backlog:
+                self.assertEqual(len(f.result().images), 8)
+            text = server.metrics()
+            dropped = sum(metric_value(text, "dmdserve_requests_total", model="tiny-random",
+                                       method="Generate", code=c) or 0
+                          for c in ("DEADLINE_EXCEEDED", "CANCELLED"))
+            self.assertEqual(dropped, 5)
+            # Only the backlog's images were ever computed.
+            self.assertEqual(metric_value(text, "dmdserve_batch_size_images_sum",
+                                          model="tiny-random"), 60 * 8)
+
+
+class DrainTest(unittest.TestCase):
+    def test_sigterm_finishes_every_accepted_request_and_exits_zero(self):
+        server = Server("--max_batch_size=1", "--workers=1", "--max_queue_images=1000")
+        futures = [server.stub.Generate.future(
+            pb.GenerateRequest(prompt="a sandal", num_images=8, seed=i), timeout=120)
+            for i in range(16)]
+        self.assertTrue(wait_until(lambda: metric_value(
+            server.metrics(), "dmdserve_requests_in_flight", model="tiny-random") == 16))
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        for f in futures:
+            self.assertEqual(len(f.result().images), 8)  # accepted before SIGTERM: completes
+        self.assertEqual(server.stop(), 0, server.log())
+        self.assertLess(time.monotonic() - started, 60)
+        log = server.log()
+        self.assertIn("received SIGTERM", log)
+        self.assertIn("stopped", log)
+
+    def test_new_requests_after_sigterm_are_refused(self):
+        server = Server("--max_batch_size=1", "--workers=1", "--max_queue_images=1000")
+        futures = [server.stub.Generate.future(
+            pb.GenerateRequest(prompt="a sandal", num_images=8, seed=i), timeout=120)
+            for i in range(16)]
+        self.assertTrue(wait_until(lambda: metric_value(
+            server.metrics(), "dmdserve_requests_in_flight", model="tiny-random") == 16))
+        server.proc.send_signal(signal.SIGTERM)
+        self.assertTrue(wait_until(lambda: any("draining" in line for line in server.lines)))
+        with self.assertRaises(grpc.RpcError) as ctx:
+            server.stub.Generate(pb.GenerateRequest(prompt="too late"), timeout=30)
+        self.assertEqual(ctx.exception.code(), grpc.StatusCode.UNAVAILABLE)
+        for f in futures:
+            self.assertEqual(len(f.result().images), 8)
+        self.assertEqual(server.stop(), 0, server.log())
+
+
+if __name__ == "__main__":
+    unittest.main()
