@@ -16,6 +16,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "server/json_log_formatter.h"
 #include "server/server.h"
 #include "spdlog/sinks/stdout_sinks.h"
 #include "spdlog/spdlog.h"
@@ -83,9 +84,7 @@ std::vector<std::string> ArgsWithEnvironment(int argc, char** argv) {
 void ConfigureLogging() {
   const std::string format = absl::GetFlag(FLAGS_log_format);
   if (format == "json") {
-    spdlog::set_pattern(
-        R"({"time":"%Y-%m-%dT%H:%M:%S.%fZ","level":"%l","thread":%t,"message":"%v"})",
-        spdlog::pattern_time_type::utc);
+    spdlog::set_formatter(dmdserve::MakeJsonLogFormatter());
   } else if (format == "text") {
     spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%L%$ %t %v");
   } else {

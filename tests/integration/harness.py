@@ -31,11 +31,12 @@ _READY_LINE = re.compile(r"serving port=(\d+) metrics_port=(\d+)")
 class Server:
     """A dmdserve process on loopback with free ports; its log is collected in `lines`."""
 
-    def __init__(self, *flags, model_dirs=(TINY_BUNDLE,), wait_ready=True, timeout_s=120):
+    def __init__(self, *flags, model_dirs=(TINY_BUNDLE,), wait_ready=True, timeout_s=120,
+                 env=None):
         args = [DMDSERVE_BIN, "--listen_host=127.0.0.1", "--port=0", "--metrics_port=0",
                 "--model_dirs=" + ",".join(model_dirs), *flags]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, bufsize=1)
+                                     text=True, bufsize=1, env={**os.environ, **(env or {})})
         self.lines = []
         self.port = None
         self.metrics_port = None
@@ -101,10 +102,15 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             raise
+        self.close()
+        return code
+
+    def close(self):
+        """Releases the log pipe and the channel once the process has exited."""
         self._reader.join(10)
+        self.proc.stdout.close()
         if self.channel is not None:
             self.channel.close()
-        return code
 
     def __enter__(self):
         return self

@@ -1,6 +1,7 @@
 """Server lifecycle against the real binary: health transitions, /metrics (promtool-clean),
 back-pressure under a burst, and draining on SIGTERM."""
 import concurrent.futures
+import json
 import shutil
 import signal
 import subprocess
@@ -58,6 +59,43 @@ class HealthTest(unittest.TestCase):
         reader.join(30)
         self.assertEqual(updates[0], SERVING)
         self.assertIn(NOT_SERVING, updates)
+
+
+class ConfigTest(unittest.TestCase):
+    def test_environment_sets_flags_the_command_line_wins_and_json_logs_parse(self):
+        env = {"DMDSERVE_LOG_FORMAT": "json", "DMDSERVE_MAX_PROMPT_BYTES": "10",
+               "DMDSERVE_MAX_QUEUE_IMAGES": "20"}
+        with Server(env=env) as server:
+            with self.assertRaises(grpc.RpcError) as ctx:
+                server.stub.Generate(pb.GenerateRequest(prompt="x" * 11), timeout=30)
+            self.assertIn("the limit is 10", ctx.exception.details())
+            server.stub.Generate(pb.GenerateRequest(prompt="x" * 10), timeout=30)
+            self.assertEqual(server.stop(), 0)
+        for line in server.lines:
+            record = json.loads(line)  # every line is one JSON object
+            self.assertEqual(set(record), {"time", "level", "thread", "message"})
+        messages = [json.loads(line)["message"] for line in server.lines]
+        self.assertTrue(any('error="prompt is 11 bytes' in m for m in messages), messages)
+        self.assertTrue(any("rpc=Generate" in m and "code=OK" in m for m in messages))
+
+        with Server("--max_prompt_bytes=20", env=env) as server:
+            server.stub.Generate(pb.GenerateRequest(prompt="x" * 15), timeout=30)
+
+    def test_bad_flags_and_bundles_are_fatal_at_startup_with_a_clear_message(self):
+        cases = [
+            (["--log_format=xml"], "--log_format must be text or json"),
+            (["--model_dirs=/nonexistent"], "/nonexistent"),
+            (["--workers=0"], "workers_per_model must be >= 1"),
+            (["--png_compression_level=12"], "png_compression_level must be in 0..9"),
+            (["--default_model=nope"], "default_model 'nope'"),
+        ]
+        for flags, text in cases:
+            with self.subTest(flags=flags):
+                server = Server(*flags, wait_ready=False)
+                code = server.proc.wait(60)
+                server.close()
+                self.assertEqual(code, 1)
+                self.assertIn(text, server.log())
 
 
 class MetricsTest(unittest.TestCase):
