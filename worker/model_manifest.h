@@ -1,0 +1,111 @@
+// ModelManifest: the parsed and validated `model.json` of a model bundle (format
+// "dmdserve.bundle/v1"; every field is documented in docs/BUNDLE.md).
+//
+// A bundle is a directory holding model.json, the three TorchScript components it names (text
+// encoder, generator, decoder) and the tokenizer files. Load() reads and checks the whole manifest
+// and that every file it names exists; the first problem found is returned as INVALID_ARGUMENT (or
+// NOT_FOUND for a missing file) whose message names the manifest file, the field as a JSON path
+// (e.g. `schedule.alphas_cumprod[0]`) and the bad value. Unknown fields are errors, so typos do
+// not go unnoticed.
+//
+// Value type: no libtorch here; copy freely; const methods are thread-safe.
+#ifndef DMDSERVE_WORKER_MODEL_MANIFEST_H_
+#define DMDSERVE_WORKER_MODEL_MANIFEST_H_
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace dmdserve {
+
+// What the generator predicts.
+enum class PredictionType {
+  kEpsilon,  // the noise; x0 = (z - sqrt(1 - a) * pred) / sqrt(a)
+  kSample,   // x0 itself
+};
+
+// How a few-step schedule builds the next step's latents from x0.
+enum class StepMode {
+  kDdim,     // deterministic: re-uses the noise implied by (z, x0)
+  kRenoise,  // fresh noise from the image's generator (DMD2's multi-step sampling)
+};
+
+// Floating-point type a TorchScript component runs in.
+enum class DType { kFloat32, kFloat16, kBFloat16 };
+
+// "float32", "float16" or "bfloat16".
+const char* DTypeName(DType dtype);
+
+struct ModelManifest {
+  // The only `format` value this version reads.
+  static constexpr char kFormat[] = "dmdserve.bundle/v1";
+
+  struct Size {
+    int width = 0;   // pixels
+    int height = 0;  // pixels
+    bool operator==(const Size& other) const {
+      return width == other.width && height == other.height;
+    }
+  };
+  struct Tokenizer {
+    std::string vocab_path;   // resolved: bundle_dir joined with model.json's relative path
+    std::string merges_path;  // resolved likewise
+    int max_length = 77;      // tokens per prompt including BOS and EOS: input_ids length
+    std::string bos_token = "<|startoftext|>";
+    std::string eos_token = "<|endoftext|>";
+    std::string pad_token = "<|endoftext|>";
+  };
+  // Resolved paths of the TorchScript files (contracts in docs/ARCHITECTURE.md).
+  struct Components {
+    std::string text_encoder;
+    std::string generator;
+    std::string decoder;
+  };
+  struct ComponentDTypes {
+    DType text_encoder = DType::kFloat32;
+    DType generator = DType::kFloat32;
+    DType decoder = DType::kFloat32;
+  };
+  struct Schedule {
+    std::vector<int> timesteps;          // strictly decreasing, in [0, 1000); one per step
+    std::vector<double> alphas_cumprod;  // ᾱ at each timestep, in (0, 1), strictly increasing
+    StepMode step_mode = StepMode::kDdim;
+  };
+
+  // Reads `bundle_dir`/model.json and validates it (see the file comment).
+  static absl::StatusOr<ModelManifest> Load(const std::string& bundle_dir);
+
+  std::string bundle_dir;     // as given to Load()
+  std::string manifest_path;  // bundle_dir/model.json
+  std::string name;           // [A-Za-z0-9._-]{1,64}
+  std::string description;
+  int width = 0;  // default image size in pixels
+  int height = 0;
+  int channels = 0;                   // 1 (grey) or 3 (RGB)
+  std::vector<Size> supported_sizes;  // default size first, no duplicates
+  int latent_channels = 0;
+  int downsample_factor = 0;  // image pixels per latent cell, along each axis
+  Tokenizer tokenizer;
+  Components components;
+  PredictionType prediction_type = PredictionType::kEpsilon;
+  Schedule schedule;
+  double guidance_scale = 1.0;  // > 1: classifier-free guidance with the empty prompt
+  double latent_scaling_factor = 0.0;
+  ComponentDTypes dtypes;
+  std::vector<int> batch_sizes;  // strictly increasing; the last is the largest batch
+  int max_images_per_request = 0;
+
+  int steps() const { return static_cast<int>(schedule.timesteps.size()); }
+  int max_batch_size() const { return batch_sizes.back(); }
+  bool uses_guidance() const { return guidance_scale > 1.0; }
+  bool SupportsSize(int width, int height) const;
+  // {latent_channels, height / downsample_factor, width / downsample_factor}.
+  std::array<int64_t, 3> LatentShape(int width, int height) const;
+};
+
+}  // namespace dmdserve
+
+#endif  // DMDSERVE_WORKER_MODEL_MANIFEST_H_

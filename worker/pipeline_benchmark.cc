@@ -1,0 +1,81 @@
+// Raw in-process throughput of Pipeline::Run on models/tiny-random: no tokenizer, batcher, PNG
+// encoding or RPC. Each batch has distinct prompts, so the text encoder runs on the whole batch.
+//
+//   build-pipe/worker/pipeline_benchmark
+#include <benchmark/benchmark.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <vector>
+
+#include "absl/time/time.h"
+#include "worker/model_manifest.h"
+#include "worker/pipeline.h"
+
+namespace dmdserve {
+namespace {
+
+// The warmed-up pipeline of models/tiny-random, shared by every benchmark; aborts on error.
+const Pipeline& TinyPipeline() {
+  static const Pipeline* const pipeline = [] {
+    absl::StatusOr<ModelManifest> manifest =
+        ModelManifest::Load(DMDSERVE_SOURCE_DIR "/models/tiny-random");
+    absl::StatusOr<std::unique_ptr<Pipeline>> created =
+        manifest.ok() ? Pipeline::Create(*manifest, {}) : manifest.status();
+    absl::Status warmup = created.ok() ? (*created)->Warmup() : created.status();
+    if (!warmup.ok()) {
+      std::fprintf(stderr, "cannot set up the pipeline: %s\n", warmup.ToString().c_str());
+      std::abort();
+    }
+    return created->release();
+  }();
+  return *pipeline;
+}
+
+void BM_PipelineRun(benchmark::State& state) {
+  const Pipeline& pipeline = TinyPipeline();
+  const ModelManifest& manifest = pipeline.manifest();
+  const int batch_size = static_cast<int>(state.range(0));
+  std::vector<Pipeline::Input> batch(batch_size);
+  for (int i = 0; i < batch_size; ++i) {
+    batch[i].input_ids.assign(manifest.tokenizer.max_length, 0);
+    batch[i].input_ids[1] = i;
+    batch[i].seed = i;
+  }
+  absl::Duration text_encoder, generator, decoder;
+  for (auto _ : state) {
+    absl::StatusOr<Pipeline::Output> output = pipeline.Run(batch, manifest.width, manifest.height);
+    if (!output.ok()) {
+      state.SkipWithError(output.status().ToString().c_str());
+      break;
+    }
+    benchmark::DoNotOptimize(output->images.data());
+    text_encoder += output->timings.text_encoder;
+    generator += output->timings.generator;
+    decoder += output->timings.decoder;
+  }
+  state.counters["images_per_second"] = benchmark::Counter(
+      static_cast<double>(state.iterations()) * batch_size, benchmark::Counter::kIsRate);
+  // Mean stage times per batch, in milliseconds.
+  const auto per_batch_ms = [&](absl::Duration total) {
+    return benchmark::Counter(absl::ToDoubleMilliseconds(total),
+                              benchmark::Counter::kAvgIterations);
+  };
+  state.counters["text_encoder_ms"] = per_batch_ms(text_encoder);
+  state.counters["generator_ms"] = per_batch_ms(generator);
+  state.counters["decoder_ms"] = per_batch_ms(decoder);
+}
+BENCHMARK(BM_PipelineRun)
+    ->ArgName("batch")
+    ->Arg(1)
+    ->Arg(2)
+    ->Arg(4)
+    ->Arg(8)
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+
+}  // namespace
+}  // namespace dmdserve
+
+BENCHMARK_MAIN();

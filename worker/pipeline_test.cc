@@ -1,0 +1,437 @@
+#include "worker/pipeline.h"
+
+#include <stdlib.h>
+#include <torch/cuda.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <iostream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+
+namespace dmdserve {
+namespace {
+
+using json = nlohmann::json;
+using ::testing::HasSubstr;
+using ::testing::Not;
+
+namespace fs = std::filesystem;
+
+// A path in the source tree.
+fs::path SourcePath(const std::string& relative) {
+  return fs::path(DMDSERVE_SOURCE_DIR) / relative;
+}
+
+// Temporary directories made by this test process; removed when its tests end.
+class TempDirs : public ::testing::Environment {
+ public:
+  std::string Make() {
+    std::string pattern = (fs::path(::testing::TempDir()) / "pipeline_test_XXXXXX").string();
+    EXPECT_NE(mkdtemp(pattern.data()), nullptr) << pattern;
+    dirs_.push_back(pattern);
+    return pattern;
+  }
+  void TearDown() override {
+    for (const std::string& dir : dirs_) fs::remove_all(dir);
+  }
+
+ private:
+  std::vector<std::string> dirs_;
+};
+TempDirs* const temp_dirs =
+    static_cast<TempDirs*>(::testing::AddGlobalTestEnvironment(new TempDirs));
+
+// A fresh empty directory.
+std::string MakeTempDir() { return temp_dirs->Make(); }
+
+std::string ReadFile(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream bytes;
+  bytes << in.rdbuf();
+  return bytes.str();
+}
+
+// Runs a shell command; true when it exits with 0.
+bool RunCommand(const std::string& command) {
+  const int status = std::system(command.c_str());
+  EXPECT_EQ(status, 0) << command;
+  return status == 0;
+}
+
+// A bundle that scripts/make_tiny_bundle.py builds with `args`, once per test process.
+std::string BuiltBundle(const std::string& args) {
+  static auto* bundles = new std::map<std::string, std::string>();
+  auto it = bundles->find(args);
+  if (it != bundles->end()) return it->second;
+  const std::string dir = MakeTempDir();
+  RunCommand(absl::StrCat(DMDSERVE_PYTHON, " ", SourcePath("scripts/make_tiny_bundle.py").string(),
+                          " --out ", dir, " --tokenizer-dir ",
+                          SourcePath("models/tiny-random/tokenizer").string(), " ", args));
+  return bundles->emplace(args, dir).first->second;
+}
+
+ModelManifest LoadManifest(const std::string& bundle) {
+  absl::StatusOr<ModelManifest> manifest = ModelManifest::Load(bundle);
+  EXPECT_TRUE(manifest.ok()) << manifest.status();
+  return manifest.value_or(ModelManifest());
+}
+
+// input_ids as the CLIP tokenizer lays them out: BOS, `words`, EOS, pad up to max_length, with the
+// special tokens' ids looked up in the bundle's vocab.json.
+std::vector<int32_t> InputIds(const ModelManifest& manifest, const std::vector<int32_t>& words) {
+  const json vocab = json::parse(ReadFile(manifest.tokenizer.vocab_path));
+  std::vector<int32_t> ids = {vocab.at(manifest.tokenizer.bos_token).get<int32_t>()};
+  ids.insert(ids.end(), words.begin(), words.end());
+  ids.push_back(vocab.at(manifest.tokenizer.eos_token).get<int32_t>());
+  ids.resize(manifest.tokenizer.max_length, vocab.at(manifest.tokenizer.pad_token).get<int32_t>());
+  return ids;
+}
+
+std::unique_ptr<Pipeline> MakePipeline(const ModelManifest& manifest,
+                                       Pipeline::Options options = {}) {
+  options.uncond_input_ids = InputIds(manifest, {});
+  absl::StatusOr<std::unique_ptr<Pipeline>> pipeline = Pipeline::Create(manifest, options);
+  EXPECT_TRUE(pipeline.ok()) << pipeline.status();
+  return pipeline.ok() ? *std::move(pipeline) : nullptr;
+}
+
+std::vector<std::string> RunOk(const Pipeline& pipeline, const std::vector<Pipeline::Input>& batch,
+                               int width, int height) {
+  absl::StatusOr<Pipeline::Output> output = pipeline.Run(batch, width, height);
+  EXPECT_TRUE(output.ok()) << output.status();
+  return output.ok() ? output->images : std::vector<std::string>();
+}
+
+// The images scripts/reference_pipeline.py makes for `batch`.
+std::vector<std::string> ReferenceImages(const std::string& bundle,
+                                         const std::vector<Pipeline::Input>& batch, int width,
+                                         int height, int channels) {
+  json inputs = json::array();
+  for (const Pipeline::Input& input : batch) {
+    inputs.push_back({{"input_ids", input.input_ids}, {"seed", input.seed}});
+  }
+  const std::string out = MakeTempDir() + "/images.u8";
+  // The JSON holds only numbers, brackets, braces, quotes and commas: safe in single quotes.
+  RunCommand(absl::StrCat(DMDSERVE_PYTHON, " ",
+                          SourcePath("scripts/reference_pipeline.py").string(), " --bundle ",
+                          bundle, " --width ", width, " --height ", height, " --inputs-json '",
+                          inputs.dump(), "' --out ", out));
+  const std::string bytes = ReadFile(out);
+  const size_t image_bytes = static_cast<size_t>(width) * height * channels;
+  EXPECT_EQ(bytes.size(), image_bytes * batch.size());
+  std::vector<std::string> images;
+  for (size_t i = 0; i < batch.size() && (i + 1) * image_bytes <= bytes.size(); ++i) {
+    images.push_back(bytes.substr(i * image_bytes, image_bytes));
+  }
+  return images;
+}
+
+size_t DifferingPixels(const std::string& a, const std::string& b) {
+  size_t differing = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) differing += a[i] != b[i];
+  return differing;
+}
+
+// Expects image `b` to equal image `a` within 1 intensity level, and prints how far apart they are
+// (docs/BUNDLE.md quotes these "[ diff ]" lines).
+void ExpectWithinOneLevel(const std::string& a, const std::string& b, const std::string& what) {
+  ASSERT_EQ(a.size(), b.size()) << what;
+  int max_diff = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    max_diff =
+        std::max(max_diff, std::abs(static_cast<uint8_t>(a[i]) - static_cast<uint8_t>(b[i])));
+  }
+  std::cout << "[ diff     ] " << what << ": max " << max_diff << " level(s), "
+            << DifferingPixels(a, b) << " of " << a.size() << " pixels differ" << std::endl;
+  EXPECT_LE(max_diff, 1) << what;
+}
+
+// Bundles under test: the committed one-step bundle, and few-step variants built at test time.
+struct BundleCase {
+  std::string name;
+  std::string make_args;  // empty: models/tiny-random
+};
+
+void PrintTo(const BundleCase& c, std::ostream* os) { *os << c.name; }
+
+std::string BundleDir(const BundleCase& c) {
+  return c.make_args.empty() ? SourcePath("models/tiny-random").string() : BuiltBundle(c.make_args);
+}
+
+class PipelineBundleTest : public ::testing::TestWithParam<BundleCase> {
+ protected:
+  void SetUp() override {
+    bundle_ = BundleDir(GetParam());
+    manifest_ = LoadManifest(bundle_);
+    pipeline_ = MakePipeline(manifest_);
+    ASSERT_NE(pipeline_, nullptr);
+    // Three prompts of made-up words (ids of real vocabulary entries).
+    prompt_a_ = InputIds(manifest_, {320, 1125, 539});
+    prompt_b_ = InputIds(manifest_, {2368, 530, 518, 3293, 268});
+    prompt_c_ = InputIds(manifest_, {11760});
+  }
+
+  std::string bundle_;
+  ModelManifest manifest_;
+  std::unique_ptr<Pipeline> pipeline_;
+  std::vector<int32_t> prompt_a_, prompt_b_, prompt_c_;
+};
+
+TEST_P(PipelineBundleTest, MatchesPythonReference) {
+  // A repeated prompt (A), the largest seed, and both supported sizes.
+  const std::vector<Pipeline::Input> batch = {
+      {prompt_a_, 0}, {prompt_b_, 1}, {prompt_a_, 2}, {prompt_c_, 18446744073709551615ULL}};
+  for (const ModelManifest::Size& size : manifest_.supported_sizes) {
+    SCOPED_TRACE(absl::StrCat(size.width, "x", size.height));
+    const std::vector<std::string> images = RunOk(*pipeline_, batch, size.width, size.height);
+    const std::vector<std::string> reference =
+        ReferenceImages(bundle_, batch, size.width, size.height, manifest_.channels);
+    ASSERT_EQ(images.size(), batch.size());
+    ASSERT_EQ(reference.size(), batch.size());
+    for (size_t i = 0; i < batch.size(); ++i) {
+      EXPECT_EQ(images[i].size(),
+                static_cast<size_t>(size.width) * size.height * manifest_.channels);
+      ExpectWithinOneLevel(reference[i], images[i],
+                           absl::StrCat("C++ vs Python reference, image ", i));
+    }
+  }
+}
+
+TEST_P(PipelineBundleTest, SameSeedSameImageAloneOrInABatch) {
+  const std::vector<std::string> alone =
+      RunOk(*pipeline_, {{prompt_a_, 7}}, manifest_.width, manifest_.height);
+  const std::vector<std::string> batch =
+      RunOk(*pipeline_, {{prompt_b_, 1}, {prompt_a_, 7}, {prompt_c_, 2}, {prompt_a_, 8}},
+            manifest_.width, manifest_.height);
+  ASSERT_EQ(alone.size(), 1u);
+  ASSERT_EQ(batch.size(), 4u);
+  ExpectWithinOneLevel(alone[0], batch[1], "alone vs position 1 of a batch of 4");
+}
+
+TEST_P(PipelineBundleTest, ImageDoesNotDependOnBatchPosition) {
+  const std::vector<std::string> forward =
+      RunOk(*pipeline_, {{prompt_a_, 11}, {prompt_b_, 12}}, manifest_.width, manifest_.height);
+  const std::vector<std::string> reversed =
+      RunOk(*pipeline_, {{prompt_b_, 12}, {prompt_a_, 11}}, manifest_.width, manifest_.height);
+  ASSERT_EQ(forward.size(), 2u);
+  ASSERT_EQ(reversed.size(), 2u);
+  ExpectWithinOneLevel(forward[0], reversed[1], "batch position 0 vs 1");
+  ExpectWithinOneLevel(forward[1], reversed[0], "batch position 1 vs 0");
+}
+
+TEST_P(PipelineBundleTest, DifferentSeedsOrPromptsGiveDifferentImages) {
+  const std::vector<std::string> images =
+      RunOk(*pipeline_, {{prompt_a_, 1}, {prompt_a_, 2}, {prompt_b_, 1}}, manifest_.width,
+            manifest_.height);
+  ASSERT_EQ(images.size(), 3u);
+  EXPECT_GT(DifferingPixels(images[0], images[1]), images[0].size() / 2) << "seeds 1 and 2";
+  EXPECT_GT(DifferingPixels(images[0], images[2]), images[0].size() / 2) << "prompts A and B";
+}
+
+TEST_P(PipelineBundleTest, ConcurrentRunsGiveTheSerialResults) {
+  std::vector<std::vector<Pipeline::Input>> batches;
+  for (uint64_t seed = 0; seed < 8; ++seed) {
+    batches.push_back({{seed % 2 ? prompt_a_ : prompt_b_, seed}, {prompt_c_, seed + 100}});
+  }
+  std::vector<std::vector<std::string>> serial;
+  for (const auto& batch : batches) {
+    serial.push_back(RunOk(*pipeline_, batch, manifest_.width, manifest_.height));
+  }
+  std::vector<std::vector<std::string>> concurrent(batches.size());
+  std::vector<std::thread> threads;
+  constexpr int kThreads = 4;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (size_t i = t; i < batches.size(); i += kThreads) {
+        concurrent[i] = RunOk(*pipeline_, batches[i], manifest_.width, manifest_.height);
+      }
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+  for (size_t i = 0; i < batches.size(); ++i) {
+    ASSERT_EQ(concurrent[i].size(), serial[i].size()) << "batch " << i;
+    for (size_t j = 0; j < serial[i].size(); ++j) {
+      ExpectWithinOneLevel(serial[i][j], concurrent[i][j],
+                           absl::StrCat("serial vs concurrent, batch ", i, " image ", j));
+    }
+  }
+}
+
+TEST_P(PipelineBundleTest, WarmupSucceeds) { EXPECT_TRUE(pipeline_->Warmup().ok()); }
+
+INSTANTIATE_TEST_SUITE_P(
+    Bundles, PipelineBundleTest,
+    ::testing::Values(BundleCase{"TinyRandom", ""},
+                      BundleCase{"TwoStepRenoiseGuidance",
+                                 "--steps 2 --step-mode renoise --guidance 3"},
+                      BundleCase{"ThreeStepDdim", "--steps 3 --step-mode ddim"}),
+    [](const ::testing::TestParamInfo<BundleCase>& info) { return info.param.name; });
+
+class PipelineTest : public ::testing::Test {
+ protected:
+  const ModelManifest manifest_ = LoadManifest(SourcePath("models/tiny-random").string());
+};
+
+TEST_F(PipelineTest, RejectsBadInputs) {
+  std::unique_ptr<Pipeline> pipeline = MakePipeline(manifest_);
+  ASSERT_NE(pipeline, nullptr);
+  const std::vector<int32_t> ids = InputIds(manifest_, {320});
+  struct Case {
+    std::vector<Pipeline::Input> batch;
+    int width;
+    int height;
+    std::string message;
+  };
+  std::vector<int32_t> negative = ids;
+  negative[5] = -3;
+  const std::vector<Case> cases = {
+      {{}, 32, 32, "empty batch"},
+      {std::vector<Pipeline::Input>(9, {ids, 0}), 32, 32,
+       "batch of 9 images exceeds model tiny-random's largest batch size 8"},
+      {{{ids, 0}},
+       48,
+       48,
+       "size 48x48 is not supported by model tiny-random (supported: 32x32, 64x32)"},
+      {{{ids, 0}}, 32, 64, "size 32x64 is not supported"},
+      {{{ids, 0}, {std::vector<int32_t>(76, 1), 0}},
+       32,
+       32,
+       "batch[1].input_ids has 76 token ids, expected 77"},
+      {{{negative, 0}}, 32, 32, "batch[0].input_ids[5] is -3"},
+  };
+  for (const Case& c : cases) {
+    absl::StatusOr<Pipeline::Output> output = pipeline->Run(c.batch, c.width, c.height);
+    EXPECT_EQ(output.status().code(), absl::StatusCode::kInvalidArgument) << c.message;
+    EXPECT_THAT(output.status().message(), HasSubstr(c.message));
+  }
+}
+
+TEST_F(PipelineTest, CudaDeviceWithoutCudaFailsCleanly) {
+  if (torch::cuda::is_available()) GTEST_SKIP() << "CUDA is available here";
+  Pipeline::Options options;
+  options.device = "cuda:0";
+  absl::StatusOr<std::unique_ptr<Pipeline>> pipeline = Pipeline::Create(manifest_, options);
+  EXPECT_EQ(pipeline.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(pipeline.status().message(), HasSubstr("\"cuda:0\" needs CUDA"));
+}
+
+TEST_F(PipelineTest, RejectsBadOptions) {
+  Pipeline::Options options;
+  options.device = "gpu0";
+  absl::StatusOr<std::unique_ptr<Pipeline>> pipeline = Pipeline::Create(manifest_, options);
+  EXPECT_EQ(pipeline.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(pipeline.status().message(), HasSubstr("\"gpu0\" is not a libtorch device"));
+
+  options.device = "meta";
+  pipeline = Pipeline::Create(manifest_, options);
+  EXPECT_EQ(pipeline.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(pipeline.status().message(), HasSubstr("only cpu and cuda"));
+
+  options.device = "cpu";
+  options.intra_op_threads = -1;
+  pipeline = Pipeline::Create(manifest_, options);
+  EXPECT_EQ(pipeline.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(pipeline.status().message(), HasSubstr("intra_op_threads must be >= 0, got -1"));
+}
+
+TEST_F(PipelineTest, GuidanceNeedsTheEmptyPromptIds) {
+  const ModelManifest manifest =
+      LoadManifest(BuiltBundle("--steps 2 --step-mode renoise --guidance 3"));
+  Pipeline::Options options;
+  absl::StatusOr<std::unique_ptr<Pipeline>> pipeline = Pipeline::Create(manifest, options);
+  EXPECT_EQ(pipeline.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(pipeline.status().message(),
+              HasSubstr("uncond_input_ids (needed because guidance_scale > 1) has 0 token ids"));
+}
+
+TEST_F(PipelineTest, BFloat16BundleMatchesPythonReference) {
+  // The same weights as models/tiny-random, run in bfloat16 (the pipeline converts the modules).
+  const std::string bundle = BuiltBundle("--dtype bfloat16");
+  const ModelManifest manifest = LoadManifest(bundle);
+  EXPECT_EQ(manifest.dtypes.generator, DType::kBFloat16);
+  std::unique_ptr<Pipeline> pipeline = MakePipeline(manifest);
+  std::unique_ptr<Pipeline> float32 = MakePipeline(manifest_);
+  ASSERT_NE(pipeline, nullptr);
+  ASSERT_NE(float32, nullptr);
+  const std::vector<Pipeline::Input> batch = {{InputIds(manifest, {320, 1125}), 3},
+                                              {InputIds(manifest, {539}), 4}};
+  const std::vector<std::string> images = RunOk(*pipeline, batch, 32, 32);
+  const std::vector<std::string> reference = ReferenceImages(bundle, batch, 32, 32, 1);
+  const std::vector<std::string> float32_images = RunOk(*float32, batch, 32, 32);
+  ASSERT_EQ(images.size(), 2u);
+  ASSERT_EQ(reference.size(), 2u);
+  ASSERT_EQ(float32_images.size(), 2u);
+  for (size_t i = 0; i < images.size(); ++i) {
+    ExpectWithinOneLevel(reference[i], images[i],
+                         absl::StrCat("bfloat16 C++ vs Python reference, image ", i));
+    EXPECT_GT(DifferingPixels(images[i], float32_images[i]), images[i].size() / 10)
+        << "bfloat16 had no effect";
+  }
+}
+
+// A copy of models/tiny-random in a temporary directory, with `edit` applied to its model.json.
+std::string EditedBundleCopy(const std::function<void(json&)>& edit) {
+  const std::string dir = MakeTempDir();
+  fs::copy(SourcePath("models/tiny-random"), dir, fs::copy_options::recursive);
+  json manifest = json::parse(ReadFile(SourcePath("models/tiny-random/model.json")));
+  edit(manifest);
+  std::ofstream(fs::path(dir) / "model.json") << manifest.dump(2);
+  return dir;
+}
+
+TEST_F(PipelineTest, UnloadableTorchScriptNamesTheFile) {
+  const std::string dir = EditedBundleCopy([](json&) {});
+  std::ofstream(fs::path(dir) / "generator.pt") << "not a zip archive";
+  const ModelManifest manifest = LoadManifest(dir);
+  absl::StatusOr<std::unique_ptr<Pipeline>> pipeline = Pipeline::Create(manifest, {});
+  EXPECT_EQ(pipeline.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(pipeline.status().message(),
+              HasSubstr("components.generator: cannot load TorchScript " + dir + "/generator.pt"));
+}
+
+TEST_F(PipelineTest, ComponentOutputNotMatchingTheManifestIsAnInternalError) {
+  // The decoder makes 1 channel; this manifest says 3.
+  const std::string dir = EditedBundleCopy([](json& m) { m["image"]["channels"] = 3; });
+  std::unique_ptr<Pipeline> pipeline = MakePipeline(LoadManifest(dir));
+  ASSERT_NE(pipeline, nullptr);
+  absl::StatusOr<Pipeline::Output> output =
+      pipeline->Run({{InputIds(manifest_, {320}), 1}}, 32, 32);
+  EXPECT_EQ(output.status().code(), absl::StatusCode::kInternal);
+  EXPECT_THAT(
+      output.status().message(),
+      HasSubstr("decoder returned a tensor of shape [1, 1, 32, 32], expected [1, 3, 32, 32]"));
+
+  const absl::Status warmup = pipeline->Warmup();
+  EXPECT_EQ(warmup.code(), absl::StatusCode::kInternal);
+  EXPECT_THAT(warmup.message(), HasSubstr("warmup of model tiny-random at 32x32, batch size 1: "));
+}
+
+TEST_F(PipelineTest, LibtorchErrorsBecomeStatusesWithoutPaths) {
+  // The tiny text encoder has 77 positions: 78 token ids make it throw inside TorchScript.
+  const std::string dir = EditedBundleCopy([](json& m) { m["tokenizer"]["max_length"] = 78; });
+  const ModelManifest manifest = LoadManifest(dir);
+  std::unique_ptr<Pipeline> pipeline = MakePipeline(manifest);
+  ASSERT_NE(pipeline, nullptr);
+  absl::StatusOr<Pipeline::Output> output =
+      pipeline->Run({{std::vector<int32_t>(78, 1), 1}}, 32, 32);
+  EXPECT_EQ(output.status().code(), absl::StatusCode::kInternal);
+  EXPECT_THAT(output.status().message(), HasSubstr("model tiny-random: text_encoder failed"));
+  EXPECT_THAT(output.status().message(), Not(HasSubstr(dir)));
+  EXPECT_THAT(output.status().message(), Not(HasSubstr(".py")));
+}
+
+}  // namespace
+}  // namespace dmdserve
