@@ -36,10 +36,14 @@ ABSL_FLAG(std::string, default_model, "",
 ABSL_FLAG(std::string, device, "cpu", "libtorch device: cpu (cuda:N needs a CUDA build).");
 ABSL_FLAG(int, workers, 1, "Model-worker threads per model (each runs one batch at a time).");
 ABSL_FLAG(int, intra_op_threads, 0, "libtorch intra-op threads (process-wide); 0: one per core.");
+ABSL_FLAG(bool, jit_optimize, true,
+          "TorchScript graph-executor optimisation (libtorch's default); turning it off can help "
+          "graphs that re-specialise when batch sizes vary (see docs/PERFORMANCE.md).");
 ABSL_FLAG(int, max_batch_size, 0,
           "Largest batch in images; 0: the model's largest supported batch size.");
-ABSL_FLAG(int, max_queue_delay_us, 2000,
-          "Microseconds the oldest queued image waits for its batch to fill.");
+ABSL_FLAG(int, max_queue_delay_us, 0,
+          "Microseconds the oldest queued image may wait for its batch to fill; 0: a free worker "
+          "takes what is queued (batches still form under load; see docs/PERFORMANCE.md).");
 ABSL_FLAG(int, max_queue_images, 256,
           "Images queued per model before requests get RESOURCE_EXHAUSTED.");
 ABSL_FLAG(std::vector<std::string>, allowed_batch_sizes, {},
@@ -148,6 +152,7 @@ int main(int argc, char** argv) {
   e.device = absl::GetFlag(FLAGS_device);
   e.workers_per_model = absl::GetFlag(FLAGS_workers);
   e.intra_op_threads = absl::GetFlag(FLAGS_intra_op_threads);
+  e.jit_optimize = absl::GetFlag(FLAGS_jit_optimize);
   e.max_batch_size = absl::GetFlag(FLAGS_max_batch_size);
   e.max_queue_delay = absl::Microseconds(absl::GetFlag(FLAGS_max_queue_delay_us));
   e.max_queued_images = absl::GetFlag(FLAGS_max_queue_images);

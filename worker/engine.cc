@@ -6,6 +6,8 @@
 #include <thread>
 #include <utility>
 
+#include <torch/csrc/jit/runtime/graph_executor.h>
+
 #include "absl/random/random.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -114,6 +116,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(Options options) {
   std::unique_ptr<Engine> engine(new Engine(std::move(options)));
   State& st = *engine->state_;
   const Options& o = st.options;
+  torch::jit::setGraphExecutorOptimize(o.jit_optimize);
 
   absl::StatusOr<std::unique_ptr<ThreadPool>> encoders =
       ThreadPool::Create({.num_threads = o.encode_threads});

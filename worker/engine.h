@@ -155,10 +155,18 @@ class Engine {
     int workers_per_model = 1;
     // libtorch intra-op threads (process-wide). 0: libtorch's default (one per core).
     int intra_op_threads = 0;
+    // TorchScript graph-executor optimisation (process-wide); libtorch's default is on. The
+    // profiling executor specialises graphs to the batch shapes it sees first; on some graphs
+    // varying batch sizes then run a slower fallback, and turning this off helps
+    // (docs/PERFORMANCE.md: measure with pipeline_benchmark --jit_optimize=false).
+    bool jit_optimize = true;
     // Largest batch in images; 0: the model's largest supported batch size. Capped at the latter.
     int max_batch_size = 0;
-    // A partial batch closes when its oldest image has waited this long. Default 2 ms.
-    absl::Duration max_queue_delay = absl::Milliseconds(2);
+    // A partial batch closes when its oldest image has waited this long. Default 0: a free worker
+    // takes whatever is queued, and batches still fill from the images that queue while workers
+    // are busy. A delay makes a free worker idle until the batch fills; it pays off only when a
+    // fuller batch is much cheaper per image (see docs/PERFORMANCE.md).
+    absl::Duration max_queue_delay = absl::ZeroDuration();
     // Images queued per model before requests are rejected with RESOURCE_EXHAUSTED. Default 256.
     int max_queued_images = 256;
     // Optional batch sizes to pad batches up to (ascending); empty: no padding.

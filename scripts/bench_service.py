@@ -1,0 +1,139 @@
+#!/usr/bin/python3
+"""Measures raw pipeline throughput and the served throughput in one run, and their ratio.
+
+1. build/worker/pipeline_benchmark: in-process Pipeline::Run images/s per batch size.
+2. build/server/dmdserve on free loopback ports + `dmdctl bench` at each concurrency: images/s and
+   p50/p90/p99 latency through gRPC with PNG encoding.
+Prints a Markdown report (the numbers in docs/PERFORMANCE.md come from it).
+
+Usage: scripts/bench_service.py [--build build] [--bundle models/tiny-random]
+           [--concurrency 1,2,4,8,16,32] [--duration_s 10] [--num_images 1] [-- server flags...]
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+
+def raw_pipeline(build, repetitions):
+    out = subprocess.run(
+        [os.path.join(build, "worker", "pipeline_benchmark"), "--benchmark_format=json",
+         f"--benchmark_repetitions={repetitions}", "--benchmark_report_aggregates_only=true"],
+        capture_output=True, text=True, check=True)
+    rates = {}
+    for b in json.loads(out.stdout)["benchmarks"]:
+        if b.get("aggregate_name") != "median":
+            continue
+        batch = int(re.search(r"batch:(\d+)", b["name"]).group(1))
+        rates[batch] = b["images_per_second"] if "images_per_second" in b else b["items_per_second"]
+    return rates
+
+def batch_totals(metrics_port):
+    """(batches run, images in them) so far, from the server's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    def total(name):
+        return sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)", text, re.M))
+    return total("dmdserve_batch_size_images_count"), total("dmdserve_batch_size_images_sum")
+
+
+def raw_at(raw, batch):
+    """Raw images/s at a (fractional) batch size, interpolated linearly between measured sizes."""
+    sizes = sorted(raw)
+    if batch <= sizes[0]:
+        return raw[sizes[0]]
+    for lo, hi in zip(sizes, sizes[1:]):
+        if batch <= hi:
+            return raw[lo] + (raw[hi] - raw[lo]) * (batch - lo) / (hi - lo)
+    return raw[sizes[-1]]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--build", default="build")
+    parser.add_argument("--bundle", default="models/tiny-random")
+    parser.add_argument("--concurrency", default="1,2,4,8,16,32")
+    parser.add_argument("--duration_s", type=float, default=10)
+    parser.add_argument("--num_images", type=int, default=1)
+    parser.add_argument("--repetitions", type=int, default=5)
+    parser.add_argument("server_flags", nargs="*")
+    args = parser.parse_args()
+
+    raw = raw_pipeline(args.build, args.repetitions)
+
+    server = subprocess.Popen(
+        [os.path.join(args.build, "server", "dmdserve"), "--listen_host=127.0.0.1", "--port=0",
+         "--metrics_port=0", f"--model_dirs={args.bundle}", *args.server_flags],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    port = metrics_port = None
+    for line in server.stdout:
+        m = re.search(r"serving port=(\d+) metrics_port=(\d+)", line)
+        if m:
+            port, metrics_port = int(m.group(1)), int(m.group(2))
+            break
+    if port is None:
+        sys.exit("dmdserve did not start")
+    # Keep draining the log (one line per request) so the pipe never blocks the server.
+    devnull = open(os.devnull, "w")
+    drain = subprocess.Popen(["cat"], stdin=server.stdout, stdout=devnull)
+
+    # Distinct prompts, like the raw benchmark's batches: the pipeline encodes identical prompts
+    # of a batch once, so repeated prompts would flatter the service.
+    prompts_file = os.path.join(args.build, "bench_prompts.txt")
+    with open(prompts_file, "w") as f:
+        for i in range(20000):
+            f.write(f"a photo of item {i} in the catalogue\n")
+
+    rows = []
+    batches_seen = batch_totals(metrics_port)
+    try:
+        for c in [int(x) for x in args.concurrency.split(",")]:
+            out = subprocess.run(
+                [os.path.join(args.build, "client", "dmdctl"), f"--target=127.0.0.1:{port}",
+                 "bench", f"--concurrency={c}", f"--duration_s={args.duration_s}",
+                 f"--num_images={args.num_images}", f"--prompts_file={prompts_file}", "--json"],
+                capture_output=True, text=True)
+            before = batches_seen
+            batches_seen = batch_totals(metrics_port)
+            report = json.loads(out.stdout)
+            batches = batches_seen[0] - before[0]
+            report["mean_batch"] = (batches_seen[1] - before[1]) / batches if batches else 0
+            rows.append((c, report))
+    finally:
+        server.terminate()
+        server.wait(60)
+        drain.wait(10)
+
+    best_raw_batch = max(raw, key=raw.get)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}")
+    print(f"date: {time.strftime('%Y-%m-%d')}; bundle: {args.bundle}; "
+          f"server flags: {' '.join(args.server_flags) or '(defaults)'}\n")
+    print("| raw pipeline batch | images/s |\n|---|---|")
+    for batch in sorted(raw):
+        print(f"| {batch} | {raw[batch]:.0f} |")
+    print("\n| concurrency | images/s | mean batch | raw at that batch | service / raw "
+          "| p50 ms | p90 ms | p99 ms | statuses |\n|---|---|---|---|---|---|---|---|---|")
+    for c, r in rows:
+        lat = r["latency_seconds"] or {}
+        same = raw_at(raw, r["mean_batch"])
+        print(f"| {c} | {r['images_per_second']:.0f} | {r['mean_batch']:.2f} | {same:.0f} | "
+              f"{r['images_per_second'] / same:.2f} | {lat.get('p50', 0) * 1e3:.1f} | "
+              f"{lat.get('p90', 0) * 1e3:.1f} | {lat.get('p99', 0) * 1e3:.1f} | "
+              f"{r['status_codes']} |")
+    c_sat, sat_row = max(rows, key=lambda row: row[1]["images_per_second"])
+    sat = sat_row["images_per_second"]
+    one = rows[0][1]["images_per_second"]
+    print(f"\nservice at saturation (concurrency {c_sat}): {sat:.0f} images/s in batches of "
+          f"{sat_row['mean_batch']:.2f}; raw at that batch size: "
+          f"{raw_at(raw, sat_row['mean_batch']):.0f} images/s; "
+          f"ratio {sat / raw_at(raw, sat_row['mean_batch']):.2f}; raw best (batch "
+          f"{best_raw_batch}): {raw[best_raw_batch]:.0f}")
+    print(f"batching gain, best concurrency vs concurrency {rows[0][0]}: {sat / one:.2f}x")
+
+if __name__ == "__main__":
+    main()

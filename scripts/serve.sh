@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Fresh Debian 12 -> a running server: installs dependencies, builds, and starts dmdserve on the
+# embedded default model (models/tiny-random). Extra arguments go to dmdserve (see --help).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install_deps.sh
+scripts/build.sh
+exec build/server/dmdserve --model_dirs=models/tiny-random "$@"
