@@ -140,7 +140,6 @@ class ImageGenerationService::StreamReactor final
       {
         absl::MutexLock lock(&mu_);
         pending_.push_back(std::move(out));
-        ++images_;
       }
       Pump();
     };
@@ -166,6 +165,7 @@ class ImageGenerationService::StreamReactor final
       absl::MutexLock lock(&mu_);
       writing_ = false;
       pending_.pop_front();
+      if (ok) ++images_;  // only images the client was sent count
       if (!ok) {
         // The client is gone; drop what is left and let the engine finish (it sees the
         // cancellation before running further images).
@@ -199,6 +199,10 @@ class ImageGenerationService::StreamReactor final
       } else if (final_status_.has_value()) {
         finish_called_ = true;
         to_finish = *final_status_;
+        if (broken_ && to_finish->ok()) {
+          // Generated, but the client stopped reading: it did not get every image.
+          to_finish = grpc::Status(grpc::StatusCode::CANCELLED, "the client stopped reading");
+        }
         images = images_;
       }
     }

@@ -5,6 +5,7 @@
 #include <csignal>
 #include <cstdlib>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -171,7 +172,16 @@ int main(int argc, char** argv) {
 
   int signal_number = 0;
   sigwait(&stop_signals, &signal_number);
-  spdlog::info("received {}, shutting down", signal_number == SIGTERM ? "SIGTERM" : "SIGINT");
+  spdlog::info("received {}, shutting down (a second signal exits at once)",
+               signal_number == SIGTERM ? "SIGTERM" : "SIGINT");
+  // Draining waits for batches already running; a second signal is the way out if one hangs.
+  std::thread([stop_signals] {
+    int second = 0;
+    sigwait(&stop_signals, &second);
+    spdlog::critical("second signal during drain: exiting without finishing accepted requests");
+    spdlog::shutdown();
+    std::_Exit(1);
+  }).detach();
   (*server)->Shutdown();
   server->reset();
   spdlog::shutdown();

@@ -8,13 +8,23 @@
 namespace dmdserve {
 namespace {
 
+// Names and ids end up in log lines: printable ASCII only, so no client can forge a line.
+absl::Status CheckPrintable(const std::string& field, const std::string& value) {
+  for (char c : value) {
+    if (!absl::ascii_isprint(static_cast<unsigned char>(c))) {
+      return absl::InvalidArgumentError(absl::StrCat(field, " must be printable ASCII"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CheckModelName(const std::string& model, const RequestLimits& limits) {
   if (static_cast<int>(model.size()) > limits.max_model_name_bytes) {
     return absl::InvalidArgumentError(absl::StrCat("model is ", model.size(),
                                                    " bytes; the limit is ",
                                                    limits.max_model_name_bytes));
   }
-  return absl::OkStatus();
+  return CheckPrintable("model", model);
 }
 
 absl::Status CheckText(const std::string& field, const std::string& text,
@@ -73,11 +83,7 @@ absl::StatusOr<GenerateParams> ToGenerateParams(const v1::GenerateRequest& reque
                                                    " bytes; the limit is ",
                                                    limits.max_request_id_bytes));
   }
-  for (char c : id) {
-    if (!absl::ascii_isprint(static_cast<unsigned char>(c))) {
-      return absl::InvalidArgumentError("request_id must be printable ASCII");
-    }
-  }
+  if (absl::Status s = CheckPrintable("request_id", id); !s.ok()) return s;
   GenerateParams params;
   params.model = request.model();
   params.prompt = request.prompt();

@@ -89,6 +89,9 @@ TEST(RequestValidationTest, RejectsBadFieldsNamingThem) {
   r = Valid();
   r.set_model(std::string(300, 'm'));
   ExpectInvalid(r, "model is 300 bytes");
+  r = Valid();
+  r.set_model("tiny\nrpc=Generate forged line");
+  ExpectInvalid(r, "model must be printable ASCII");
 }
 
 TEST(RequestValidationTest, LimitsComeFromOptions) {

@@ -170,10 +170,10 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(Options options) {
             bopts,
             [](const WorkItem& item, absl::Time now) -> absl::Status {
               Request& r = *item.request;
-              {
-                absl::MutexLock lock(&r.mu);
-                if (r.finished) return absl::CancelledError("request already finished");
-              }
+              // Held across is_cancelled(): whatever it refers to (the RPC's context) lives until
+              // on_done, which runs only after `finished` is set under this lock.
+              absl::MutexLock lock(&r.mu);
+              if (r.finished) return absl::CancelledError("request already finished");
               if (now >= r.params.deadline) {
                 return absl::DeadlineExceededError(
                     "the request's deadline passed while it waited in the queue");
@@ -183,7 +183,10 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(Options options) {
               }
               return absl::OkStatus();
             },
-            [](WorkItem item, absl::Status status) { FailRequest(item.request, status); });
+            [&st, raw](WorkItem item, absl::Status status) {
+              FailRequest(item.request, status);
+              st.events()->OnQueueDepth(raw->info.name, raw->batcher->queued_images());
+            });
     if (!batcher.ok()) return WithContext(batcher.status(), "batcher options");
     model->batcher = *std::move(batcher);
 
@@ -198,6 +201,13 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(Options options) {
         o.max_images_per_request == 0
             ? m.max_images_per_request
             : std::min(o.max_images_per_request, m.max_images_per_request);
+    if (info.max_images_per_request > o.max_queued_images) {
+      // A request that can never fit the queue must be INVALID_ARGUMENT, not a retryable
+      // RESOURCE_EXHAUSTED that clients would retry forever.
+      spdlog::warn("model '{}': max images per request capped from {} to max_queued_images {}",
+                   m.name, info.max_images_per_request, o.max_queued_images);
+      info.max_images_per_request = o.max_queued_images;
+    }
     info.max_tokens = m.tokenizer.max_length;
     for (const auto& size : m.supported_sizes) {
       info.supported_sizes.push_back({size.width, size.height});

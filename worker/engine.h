@@ -90,6 +90,8 @@ struct GenerateCallbacks {
   // Required. Called exactly once when the request completes or fails.
   std::function<void(absl::Status status, GenerateResult result)> on_done;
   // Optional. Polled before the request's images enter a batch; true drops them (CANCELLED).
+  // Called with the request's lock held and never after on_done, so it may refer to state that
+  // lives until on_done; must not block.
   std::function<bool()> is_cancelled;
 };
 
@@ -168,6 +170,7 @@ class Engine {
     // fuller batch is much cheaper per image (see docs/PERFORMANCE.md).
     absl::Duration max_queue_delay = absl::ZeroDuration();
     // Images queued per model before requests are rejected with RESOURCE_EXHAUSTED. Default 256.
+    // Also caps images per request, so that every accepted size can fit an empty queue.
     int max_queued_images = 256;
     // Optional batch sizes to pad batches up to (ascending); empty: no padding.
     std::vector<int> allowed_batch_sizes;

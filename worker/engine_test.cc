@@ -240,6 +240,16 @@ TEST(EngineTest, FullQueueRejectsAtOnceWhileAcceptedRequestsComplete) {
   }
 }
 
+TEST(EngineTest, ImagesPerRequestNeverExceedTheQueue) {
+  auto engine = MakeEngine({.max_batch_size = 1, .max_queued_images = 3}, /*warm=*/true);
+  ASSERT_NE(engine, nullptr);
+  EXPECT_EQ(engine->ListModels()[0].max_images_per_request, 3);
+  Outcome out;
+  absl::Status s = engine->Submit(Params("a coat", 4, 1), out.Callbacks());
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);  // not a retryable queue-full
+  EXPECT_THAT(std::string(s.message()), HasSubstr("num_images is 4"));
+}
+
 TEST(EngineTest, ExpiredAndCancelledRequestsNeverRun) {
   auto engine = MakeEngine({});
   ASSERT_NE(engine, nullptr);

@@ -93,10 +93,16 @@ class Server:
     def health_status(self, service=""):
         return self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
 
-    def stop(self, sig=signal.SIGTERM, timeout_s=60):
-        """Sends `sig` and returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+    def terminate(self, sig=signal.SIGTERM):
+        """Sends a stop signal (the server starts draining) without waiting."""
+        self._signalled = True
+        self.proc.send_signal(sig)
+
+    def stop(self, sig=signal.SIGTERM, timeout_s=60, again=False):
+        """Stops the server and returns its exit code. Sends `sig` unless a stop signal was sent
+        already (a second one makes dmdserve exit at once); again=True sends it regardless."""
+        if self.proc.poll() is None and (again or not getattr(self, "_signalled", False)):
+            self.terminate(sig)
         try:
             code = self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:

@@ -23,6 +23,8 @@ BAD_GENERATE = [
      "model 'sdxl-turbo' is not served; models: tiny-random"),
     ("model name too long", dict(prompt=OK_PROMPT, model="m" * 300),
      grpc.StatusCode.INVALID_ARGUMENT, "model is 300 bytes"),
+    ("model name not printable", dict(prompt=OK_PROMPT, model="tiny\nforged log line"),
+     grpc.StatusCode.INVALID_ARGUMENT, "model must be printable ASCII"),
     ("negative width", dict(prompt=OK_PROMPT, width=-32, height=32),
      grpc.StatusCode.INVALID_ARGUMENT, "width must be >= 0"),
     ("negative height", dict(prompt=OK_PROMPT, width=32, height=-32),

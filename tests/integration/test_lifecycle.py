@@ -198,7 +198,7 @@ class DrainTest(unittest.TestCase):
         self.assertTrue(wait_until(lambda: metric_value(
             server.metrics(), "dmdserve_requests_in_flight", model="tiny-random") == 16))
         started = time.monotonic()
-        server.proc.send_signal(signal.SIGTERM)
+        server.terminate()
         for f in futures:
             self.assertEqual(len(f.result().images), 8)  # accepted before SIGTERM: completes
         self.assertEqual(server.stop(), 0, server.log())
@@ -207,6 +207,20 @@ class DrainTest(unittest.TestCase):
         self.assertIn("received SIGTERM", log)
         self.assertIn("stopped", log)
 
+    def test_second_signal_during_drain_exits_at_once(self):
+        server = Server("--max_batch_size=1", "--workers=1", "--max_queue_images=1000")
+        futures = [server.stub.Generate.future(
+            pb.GenerateRequest(prompt="a boot", num_images=8, seed=i), timeout=120)
+            for i in range(100)]
+        self.assertTrue(wait_until(lambda: metric_value(
+            server.metrics(), "dmdserve_queue_depth_images", model="tiny-random") >= 400))
+        server.terminate()
+        self.assertTrue(wait_until(lambda: any("draining" in line for line in server.lines)))
+        self.assertEqual(server.stop(again=True), 1, server.log())
+        self.assertIn("second signal during drain", server.log())
+        unfinished = sum(1 for f in futures if f.exception() is not None)
+        self.assertGreater(unfinished, 0)  # it really left work behind
+
     def test_new_requests_after_sigterm_are_refused(self):
         server = Server("--max_batch_size=1", "--workers=1", "--max_queue_images=1000")
         futures = [server.stub.Generate.future(
@@ -214,7 +228,7 @@ class DrainTest(unittest.TestCase):
             for i in range(16)]
         self.assertTrue(wait_until(lambda: metric_value(
             server.metrics(), "dmdserve_requests_in_flight", model="tiny-random") == 16))
-        server.proc.send_signal(signal.SIGTERM)
+        server.terminate()
         self.assertTrue(wait_until(lambda: any("draining" in line for line in server.lines)))
         with self.assertRaises(grpc.RpcError) as ctx:
             server.stub.Generate(pb.GenerateRequest(prompt="too late"), timeout=30)
