@@ -14,6 +14,7 @@
 #include "gtest/gtest.h"
 #include "worker/clip_tokenizer.h"
 #include "worker/image_codec.h"
+#include "worker/test_util.h"
 
 namespace dmdserve {
 namespace {
@@ -321,8 +322,7 @@ TEST(EngineTest, ModelFailureFailsOnlyItsBatchAndWorkersKeepGoing) {
   ASSERT_TRUE(tokenizer.ok());
   absl::StatusOr<std::vector<int32_t>> boom = (*tokenizer)->Encode("boom");
   ASSERT_TRUE(boom.ok() && boom->size() == 1);
-  const std::string dir = ::testing::TempDir() + "/faulty-bundle";
-  std::filesystem::remove_all(dir);
+  const std::string dir = ::dmdserve::testing::MakeTempDir() + "/faulty-bundle";
   const std::string cmd = absl::StrCat(DMDSERVE_PYTHON, " ", DMDSERVE_SOURCE_DIR,
                                        "/tests/fixtures/make_faulty_bundle.py --src ",
                                        kTinyBundle, " --out ", dir, " --trigger-id ",

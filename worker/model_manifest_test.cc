@@ -12,6 +12,7 @@
 #include "absl/status/status.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "worker/test_util.h"
 #include "nlohmann/json.hpp"
 
 namespace dmdserve {
@@ -22,39 +23,10 @@ using ::testing::HasSubstr;
 
 namespace fs = std::filesystem;
 
-// Temporary directories made by this test process; removed when its tests end.
-class TempDirs : public ::testing::Environment {
- public:
-  std::string Make() {
-    std::string pattern = (fs::path(::testing::TempDir()) / "manifest_test_XXXXXX").string();
-    EXPECT_NE(mkdtemp(pattern.data()), nullptr) << pattern;
-    dirs_.push_back(pattern);
-    return pattern;
-  }
-  void TearDown() override {
-    for (const std::string& dir : dirs_) fs::remove_all(dir);
-  }
+using ::dmdserve::testing::MakeTempDir;
+using ::dmdserve::testing::ReadFile;
+using ::dmdserve::testing::WriteFile;
 
- private:
-  std::vector<std::string> dirs_;
-};
-TempDirs* const temp_dirs =
-    static_cast<TempDirs*>(::testing::AddGlobalTestEnvironment(new TempDirs));
-
-// A fresh empty directory.
-std::string MakeTempDir() { return temp_dirs->Make(); }
-
-void WriteFile(const fs::path& path, const std::string& content) {
-  fs::create_directories(path.parent_path());
-  std::ofstream(path) << content;
-}
-
-std::string ReadFile(const fs::path& path) {
-  std::ifstream in(path);
-  std::stringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
 
 // Creates (empty) every file `manifest` names, so that Load's existence checks pass.
 void CreateReferencedFiles(const json& manifest, const std::string& dir) {

@@ -19,6 +19,7 @@
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "worker/test_util.h"
 #include "nlohmann/json.hpp"
 
 namespace dmdserve {
@@ -35,34 +36,10 @@ fs::path SourcePath(const std::string& relative) {
   return fs::path(DMDSERVE_SOURCE_DIR) / relative;
 }
 
-// Temporary directories made by this test process; removed when its tests end.
-class TempDirs : public ::testing::Environment {
- public:
-  std::string Make() {
-    std::string pattern = (fs::path(::testing::TempDir()) / "pipeline_test_XXXXXX").string();
-    EXPECT_NE(mkdtemp(pattern.data()), nullptr) << pattern;
-    dirs_.push_back(pattern);
-    return pattern;
-  }
-  void TearDown() override {
-    for (const std::string& dir : dirs_) fs::remove_all(dir);
-  }
+using ::dmdserve::testing::MakeTempDir;
+using ::dmdserve::testing::ReadFile;
 
- private:
-  std::vector<std::string> dirs_;
-};
-TempDirs* const temp_dirs =
-    static_cast<TempDirs*>(::testing::AddGlobalTestEnvironment(new TempDirs));
 
-// A fresh empty directory.
-std::string MakeTempDir() { return temp_dirs->Make(); }
-
-std::string ReadFile(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream bytes;
-  bytes << in.rdbuf();
-  return bytes.str();
-}
 
 // Runs a shell command; true when it exits with 0.
 bool RunCommand(const std::string& command) {
