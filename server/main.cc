@@ -16,6 +16,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
 #include "server/json_log_formatter.h"
 #include "server/server.h"
@@ -118,8 +119,15 @@ std::vector<int> ParseBatchSizes(const std::vector<std::string>& values) {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
-      "dmdserve: gRPC text-to-image server for one-step (DMD) models.\n"
+      "gRPC text-to-image server for one-step (DMD) models.\n"
       "Usage: dmdserve [--flags]   (every flag also reads DMDSERVE_<FLAG> from the environment)");
+  // --help lists this file's flags (absl otherwise matches files named like the binary).
+  absl::FlagsUsageConfig usage_config;
+  usage_config.contains_help_flags = [](absl::string_view file) {
+    return absl::EndsWith(file, "server/main.cc");
+  };
+  usage_config.contains_helpshort_flags = usage_config.contains_help_flags;
+  absl::SetFlagsUsageConfig(usage_config);
   std::vector<std::string> args = ArgsWithEnvironment(argc, argv);
   std::vector<char*> arg_ptrs;
   for (std::string& a : args) arg_ptrs.push_back(a.data());

@@ -11,7 +11,7 @@ import unittest
 
 import grpc
 
-from harness import Server, health_pb2, metric_value, pb, wait_until
+from harness import DMDSERVE_BIN, Server, health_pb2, metric_value, pb, wait_until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -80,6 +80,15 @@ class ConfigTest(unittest.TestCase):
 
         with Server("--max_prompt_bytes=20", env=env) as server:
             server.stub.Generate(pb.GenerateRequest(prompt="x" * 15), timeout=30)
+
+    def test_help_documents_every_server_flag(self):
+        out = subprocess.run([DMDSERVE_BIN, "--help"], capture_output=True, text=True, timeout=30)
+        text = out.stdout + out.stderr
+        self.assertIn("DMDSERVE_<FLAG>", text)
+        for flag in ("port", "metrics_port", "model_dirs", "default_model", "workers",
+                     "max_batch_size", "max_queue_delay_us", "max_queue_images", "device",
+                     "drain_grace_s", "reflection", "log_format"):
+            self.assertIn(f"--{flag} (", text)
 
     def test_bad_flags_and_bundles_are_fatal_at_startup_with_a_clear_message(self):
         cases = [
