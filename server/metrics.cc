@@ -86,6 +86,10 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const Options& options)
                           .Name("dmdserve_queue_depth_images")
                           .Help("Images waiting in the model's batch queue.")
                           .Register(r);
+  auto& queue_capacity = prometheus::BuildGauge()
+                             .Name("dmdserve_queue_capacity_images")
+                             .Help("Images the model's batch queue holds before rejecting.")
+                             .Register(r);
   auto& in_flight = prometheus::BuildGauge()
                         .Name("dmdserve_requests_in_flight")
                         .Help("Generate requests accepted and not yet finished.")
@@ -126,6 +130,7 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const Options& options)
     // "_unknown" only counts failed requests: it has no queue, nothing in flight, no readiness.
     if (name != kUnknownModel) {
       pm.queue_depth = &queue_depth.Add({{"model", name}});
+      queue_capacity.Add({{"model", name}}).Set(options.queue_capacity_images);
       pm.in_flight = &in_flight.Add({{"model", name}});
       pm.ready = &ready.Add({{"model", name}});
     }

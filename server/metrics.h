@@ -16,6 +16,7 @@
 //   dmdserve_batch_size_images{model}                      histogram (real images per batch)
 //   dmdserve_batches_total{model,result}                   counter, result = ok | error
 //   dmdserve_queue_depth_images{model}                     gauge
+//   dmdserve_queue_capacity_images{model}                  gauge (--max_queue_images)
 //   dmdserve_requests_in_flight{model}                     gauge
 //   dmdserve_model_ready{model}                            gauge (1 ready, 0 not)
 //   dmdserve_build_info{version}                           gauge (always 1)
@@ -50,6 +51,8 @@ class Metrics final : public EngineListener {
   struct Options {
     // Served model names (label values). At least one.
     std::vector<std::string> models;
+    // Queue capacity of each model, in images (dmdserve_queue_capacity_images).
+    int queue_capacity_images = 0;
     // Reported by dmdserve_build_info.
     std::string version;
   };

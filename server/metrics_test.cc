@@ -41,7 +41,7 @@ TEST(MetricsTest, CountsRequestsByModelMethodAndCode) {
 }
 
 TEST(MetricsTest, RecordsEngineEvents) {
-  auto m = Metrics::Create({.models = {"tiny"}});
+  auto m = Metrics::Create({.models = {"tiny"}, .queue_capacity_images = 64});
   ASSERT_TRUE(m.ok());
   (*m)->OnBatchDone({.model = "tiny", .images = 3, .padded_size = 4,
                      .text_encoder = absl::Milliseconds(1), .generator = absl::Milliseconds(2),
@@ -60,6 +60,7 @@ TEST(MetricsTest, RecordsEngineEvents) {
   EXPECT_THAT(text, HasSubstr(
       R"(dmdserve_stage_duration_seconds_count{model="tiny",stage="png_encode"} 1)"));
   EXPECT_THAT(text, HasSubstr(R"(dmdserve_queue_depth_images{model="tiny"} 17)"));
+  EXPECT_THAT(text, HasSubstr(R"(dmdserve_queue_capacity_images{model="tiny"} 64)"));
   EXPECT_THAT(text, HasSubstr(R"(dmdserve_model_ready{model="tiny"} 1)"));
   EXPECT_THAT(text, HasSubstr(R"(dmdserve_requests_in_flight{model="tiny"} 2)"));
   EXPECT_THAT(text, Not(HasSubstr(R"(dmdserve_model_ready{model="_unknown"})")));

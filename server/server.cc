@@ -37,7 +37,9 @@ absl::StatusOr<std::unique_ptr<DmdServer>> DmdServer::Create(Options options) {
   if (!engine.ok()) return engine.status();
   s->engine_ = *std::move(engine);
 
-  Metrics::Options metrics_options{.version = options.version};
+  Metrics::Options metrics_options;
+  metrics_options.version = options.version;
+  metrics_options.queue_capacity_images = options.engine.max_queued_images;
   for (const ModelInfo& info : s->engine_->ListModels()) metrics_options.models.push_back(info.name);
   absl::StatusOr<std::unique_ptr<Metrics>> metrics = Metrics::Create(metrics_options);
   if (!metrics.ok()) return metrics.status();
