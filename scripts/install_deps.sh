@@ -14,11 +14,13 @@ PKGS=(
   # tokenizer: Unicode classes
   libutf8proc-dev
   # tests and benchmarks
-  libgtest-dev libgmock-dev libbenchmark-dev prometheus
+  libgtest-dev libgmock-dev libbenchmark-dev prometheus yamllint
   # fuzzing (libFuzzer + sanitizers)
   clang-14 libfuzzer-14-dev libclang-rt-14-dev
   # python tooling (Debian's interpreter at /usr/bin/python3)
   python3 python3-torch python3-numpy python3-grpcio python3-protobuf python3-pil
 )
+# Node.js runs the offline Kubernetes manifest validation (tests/k8s); use Debian's if none.
+command -v node >/dev/null && command -v npm >/dev/null || PKGS+=(nodejs npm)
 $SUDO apt-get update -q
 $SUDO apt-get install -y -q --no-install-recommends "${PKGS[@]}"
