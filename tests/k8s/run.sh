@@ -17,4 +17,12 @@ if node validate.mjs "$broken" >/dev/null 2>&1; then
   echo "FAIL: a Service selecting no pod was accepted" >&2
   exit 1
 fi
-echo "k8s manifests: valid, and a broken selector is caught"
+
+# A misspelt field (unknown to Kubernetes) must be rejected too.
+rm -rf "$broken/deploy" && mkdir -p "$broken/deploy" && cp -r "$root/deploy/k8s" "$broken/deploy/"
+sed -i 's|      terminationGracePeriodSeconds: 50|      terminationGracePeriodSecond: 50|' \
+  "$broken/deploy/k8s/base/deployment.yaml"
+out=$(node validate.mjs "$broken" 2>&1) && { echo "FAIL: an unknown field was accepted" >&2; exit 1; }
+grep -q "terminationGracePeriodSecond: unknown field" <<<"$out" \
+  || { echo "FAIL: unknown field not reported: $out" >&2; exit 1; }
+echo "k8s manifests: valid; a broken selector and an unknown field are caught"

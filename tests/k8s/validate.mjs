@@ -4,6 +4,7 @@
 // match the pod labels, probes, non-root, GPU limits). Exits 1 on any problem.
 //   node validate.mjs [repo-root]
 import { execFileSync } from "node:child_process";
+import fs from "node:fs";
 import path from "node:path";
 import YAML from "yaml";
 import { ConfigMap, Service } from "kubernetes-models/v1";
@@ -20,6 +21,67 @@ const MODELS = {
   "policy/v1/PodDisruptionBudget": PodDisruptionBudget,
   "monitoring.coreos.com/v1/ServiceMonitor": ServiceMonitor,
 };
+
+// Unknown fields: the compiled schemas accept them, so walk the objects against the property
+// lists of the packages' TypeScript interfaces (core Kubernetes kinds; the ServiceMonitor CRD's
+// types are inline and keep schema-only validation).
+const STRICT_TYPES = {
+  ConfigMap: "IIoK8sApiCoreV1ConfigMap",
+  Service: "IIoK8sApiCoreV1Service",
+  Deployment: "IIoK8sApiAppsV1Deployment",
+  HorizontalPodAutoscaler: "IIoK8sApiAutoscalingV2HorizontalPodAutoscaler",
+  PodDisruptionBudget: "IIoK8sApiPolicyV1PodDisruptionBudget",
+};
+
+function loadInterfaces() {
+  const types = new Map();
+  const here = path.dirname(new URL(import.meta.url).pathname);
+  const dirs = ["kubernetes-models", "@kubernetes-models/apimachinery"].map((d) =>
+    path.join(here, "node_modules", d));
+  const files = dirs.flatMap((d) => fs.readdirSync(d, { recursive: true })
+    .filter((f) => f.endsWith(".d.ts")).map((f) => path.join(d, f)));
+  for (const file of files) {
+    const text = fs.readFileSync(file, "utf8");
+    const local = new Map();
+    for (const m of text.matchAll(/^export interface (\w+)(?: extends ([\w, ]+))? \{\n([\s\S]*?)\n\}/gm)) {
+      const props = new Map();
+      for (const line of m[3].split("\n")) {
+        const p = /^ {4}"([^"]+)"\??: (.*?);?$/.exec(line);
+        if (p) props.set(p[1], p[2].trim());
+      }
+      if ((m[2] ?? "").includes("TypeMeta")) {
+        props.set("apiVersion", "string");
+        props.set("kind", "string");
+      }
+      local.set(m[1], props);
+    }
+    for (const m of text.matchAll(/export type \{ (\w+) as (\w+)/g)) {
+      if (local.has(m[1])) types.set(m[2], local.get(m[1]));
+    }
+  }
+  return types;
+}
+const INTERFACES = loadInterfaces();
+
+// Appends "path: unknown field" for every key that `type` does not declare, recursively.
+function unknownFields(value, type, where, out) {
+  if (value === null || typeof value !== "object") return;
+  const element = /^Array<(I\w+)>$/.exec(type);
+  if (Array.isArray(value)) {
+    if (element) value.forEach((v, i) => unknownFields(v, element[1], `${where}[${i}]`, out));
+    return;
+  }
+  const props = INTERFACES.get(type);
+  if (!props) return;  // a leaf type (string, quantity, int-or-string) or an inline map
+  for (const [key, v] of Object.entries(value)) {
+    if (!props.has(key)) {
+      out.push(`${where}.${key}: unknown field`);
+      continue;
+    }
+    const t = props.get(key);
+    if (/^(I\w+|Array<I\w+>)$/.test(t)) unknownFields(v, t, `${where}.${key}`, out);
+  }
+}
 
 const root = path.resolve(process.argv[2] ?? path.join(import.meta.dirname ?? ".", "..", ".."));
 const problems = [];
@@ -43,6 +105,12 @@ for (const overlay of ["cpu", "gpu"]) {
       new Model(obj).validate();
     } catch (e) {
       fail(overlay, `${key} ${obj.metadata?.name}: ${e.message}`);
+    }
+    if (STRICT_TYPES[obj.kind]) {
+      if (!INTERFACES.has(STRICT_TYPES[obj.kind])) fail(overlay, `no field list for ${obj.kind}`);
+      const unknown = [];
+      unknownFields(obj, STRICT_TYPES[obj.kind], `${obj.kind}/${obj.metadata?.name}`, unknown);
+      for (const u of unknown) fail(overlay, u);
     }
     (byKind[obj.kind] ??= []).push(obj);
   }
