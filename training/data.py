@@ -1,0 +1,90 @@
+"""Fashion-MNIST loading from the gzip'd idx files.
+
+Images come out as float32 tensors [N, 1, 32, 32] in [-1, 1]: the 28x28 uint8 pixels are mapped
+linearly (0 -> -1, 255 -> 1) and padded by 2 px on every side with the background value -1.
+Loading is deterministic; `subset` keeps the first `subset` examples (no shuffling).
+"""
+
+import gzip
+import os
+import struct
+
+import numpy as np
+import torch
+
+DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
+IMAGES_MAGIC = 2051  # idx3, unsigned byte
+LABELS_MAGIC = 2049  # idx1, unsigned byte
+SPLITS = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", 60000),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", 10000),
+}
+NUM_CLASSES = 10
+PAD = 2
+
+
+class IdxFormatError(ValueError):
+    """An idx file is malformed (bad magic number, header or size)."""
+
+
+def _read_gz(path):
+    try:
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    except (OSError, EOFError) as e:
+        raise IdxFormatError(f"{path}: cannot read gzip data: {e}") from e
+
+
+def read_idx_images(path):
+    """Returns a uint8 array [N, rows, cols] from an idx3-ubyte .gz file."""
+    data = _read_gz(path)
+    if len(data) < 16:
+        raise IdxFormatError(f"{path}: {len(data)} bytes is too short for an idx3 header (16)")
+    magic, count, rows, cols = struct.unpack(">IIII", data[:16])
+    if magic != IMAGES_MAGIC:
+        raise IdxFormatError(f"{path}: magic number {magic} is not {IMAGES_MAGIC} (idx3 ubyte)")
+    expected = 16 + count * rows * cols
+    if len(data) != expected:
+        raise IdxFormatError(f"{path}: size {len(data)} bytes, header ({count}x{rows}x{cols}) "
+                             f"implies {expected}")
+    return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(count, rows, cols)
+
+
+def read_idx_labels(path):
+    """Returns a uint8 array [N] from an idx1-ubyte .gz file."""
+    data = _read_gz(path)
+    if len(data) < 8:
+        raise IdxFormatError(f"{path}: {len(data)} bytes is too short for an idx1 header (8)")
+    magic, count = struct.unpack(">II", data[:8])
+    if magic != LABELS_MAGIC:
+        raise IdxFormatError(f"{path}: magic number {magic} is not {LABELS_MAGIC} (idx1 ubyte)")
+    if len(data) != 8 + count:
+        raise IdxFormatError(f"{path}: size {len(data)} bytes, header ({count} labels) "
+                             f"implies {8 + count}")
+    return np.frombuffer(data, dtype=np.uint8, offset=8)
+
+
+def to_model_images(pixels):
+    """uint8 [N, 28, 28] -> float32 tensor [N, 1, 32, 32] in [-1, 1], padded with -1."""
+    x = torch.from_numpy(pixels.astype(np.float32) / 127.5 - 1.0).unsqueeze(1)
+    return torch.nn.functional.pad(x, (PAD, PAD, PAD, PAD), value=-1.0)
+
+
+def load_split(split, subset=None, data_dir=DEFAULT_DIR):
+    """Loads `split` ("train" or "test"); returns (images [N,1,32,32] float32, labels [N] int64).
+
+    subset: keep only the first `subset` examples (None or 0 = all).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {sorted(SPLITS)}")
+    images_name, labels_name, expected = SPLITS[split]
+    pixels = read_idx_images(os.path.join(data_dir, images_name))
+    labels = read_idx_labels(os.path.join(data_dir, labels_name))
+    if len(pixels) != expected or len(labels) != expected:
+        raise IdxFormatError(f"{data_dir}: {split} split has {len(pixels)} images and "
+                             f"{len(labels)} labels, expected {expected} of each")
+    if labels.max() >= NUM_CLASSES:
+        raise IdxFormatError(f"{data_dir}/{labels_name}: label {labels.max()} >= {NUM_CLASSES}")
+    if subset:
+        pixels, labels = pixels[:subset], labels[:subset]
+    return to_model_images(pixels), torch.from_numpy(labels.astype(np.int64))
