@@ -18,7 +18,9 @@ PKGS=(
   # fuzzing (libFuzzer + sanitizers)
   clang-14 libfuzzer-14-dev libclang-rt-14-dev
   # python tooling (Debian's interpreter at /usr/bin/python3)
-  python3 python3-torch python3-numpy python3-grpcio python3-protobuf python3-pil
+  python3 python3-torch python3-numpy python3-grpcio python3-protobuf python3-pil python3-scipy
+  # training and evaluation data (issue 4)
+  dataset-fashion-mnist
 )
 # Node.js runs the offline Kubernetes manifest validation (tests/k8s); use Debian's if none.
 command -v node >/dev/null && command -v npm >/dev/null || PKGS+=(nodejs npm)
