@@ -10,6 +10,7 @@ import signal
 import subprocess
 import threading
 import time
+import unittest
 import urllib.request
 
 import grpc
@@ -159,3 +160,18 @@ def wait_until(predicate, timeout_s=30, interval_s=0.02):
 def run_dmdctl(*args, target, check=False, timeout_s=120):
     return subprocess.run([DMDCTL_BIN, f"--target={target}", *args], capture_output=True,
                           text=True, timeout=timeout_s, check=check)
+
+
+class SharedServerTestCase(unittest.TestCase):
+    """Test case whose tests share one server, started with `server_flags` and required to drain
+    and exit 0 at the end."""
+
+    server_flags = ()
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = Server(*cls.server_flags)
+
+    @classmethod
+    def tearDownClass(cls):
+        assert cls.server.stop() == 0, cls.server.log()

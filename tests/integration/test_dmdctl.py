@@ -4,18 +4,10 @@ import os
 import tempfile
 import unittest
 
-from harness import Server, decode_png, run_dmdctl
+from harness import SharedServerTestCase, decode_png, run_dmdctl
 
 
-class DmdctlTest(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.server = Server()
-
-    @classmethod
-    def tearDownClass(cls):
-        assert cls.server.stop() == 0, cls.server.log()
-
+class DmdctlTest(SharedServerTestCase):
     def dmdctl(self, *args):
         return run_dmdctl(*args, target=self.server.target)
 

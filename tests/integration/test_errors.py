@@ -4,7 +4,7 @@ import unittest
 
 import grpc
 
-from harness import Server, metric_value, pb
+from harness import SharedServerTestCase, metric_value, pb
 
 OK_PROMPT = "a photo of a sneaker"
 
@@ -54,15 +54,7 @@ BAD_TOKENIZE = [
 ]
 
 
-class ErrorsTest(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.server = Server()
-
-    @classmethod
-    def tearDownClass(cls):
-        assert cls.server.stop() == 0, cls.server.log()
-
+class ErrorsTest(SharedServerTestCase):
     def check(self, rpc, cases):
         for name, fields, code, text in cases:
             with self.subTest(name):

@@ -7,20 +7,19 @@ import unittest
 
 import grpc
 
-from harness import SOURCE_DIR, Server, decode_png, metric_value, pb
+from harness import SOURCE_DIR, SharedServerTestCase, decode_png, metric_value, pb
 
 VECTORS = os.path.join(SOURCE_DIR, "..", "shared", "clip-tokenizer", "test_vectors.jsonl")
 
 
-class GenerateTest(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.server = Server("--max_queue_delay_us=20000")
-        cls.model = cls.server.stub.ListModels(pb.ListModelsRequest(), timeout=10).models[0]
+class GenerateTest(SharedServerTestCase):
+    # A long batching window, so that concurrent probes really share batches.
+    server_flags = ("--max_queue_delay_us=20000",)
 
     @classmethod
-    def tearDownClass(cls):
-        assert cls.server.stop() == 0, cls.server.log()
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.model = cls.server.stub.ListModels(pb.ListModelsRequest(), timeout=10).models[0]
 
     def generate(self, **fields):
         fields.setdefault("prompt", "a photo of a sneaker")
