@@ -328,18 +328,12 @@ absl::Status Engine::Submit(GenerateParams params, GenerateCallbacks callbacks) 
   }
   int size_index = 0;  // default size
   if (params.width != 0 || params.height != 0) {
-    const auto& sizes = model.info.supported_sizes;
-    auto it = std::find_if(sizes.begin(), sizes.end(), [&](const ImageSize& s) {
-      return s.width == params.width && s.height == params.height;
-    });
-    if (it == sizes.end()) {
-      std::vector<std::string> names;
-      for (const ImageSize& s : sizes) names.push_back(absl::StrCat(s.width, "x", s.height));
+    size_index = model.manifest.SizeIndex(params.width, params.height);
+    if (size_index < 0) {
       return absl::InvalidArgumentError(absl::StrCat(
           "width x height ", params.width, "x", params.height, " is not supported by model '",
-          model.info.name, "'; supported: ", absl::StrJoin(names, ", ")));
+          model.info.name, "'; supported: ", model.manifest.SupportedSizesText()));
     }
-    size_index = static_cast<int>(it - sizes.begin());
   }
   absl::StatusOr<ClipTokenizer::ModelInput> tokens =
       model.tokenizer->EncodeForModel(params.prompt, model.manifest.tokenizer.max_length);

@@ -410,9 +410,16 @@ absl::StatusOr<ModelManifest> ModelManifest::Load(const std::string& bundle_dir)
   return m;
 }
 
-bool ModelManifest::SupportsSize(int width, int height) const {
-  return std::find(supported_sizes.begin(), supported_sizes.end(), Size{width, height}) !=
-         supported_sizes.end();
+int ModelManifest::SizeIndex(int width, int height) const {
+  const auto it = std::find(supported_sizes.begin(), supported_sizes.end(), Size{width, height});
+  return it == supported_sizes.end() ? -1 : static_cast<int>(it - supported_sizes.begin());
+}
+
+std::string ModelManifest::SupportedSizesText() const {
+  std::vector<std::string> sizes;
+  for (const Size& size : supported_sizes)
+    sizes.push_back(absl::StrCat(size.width, "x", size.height));
+  return absl::StrJoin(sizes, ", ");
 }
 
 std::array<int64_t, 3> ModelManifest::LatentShape(int width, int height) const {

@@ -101,7 +101,11 @@ struct ModelManifest {
   int steps() const { return static_cast<int>(schedule.timesteps.size()); }
   int max_batch_size() const { return batch_sizes.back(); }
   bool uses_guidance() const { return guidance_scale > 1.0; }
-  bool SupportsSize(int width, int height) const;
+  bool SupportsSize(int width, int height) const { return SizeIndex(width, height) >= 0; }
+  // Position of width x height in supported_sizes; -1 when unsupported.
+  int SizeIndex(int width, int height) const;
+  // The supported sizes for messages: "32x32, 64x32".
+  std::string SupportedSizesText() const;
   // {latent_channels, height / downsample_factor, width / downsample_factor}.
   std::array<int64_t, 3> LatentShape(int width, int height) const;
 };
