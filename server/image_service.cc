@@ -53,14 +53,39 @@ void ImageGenerationService::Finished(RpcMethod method, std::string_view model,
   metrics_->RecordRequest(method, model, status.error_code(), elapsed, images);
   if (status.ok()) {
     spdlog::info("rpc={} request_id={} model={} images={} code=OK seconds={:.4f}",
-                 RpcMethodName(method), request_id, model, images,
-                 absl::ToDoubleSeconds(elapsed));
+                 RpcMethodName(method), request_id, model, images, absl::ToDoubleSeconds(elapsed));
   } else {
     spdlog::info("rpc={} request_id={} model={} images={} code={} seconds={:.4f} error=\"{}\"",
                  RpcMethodName(method), request_id, model, images,
                  GrpcCodeName(status.error_code()), absl::ToDoubleSeconds(elapsed),
                  status.error_message());
   }
+}
+
+absl::StatusOr<GenerateParams> ImageGenerationService::Prepare(
+    const v1::GenerateRequest& request, const grpc::CallbackServerContext* context) const {
+  absl::StatusOr<GenerateParams> params = ToGenerateParams(request, limits_, DeadlineOf(context));
+  if (!params.ok()) return params;
+  absl::StatusOr<std::string> model = engine_->ResolveModel(params->model);
+  if (!model.ok()) return model.status();
+  params->model = *std::move(model);
+  return params;
+}
+
+absl::Status ImageGenerationService::Submit(GenerateParams params, GenerateCallbacks callbacks,
+                                            grpc::CallbackServerContext* context) {
+  const std::string model = params.model;
+  callbacks.is_cancelled = [context] { return context->IsCancelled(); };
+  callbacks.on_done = [this, model, on_done = std::move(callbacks.on_done)](absl::Status status,
+                                                                            GenerateResult result) {
+    if (status.ok()) metrics_->RecordQueueWait(model, result.timings.queue);
+    metrics_->AddInFlight(model, -1);
+    on_done(std::move(status), std::move(result));
+  };
+  metrics_->AddInFlight(model, 1);
+  absl::Status submitted = engine_->Submit(std::move(params), std::move(callbacks));
+  if (!submitted.ok()) metrics_->AddInFlight(model, -1);
+  return submitted;
 }
 
 grpc::ServerUnaryReactor* ImageGenerationService::Generate(grpc::CallbackServerContext* context,
@@ -74,18 +99,13 @@ grpc::ServerUnaryReactor* ImageGenerationService::Generate(grpc::CallbackServerC
     reactor->Finish(status);
     return reactor;
   };
-  absl::StatusOr<GenerateParams> params =
-      ToGenerateParams(*request, limits_, DeadlineOf(context));
+  absl::StatusOr<GenerateParams> params = Prepare(*request, context);
   if (!params.ok()) return fail(request->model(), params.status());
-  absl::StatusOr<std::string> model = engine_->ResolveModel(params->model);
-  if (!model.ok()) return fail(request->model(), model.status());
-  params->model = *model;
+  const std::string model = params->model;
 
   GenerateCallbacks callbacks;
-  callbacks.is_cancelled = [context] { return context->IsCancelled(); };
-  callbacks.on_done = [this, reactor, response, started, model = *model,
-                       request_id = params->request_id](absl::Status status,
-                                                        GenerateResult result) {
+  callbacks.on_done = [this, reactor, response, started, model, request_id = params->request_id](
+                          absl::Status status, GenerateResult result) {
     int images = 0;
     if (status.ok()) {
       response->set_request_id(request_id);
@@ -94,17 +114,13 @@ grpc::ServerUnaryReactor* ImageGenerationService::Generate(grpc::CallbackServerC
       ToProto(result.timings, response->mutable_timings());
       images = static_cast<int>(result.images.size());
       for (GeneratedImage& image : result.images) ToProto(std::move(image), response->add_images());
-      metrics_->RecordQueueWait(model, result.timings.queue);
     }
-    metrics_->AddInFlight(model, -1);
     grpc::Status grpc_status = ToGrpcStatus(status);
     Finished(RpcMethod::kGenerate, model, request_id, grpc_status, started, images);
     reactor->Finish(grpc_status);
   };
-  metrics_->AddInFlight(*model, 1);
-  if (absl::Status s = engine_->Submit(*std::move(params), std::move(callbacks)); !s.ok()) {
-    metrics_->AddInFlight(*model, -1);
-    return fail(*model, s);
+  if (absl::Status s = Submit(*std::move(params), std::move(callbacks), context); !s.ok()) {
+    return fail(model, s);
   }
   return reactor;
 }
@@ -120,16 +136,11 @@ class ImageGenerationService::StreamReactor final
 
   void Start(const v1::GenerateRequest& request) {
     request_id_ = request.request_id();
-    absl::StatusOr<GenerateParams> params =
-        ToGenerateParams(request, service_->limits_, DeadlineOf(context_));
+    absl::StatusOr<GenerateParams> params = service_->Prepare(request, context_);
     if (!params.ok()) return FailNow(request.model(), params.status());
-    absl::StatusOr<std::string> model = service_->engine_->ResolveModel(params->model);
-    if (!model.ok()) return FailNow(request.model(), model.status());
-    params->model = model_ = *model;
+    model_ = params->model;
 
     GenerateCallbacks callbacks;
-    grpc::CallbackServerContext* context = context_;
-    callbacks.is_cancelled = [context] { return context->IsCancelled(); };
     callbacks.on_image = [this](GeneratedImage image, const GenerateResult& so_far) {
       v1::GeneratedImage out;
       ToProto(std::move(image), &out);
@@ -143,19 +154,15 @@ class ImageGenerationService::StreamReactor final
       }
       Pump();
     };
-    callbacks.on_done = [this](absl::Status status, GenerateResult result) {
-      if (status.ok()) service_->metrics_->RecordQueueWait(model_, result.timings.queue);
-      service_->metrics_->AddInFlight(model_, -1);
+    callbacks.on_done = [this](absl::Status status, GenerateResult) {
       {
         absl::MutexLock lock(&mu_);
         final_status_ = ToGrpcStatus(status);
       }
       Pump();
     };
-    service_->metrics_->AddInFlight(model_, 1);
-    if (absl::Status s = service_->engine_->Submit(*std::move(params), std::move(callbacks));
+    if (absl::Status s = service_->Submit(*std::move(params), std::move(callbacks), context_);
         !s.ok()) {
-      service_->metrics_->AddInFlight(model_, -1);
       return FailNow(model_, s);
     }
   }
@@ -237,9 +244,9 @@ grpc::ServerWriteReactor<v1::GeneratedImage>* ImageGenerationService::GenerateSt
   return reactor;
 }
 
-grpc::ServerUnaryReactor* ImageGenerationService::ListModels(
-    grpc::CallbackServerContext* context, const v1::ListModelsRequest* request,
-    v1::ListModelsResponse* response) {
+grpc::ServerUnaryReactor* ImageGenerationService::ListModels(grpc::CallbackServerContext* context,
+                                                             const v1::ListModelsRequest* request,
+                                                             v1::ListModelsResponse* response) {
   const absl::Time started = absl::Now();
   for (const ModelInfo& info : engine_->ListModels()) {
     v1::ModelInfo* m = response->add_models();

@@ -35,6 +35,17 @@ class ImageGenerationService final : public v1::ImageGeneration::CallbackService
  private:
   class StreamReactor;
 
+  // Validates a Generate/GenerateStream request and resolves its model (params.model is then the
+  // served model's name).
+  absl::StatusOr<GenerateParams> Prepare(const v1::GenerateRequest& request,
+                                         const grpc::CallbackServerContext* context) const;
+
+  // Engine::Submit plus the per-request metrics both Generate RPCs share: the in-flight gauge
+  // (counted from acceptance to on_done) and, on success, the queue wait. Also polls the RPC's
+  // cancellation before the images enter a batch.
+  absl::Status Submit(GenerateParams params, GenerateCallbacks callbacks,
+                      grpc::CallbackServerContext* context);
+
   // Records the metrics and the log line of a finished RPC.
   void Finished(RpcMethod method, std::string_view model, const std::string& request_id,
                 const grpc::Status& status, absl::Time started, int images);
