@@ -1,7 +1,6 @@
 #include "server/json_log_formatter.h"
 
 #include <nlohmann/json.hpp>
-
 #include <sstream>
 
 #include "gtest/gtest.h"

@@ -14,9 +14,9 @@
 #include "absl/flags/usage.h"
 #include "absl/flags/usage_config.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
 #include "server/json_log_formatter.h"
 #include "server/server.h"
@@ -109,7 +109,8 @@ std::vector<int> ParseBatchSizes(const std::vector<std::string>& values) {
   std::vector<int> sizes;
   for (const std::string& v : values) {
     int n = 0;
-    if (!absl::SimpleAtoi(v, &n)) Fatal(absl::StrCat("--allowed_batch_sizes: '", v, "' is not an integer"));
+    if (!absl::SimpleAtoi(v, &n))
+      Fatal(absl::StrCat("--allowed_batch_sizes: '", v, "' is not an integer"));
     sizes.push_back(n);
   }
   return sizes;
@@ -131,7 +132,8 @@ int main(int argc, char** argv) {
   std::vector<std::string> args = ArgsWithEnvironment(argc, argv);
   std::vector<char*> arg_ptrs;
   for (std::string& a : args) arg_ptrs.push_back(a.data());
-  std::vector<char*> positional = absl::ParseCommandLine(static_cast<int>(arg_ptrs.size()), arg_ptrs.data());
+  std::vector<char*> positional =
+      absl::ParseCommandLine(static_cast<int>(arg_ptrs.size()), arg_ptrs.data());
   ConfigureLogging();
   if (positional.size() > 1) Fatal(absl::StrCat("unexpected argument '", positional[1], "'"));
 

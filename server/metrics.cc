@@ -12,18 +12,17 @@ constexpr std::string_view kUnknownModel = "_unknown";
 
 // Seconds: from sub-millisecond GPU stages to multi-second CPU requests.
 prometheus::Histogram::BucketBoundaries LatencyBuckets() {
-  return {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-          0.25,   0.5,   1,      2.5,   5,    10,    30,    60};
+  return {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60};
 }
 
 prometheus::Histogram::BucketBoundaries BatchBuckets() { return {1, 2, 4, 8, 16, 32, 64, 128}; }
 
 // gRPC code names as used in label values ("OK", "INVALID_ARGUMENT", ...).
 constexpr std::array<std::string_view, kNumGrpcCodes> kCodeNames = {
-    "OK",        "CANCELLED",          "UNKNOWN",        "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
-    "NOT_FOUND", "ALREADY_EXISTS",     "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION", "ABORTED",  "OUT_OF_RANGE",   "UNIMPLEMENTED",    "INTERNAL",
-    "UNAVAILABLE", "DATA_LOSS",        "UNAUTHENTICATED"};
+    "OK",        "CANCELLED",      "UNKNOWN",           "INVALID_ARGUMENT",   "DEADLINE_EXCEEDED",
+    "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+    "ABORTED",   "OUT_OF_RANGE",   "UNIMPLEMENTED",     "INTERNAL",           "UNAVAILABLE",
+    "DATA_LOSS", "UNAUTHENTICATED"};
 
 }  // namespace
 
@@ -71,8 +70,9 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const Options& options)
                          .Register(r);
   auto& stage = prometheus::BuildHistogram()
                     .Name("dmdserve_stage_duration_seconds")
-                    .Help("Duration of a pipeline stage: per batch for text_encoder, generator "
-                          "and decoder; per image for png_encode.")
+                    .Help(
+                        "Duration of a pipeline stage: per batch for text_encoder, generator "
+                        "and decoder; per image for png_encode.")
                     .Register(r);
   auto& batch_size = prometheus::BuildHistogram()
                          .Name("dmdserve_batch_size_images")

@@ -8,8 +8,8 @@
 // Metric list (all durations in seconds):
 //   dmdserve_requests_total{model,method,code}             counter
 //   dmdserve_images_generated_total{model}                 counter
-//   dmdserve_request_duration_seconds{model,method}        histogram (accepted -> finished, OK only)
-//   dmdserve_queue_wait_seconds{model}                     histogram
+//   dmdserve_request_duration_seconds{model,method}        histogram (accepted -> finished, OK
+//   only) dmdserve_queue_wait_seconds{model}                     histogram
 //   dmdserve_stage_duration_seconds{model,stage}           histogram, stage = text_encoder |
 //                                                          generator | decoder (per batch) |
 //                                                          png_encode (per image)

@@ -20,32 +20,42 @@ std::string Scrape(const Metrics& m) {
 TEST(MetricsTest, CountsRequestsByModelMethodAndCode) {
   auto m = Metrics::Create({.models = {"tiny"}, .version = "1.2.3"});
   ASSERT_TRUE(m.ok());
-  (*m)->RecordRequest(RpcMethod::kGenerate, "tiny", grpc::StatusCode::OK, absl::Milliseconds(30), 4);
+  (*m)->RecordRequest(RpcMethod::kGenerate, "tiny", grpc::StatusCode::OK, absl::Milliseconds(30),
+                      4);
   (*m)->RecordRequest(RpcMethod::kGenerate, "tiny", grpc::StatusCode::RESOURCE_EXHAUSTED,
                       absl::ZeroDuration(), 0);
   (*m)->RecordRequest(RpcMethod::kGenerate, "nope", grpc::StatusCode::NOT_FOUND,
                       absl::ZeroDuration(), 0);
   const std::string text = Scrape(**m);
-  EXPECT_THAT(text, HasSubstr(
-      R"(dmdserve_requests_total{code="OK",method="Generate",model="tiny"} 1)"));
-  EXPECT_THAT(text, HasSubstr(
-      R"(dmdserve_requests_total{code="RESOURCE_EXHAUSTED",method="Generate",model="tiny"} 1)"));
+  EXPECT_THAT(text,
+              HasSubstr(R"(dmdserve_requests_total{code="OK",method="Generate",model="tiny"} 1)"));
+  EXPECT_THAT(
+      text,
+      HasSubstr(
+          R"(dmdserve_requests_total{code="RESOURCE_EXHAUSTED",method="Generate",model="tiny"} 1)"));
   // Names that are not served models never become label values.
-  EXPECT_THAT(text, HasSubstr(
-      R"(dmdserve_requests_total{code="NOT_FOUND",method="Generate",model="_unknown"} 1)"));
+  EXPECT_THAT(
+      text,
+      HasSubstr(
+          R"(dmdserve_requests_total{code="NOT_FOUND",method="Generate",model="_unknown"} 1)"));
   EXPECT_THAT(text, Not(HasSubstr("nope")));
   EXPECT_THAT(text, HasSubstr(R"(dmdserve_images_generated_total{model="tiny"} 4)"));
-  EXPECT_THAT(text, HasSubstr(
-      R"(dmdserve_request_duration_seconds_count{method="Generate",model="tiny"} 1)"));
+  EXPECT_THAT(
+      text,
+      HasSubstr(R"(dmdserve_request_duration_seconds_count{method="Generate",model="tiny"} 1)"));
   EXPECT_THAT(text, HasSubstr(R"(dmdserve_build_info{version="1.2.3"} 1)"));
 }
 
 TEST(MetricsTest, RecordsEngineEvents) {
   auto m = Metrics::Create({.models = {"tiny"}, .queue_capacity_images = 64});
   ASSERT_TRUE(m.ok());
-  (*m)->OnBatchDone({.model = "tiny", .images = 3, .padded_size = 4,
-                     .text_encoder = absl::Milliseconds(1), .generator = absl::Milliseconds(2),
-                     .decoder = absl::Milliseconds(3), .ok = true});
+  (*m)->OnBatchDone({.model = "tiny",
+                     .images = 3,
+                     .padded_size = 4,
+                     .text_encoder = absl::Milliseconds(1),
+                     .generator = absl::Milliseconds(2),
+                     .decoder = absl::Milliseconds(3),
+                     .ok = true});
   (*m)->OnBatchDone({.model = "tiny", .images = 2, .ok = false});
   (*m)->OnImageEncoded("tiny", absl::Microseconds(300));
   (*m)->OnQueueDepth("tiny", 17);
@@ -55,10 +65,12 @@ TEST(MetricsTest, RecordsEngineEvents) {
   EXPECT_THAT(text, HasSubstr(R"(dmdserve_batch_size_images_sum{model="tiny"} 3)"));
   EXPECT_THAT(text, HasSubstr(R"(dmdserve_batches_total{model="tiny",result="ok"} 1)"));
   EXPECT_THAT(text, HasSubstr(R"(dmdserve_batches_total{model="tiny",result="error"} 1)"));
-  EXPECT_THAT(text, HasSubstr(
-      R"(dmdserve_stage_duration_seconds_count{model="tiny",stage="generator"} 1)"));
-  EXPECT_THAT(text, HasSubstr(
-      R"(dmdserve_stage_duration_seconds_count{model="tiny",stage="png_encode"} 1)"));
+  EXPECT_THAT(
+      text,
+      HasSubstr(R"(dmdserve_stage_duration_seconds_count{model="tiny",stage="generator"} 1)"));
+  EXPECT_THAT(
+      text,
+      HasSubstr(R"(dmdserve_stage_duration_seconds_count{model="tiny",stage="png_encode"} 1)"));
   EXPECT_THAT(text, HasSubstr(R"(dmdserve_queue_depth_images{model="tiny"} 17)"));
   EXPECT_THAT(text, HasSubstr(R"(dmdserve_queue_capacity_images{model="tiny"} 64)"));
   EXPECT_THAT(text, HasSubstr(R"(dmdserve_model_ready{model="tiny"} 1)"));

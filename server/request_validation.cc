@@ -20,9 +20,8 @@ absl::Status CheckPrintable(const std::string& field, const std::string& value) 
 
 absl::Status CheckModelName(const std::string& model, const RequestLimits& limits) {
   if (static_cast<int>(model.size()) > limits.max_model_name_bytes) {
-    return absl::InvalidArgumentError(absl::StrCat("model is ", model.size(),
-                                                   " bytes; the limit is ",
-                                                   limits.max_model_name_bytes));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "model is ", model.size(), " bytes; the limit is ", limits.max_model_name_bytes));
   }
   return CheckPrintable("model", model);
 }
@@ -31,8 +30,7 @@ absl::Status CheckText(const std::string& field, const std::string& text,
                        const RequestLimits& limits) {
   if (static_cast<int>(text.size()) > limits.max_prompt_bytes) {
     return absl::InvalidArgumentError(absl::StrCat(field, " is ", text.size(),
-                                                   " bytes; the limit is ",
-                                                   limits.max_prompt_bytes,
+                                                   " bytes; the limit is ", limits.max_prompt_bytes,
                                                    " (--max_prompt_bytes)"));
   }
   return absl::OkStatus();
@@ -41,8 +39,7 @@ absl::Status CheckText(const std::string& field, const std::string& text,
 }  // namespace
 
 absl::StatusOr<GenerateParams> ToGenerateParams(const v1::GenerateRequest& request,
-                                                const RequestLimits& limits,
-                                                absl::Time deadline) {
+                                                const RequestLimits& limits, absl::Time deadline) {
   if (absl::Status s = CheckModelName(request.model(), limits); !s.ok()) return s;
   if (request.prompt().empty()) return absl::InvalidArgumentError("prompt is required");
   if (absl::Status s = CheckText("prompt", request.prompt(), limits); !s.ok()) return s;
@@ -51,9 +48,8 @@ absl::StatusOr<GenerateParams> ToGenerateParams(const v1::GenerateRequest& reque
         absl::StrCat("num_images must be >= 0 (0 means 1), got ", request.num_images()));
   }
   if (request.num_images() > limits.max_images_per_request) {
-    return absl::InvalidArgumentError(absl::StrCat("num_images is ", request.num_images(),
-                                                   "; the limit is ",
-                                                   limits.max_images_per_request));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "num_images is ", request.num_images(), "; the limit is ", limits.max_images_per_request));
   }
   if (request.width() < 0 || request.height() < 0) {
     return absl::InvalidArgumentError(absl::StrCat(request.width() < 0 ? "width" : "height",
@@ -79,9 +75,8 @@ absl::StatusOr<GenerateParams> ToGenerateParams(const v1::GenerateRequest& reque
   }
   const std::string& id = request.request_id();
   if (static_cast<int>(id.size()) > limits.max_request_id_bytes) {
-    return absl::InvalidArgumentError(absl::StrCat("request_id is ", id.size(),
-                                                   " bytes; the limit is ",
-                                                   limits.max_request_id_bytes));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "request_id is ", id.size(), " bytes; the limit is ", limits.max_request_id_bytes));
   }
   if (absl::Status s = CheckPrintable("request_id", id); !s.ok()) return s;
   GenerateParams params;

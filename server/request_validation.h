@@ -26,8 +26,7 @@ struct RequestLimits {
 };
 
 absl::StatusOr<GenerateParams> ToGenerateParams(const v1::GenerateRequest& request,
-                                                const RequestLimits& limits,
-                                                absl::Time deadline);
+                                                const RequestLimits& limits, absl::Time deadline);
 
 absl::Status ValidateTokenizeRequest(const v1::TokenizeRequest& request,
                                      const RequestLimits& limits);

@@ -40,7 +40,8 @@ absl::StatusOr<std::unique_ptr<DmdServer>> DmdServer::Create(Options options) {
   Metrics::Options metrics_options;
   metrics_options.version = options.version;
   metrics_options.queue_capacity_images = options.engine.max_queued_images;
-  for (const ModelInfo& info : s->engine_->ListModels()) metrics_options.models.push_back(info.name);
+  for (const ModelInfo& info : s->engine_->ListModels())
+    metrics_options.models.push_back(info.name);
   absl::StatusOr<std::unique_ptr<Metrics>> metrics = Metrics::Create(metrics_options);
   if (!metrics.ok()) return metrics.status();
   s->metrics_ = *std::move(metrics);
@@ -52,15 +53,15 @@ absl::StatusOr<std::unique_ptr<DmdServer>> DmdServer::Create(Options options) {
         absl::StrCat(options.listen_host, ":", options.metrics_port));
   } catch (const std::exception& e) {
     return absl::UnavailableError(absl::StrCat("cannot listen for /metrics on ",
-                                               options.listen_host, ":", options.metrics_port,
-                                               ": ", e.what()));
+                                               options.listen_host, ":", options.metrics_port, ": ",
+                                               e.what()));
   }
   s->exposer_->RegisterCollectable(s->metrics_->registry());
   const auto metrics_ports = s->exposer_->GetListeningPorts();
   s->metrics_port_ = metrics_ports.empty() ? 0 : metrics_ports.front();
 
-  s->service_ = std::make_unique<ImageGenerationService>(s->engine_.get(), s->metrics_.get(),
-                                                         options.limits);
+  s->service_ =
+      std::make_unique<ImageGenerationService>(s->engine_.get(), s->metrics_.get(), options.limits);
   grpc::EnableDefaultHealthCheckService(true);
   if (options.reflection) grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;

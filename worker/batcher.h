@@ -3,9 +3,9 @@
 // Items are enqueued under a batching key (e.g. the output size: only items with the same key can
 // share a batch). Workers call NextBatch(), which blocks until some key's queue holds a full batch
 // (max_batch_size items) or its oldest item has waited max_queue_delay, then returns up to
-// max_batch_size items of that key in FIFO order. Just before an item joins a batch it is checked by
-// the validator (deadline passed? client cancelled?); rejected items never reach the model and are
-// handed to the drop callback with the validator's status.
+// max_batch_size items of that key in FIFO order. Just before an item joins a batch it is checked
+// by the validator (deadline passed? client cancelled?); rejected items never reach the model and
+// are handed to the drop callback with the validator's status.
 //
 // Capacity: at most max_queued_images items are queued over all keys; an Enqueue that does not fit
 // fails at once with RESOURCE_EXHAUSTED and enqueues nothing (a request's images are all or none).
@@ -101,8 +101,8 @@ class DynamicBatcher {
   };
 
   static absl::StatusOr<std::unique_ptr<DynamicBatcher>> Create(BatcherOptions options,
-                                                                 Validator validator,
-                                                                 DropCallback on_drop) {
+                                                                Validator validator,
+                                                                DropCallback on_drop) {
     if (absl::Status s = ValidateBatcherOptions(options); !s.ok()) return s;
     if (options.clock == nullptr) options.clock = RealClock::Get();
     return std::unique_ptr<DynamicBatcher>(

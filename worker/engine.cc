@@ -1,12 +1,12 @@
 #include "worker/engine.h"
 
+#include <torch/csrc/jit/runtime/graph_executor.h>
+
 #include <algorithm>
 #include <atomic>
 #include <map>
 #include <thread>
 #include <utility>
-
-#include <torch/csrc/jit/runtime/graph_executor.h>
 
 #include "absl/random/random.h"
 #include "absl/strings/str_cat.h"
@@ -99,8 +99,8 @@ absl::Status ValidateOptions(const Engine::Options& o) {
   if (o.encode_threads < 1) return absl::InvalidArgumentError("encode_threads must be >= 1");
   if (o.warmup_runs < 1) return absl::InvalidArgumentError("warmup_runs must be >= 1");
   if (o.png_compression_level < 0 || o.png_compression_level > 9) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "png_compression_level must be in 0..9, got ", o.png_compression_level));
+    return absl::InvalidArgumentError(
+        absl::StrCat("png_compression_level must be in 0..9, got ", o.png_compression_level));
   }
   return absl::OkStatus();
 }
@@ -223,8 +223,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(Options options) {
   } else {
     auto it = st.by_name.find(o.default_model);
     if (it == st.by_name.end()) {
-      return absl::InvalidArgumentError(absl::StrCat("default_model '", o.default_model,
-                                                     "' is not one of the loaded models"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("default_model '", o.default_model, "' is not one of the loaded models"));
     }
     st.default_model = it->second;
   }
@@ -272,8 +272,8 @@ absl::StatusOr<Engine::Model*> Engine::FindModel(std::string_view name) const {
   if (it == state_->by_name.end()) {
     std::vector<std::string> names;
     for (const auto& [n, m] : state_->by_name) names.push_back(n);
-    return absl::NotFoundError(absl::StrCat("model '", std::string(name), "' is not served; models: ",
-                                            absl::StrJoin(names, ", ")));
+    return absl::NotFoundError(absl::StrCat(
+        "model '", std::string(name), "' is not served; models: ", absl::StrJoin(names, ", ")));
   }
   return it->second;
 }
@@ -322,8 +322,8 @@ absl::Status Engine::Submit(GenerateParams params, GenerateCallbacks callbacks) 
     return absl::UnavailableError(absl::StrCat("model '", model.info.name, "' is not ready yet"));
   }
   if (params.num_images < 1 || params.num_images > model.info.max_images_per_request) {
-    return absl::InvalidArgumentError(absl::StrCat("num_images is ", params.num_images,
-                                                   "; model '", model.info.name, "' allows 1..",
+    return absl::InvalidArgumentError(absl::StrCat("num_images is ", params.num_images, "; model '",
+                                                   model.info.name, "' allows 1..",
                                                    model.info.max_images_per_request));
   }
   int size_index = 0;  // default size
@@ -365,8 +365,7 @@ absl::Status Engine::Submit(GenerateParams params, GenerateCallbacks callbacks) 
 void Engine::WorkerLoop(Model* model) {
   while (std::optional<DynamicBatcher<WorkItem>::Batch> batch = model->batcher->NextBatch()) {
     state_->events()->OnQueueDepth(model->info.name, model->batcher->queued_images());
-    RunBatch(model, batch->key, std::move(batch->items), batch->padded_size,
-             batch->enqueue_times);
+    RunBatch(model, batch->key, std::move(batch->items), batch->padded_size, batch->enqueue_times);
   }
 }
 
@@ -394,8 +393,8 @@ void Engine::RunBatch(Model* model, int size_index, std::vector<WorkItem> items,
   while (static_cast<int>(inputs.size()) < padded_size) inputs.push_back(inputs.back());
 
   absl::StatusOr<Pipeline::Output> output = model->pipeline->Run(inputs, size.width, size.height);
-  BatchStats stats{.model = model->info.name, .images = n, .padded_size = padded_size,
-                   .ok = output.ok()};
+  BatchStats stats{
+      .model = model->info.name, .images = n, .padded_size = padded_size, .ok = output.ok()};
   if (output.ok()) {
     stats.text_encoder = output->timings.text_encoder;
     stats.generator = output->timings.generator;
@@ -407,8 +406,8 @@ void Engine::RunBatch(Model* model, int size_index, std::vector<WorkItem> items,
                   std::string(output.status().message()));
     for (WorkItem& item : items) {
       FailRequest(item.request,
-                  absl::InternalError(absl::StrCat("model '", model->info.name,
-                                                   "' failed to generate the image")));
+                  absl::InternalError(
+                      absl::StrCat("model '", model->info.name, "' failed to generate the image")));
     }
     return;
   }
@@ -436,9 +435,8 @@ void Engine::RunBatch(Model* model, int size_index, std::vector<WorkItem> items,
       if (image.encoding == ImageEncoding::kRaw) {
         image.data = std::move(pixels);
       } else {
-        absl::StatusOr<std::string> png =
-            EncodePng(reinterpret_cast<const uint8_t*>(pixels.data()), size.width, size.height,
-                      channels, level);
+        absl::StatusOr<std::string> png = EncodePng(reinterpret_cast<const uint8_t*>(pixels.data()),
+                                                    size.width, size.height, channels, level);
         if (!png.ok()) {
           spdlog::error("PNG encoding failed: {}", std::string(png.status().message()));
           FailRequest(item.request, absl::InternalError("PNG encoding failed"));

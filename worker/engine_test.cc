@@ -293,8 +293,8 @@ TEST(EngineTest, TokenizeMatchesTheTokenizer) {
   absl::StatusOr<TokenizeResult> t = engine->Tokenize("", "a photo of a cat");
   ASSERT_TRUE(t.ok()) << t.status();
   EXPECT_EQ(t->ids, (std::vector<int32_t>{320, 1125, 539, 320, 2368}));
-  EXPECT_EQ(t->tokens, (std::vector<std::string>{"a</w>", "photo</w>", "of</w>", "a</w>",
-                                                  "cat</w>"}));
+  EXPECT_EQ(t->tokens,
+            (std::vector<std::string>{"a</w>", "photo</w>", "of</w>", "a</w>", "cat</w>"}));
   EXPECT_EQ(t->input_ids.size(), 77u);
   EXPECT_EQ(t->truncated_tokens, 0);
   EXPECT_EQ(engine->Tokenize("nope", "x").status().code(), absl::StatusCode::kNotFound);
@@ -316,17 +316,15 @@ TEST(EngineTest, RejectsBadOptionsAndBundles) {
 // A model failure fails the requests of that batch with INTERNAL; the worker keeps serving, and
 // the other model is unaffected.
 TEST(EngineTest, ModelFailureFailsOnlyItsBatchAndWorkersKeepGoing) {
-  auto tokenizer = ClipTokenizer::Create(
-      {.vocab_path = kTinyBundle + "/tokenizer/vocab.json",
-       .merges_path = kTinyBundle + "/tokenizer/merges.txt"});
+  auto tokenizer = ClipTokenizer::Create({.vocab_path = kTinyBundle + "/tokenizer/vocab.json",
+                                          .merges_path = kTinyBundle + "/tokenizer/merges.txt"});
   ASSERT_TRUE(tokenizer.ok());
   absl::StatusOr<std::vector<int32_t>> boom = (*tokenizer)->Encode("boom");
   ASSERT_TRUE(boom.ok() && boom->size() == 1);
   const std::string dir = ::dmdserve::testing::MakeTempDir() + "/faulty-bundle";
   const std::string cmd = absl::StrCat(DMDSERVE_PYTHON, " ", DMDSERVE_SOURCE_DIR,
-                                       "/tests/fixtures/make_faulty_bundle.py --src ",
-                                       kTinyBundle, " --out ", dir, " --trigger-id ",
-                                       (*boom)[0]);
+                                       "/tests/fixtures/make_faulty_bundle.py --src ", kTinyBundle,
+                                       " --out ", dir, " --trigger-id ", (*boom)[0]);
   ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
 
   auto engine = MakeEngine({.model_dirs = {dir, kTinyBundle}});

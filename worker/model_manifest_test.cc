@@ -12,8 +12,8 @@
 #include "absl/status/status.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "worker/test_util.h"
 #include "nlohmann/json.hpp"
+#include "worker/test_util.h"
 
 namespace dmdserve {
 namespace {
@@ -26,7 +26,6 @@ namespace fs = std::filesystem;
 using ::dmdserve::testing::MakeTempDir;
 using ::dmdserve::testing::ReadFile;
 using ::dmdserve::testing::WriteFile;
-
 
 // Creates (empty) every file `manifest` names, so that Load's existence checks pass.
 void CreateReferencedFiles(const json& manifest, const std::string& dir) {

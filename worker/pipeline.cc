@@ -351,9 +351,9 @@ absl::StatusOr<Pipeline::Output> Pipeline::Run(absl::Span<const Input> batch, in
                      "'s largest batch size ", m.max_batch_size(), " (model.json batch_sizes)"));
   }
   if (!m.SupportsSize(width, height)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("Pipeline::Run: size ", width, "x", height, " is not supported by model ",
-                     m.name, " (supported: ", m.SupportedSizesText(), ")"));
+    return absl::InvalidArgumentError(absl::StrCat("Pipeline::Run: size ", width, "x", height,
+                                                   " is not supported by model ", m.name,
+                                                   " (supported: ", m.SupportedSizesText(), ")"));
   }
   for (size_t i = 0; i < batch.size(); ++i) {
     absl::Status valid = ValidateIds(batch[i].input_ids, m.tokenizer.max_length,

@@ -19,8 +19,8 @@
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "worker/test_util.h"
 #include "nlohmann/json.hpp"
+#include "worker/test_util.h"
 
 namespace dmdserve {
 namespace {
@@ -38,8 +38,6 @@ fs::path SourcePath(const std::string& relative) {
 
 using ::dmdserve::testing::MakeTempDir;
 using ::dmdserve::testing::ReadFile;
-
-
 
 // Runs a shell command; true when it exits with 0.
 bool RunCommand(const std::string& command) {
