@@ -198,6 +198,9 @@ class LoadTest(unittest.TestCase):
             self.assertTrue(wait_until(lambda: dropped() >= 5), dropped())
             self.assertEqual(dropped(), 5)
             text = server.metrics()
+            # Dropping them emptied the queue, and the gauge says so (not a stale count).
+            self.assertEqual(metric_value(text, "dmdserve_queue_depth_images",
+                                          model="tiny-random"), 0)
             # Only the backlog's images were ever computed.
             self.assertEqual(metric_value(text, "dmdserve_batch_size_images_sum",
                                           model="tiny-random"), 60 * 8)
