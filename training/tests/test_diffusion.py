@@ -1,0 +1,151 @@
+"""Unit tests of the text-to-image stages: text encoder id remap, schedule, sampling loop vs the
+served loop's reference, resumable teacher training and the DMD step's mechanics."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+
+import torch
+
+from training import captions, common, t2i, train_dmd, train_teacher
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class TextEncoderTest(unittest.TestCase):
+    def test_known_ids_cover_every_caption(self):
+        ids = t2i.known_token_ids()
+        self.assertEqual(ids, sorted(set(ids)))
+        self.assertIn(t2i.BOS_ID, ids)
+        self.assertIn(t2i.EOS_ID, ids)
+        for phrasings in captions.CAPTIONS:
+            for text in phrasings:
+                self.assertTrue(set(captions.tokenizer().encode(text)) <= set(ids), text)
+
+    def test_remap_known_and_unknown_ids(self):
+        encoder = t2i.TextEncoder([5, 9, 49406, 49407])
+        ids = torch.tensor([[49406, 9, 7, 5, 0, 49407, 49407, 100000]])
+        self.assertEqual(encoder.remap(ids).tolist(), [[3, 2, 0, 1, 0, 4, 4, 0]])
+
+    def test_shapes_and_causality(self):
+        torch.manual_seed(0)
+        encoder = t2i.TextEncoder(t2i.known_token_ids()).eval()
+        ids = captions.tokenize(["a sneaker", "a photo of a bag"])
+        out = encoder(ids)
+        self.assertEqual(tuple(out.shape), (2, 77, t2i.TEXT_DIM))
+        changed = ids.clone()
+        changed[:, 10] = 320  # a later token must not change earlier positions (causal mask)
+        out2 = encoder(changed)
+        self.assertTrue(torch.equal(out[:, :10], out2[:, :10]))
+        self.assertFalse(torch.equal(out[:, 10:], out2[:, 10:]))
+
+    def test_scripted_equals_eager(self):
+        torch.manual_seed(0)
+        encoder = t2i.TextEncoder(t2i.known_token_ids()).eval()
+        unet = t2i.UNet(16).eval()
+        ids = captions.tokenize(["a coat", "trainers"])
+        x, t = torch.randn(2, 4, 8, 8), torch.tensor([999, 10])
+        with torch.no_grad():
+            emb = encoder(ids)
+            self.assertTrue(torch.allclose(torch.jit.script(encoder)(ids), emb, atol=1e-6))
+            self.assertTrue(torch.allclose(torch.jit.script(unet)(x, t, emb), unet(x, t, emb),
+                                           atol=1e-5))
+
+
+class ScheduleTest(unittest.TestCase):
+    def test_scaled_linear_values(self):
+        a = t2i.Schedule().alphas_cumprod
+        self.assertEqual(len(a), 1000)
+        # SD1.5's value at t = 999 as in the committed manifests (docs/BUNDLE.md).
+        self.assertAlmostEqual(float(a[999]), 0.0046600960195064545, places=9)
+        self.assertAlmostEqual(float(a[0]), 1 - 0.00085, places=7)
+        self.assertTrue(bool((a[1:] < a[:-1]).all()))
+
+    def test_x0_from_eps_inverts_add_noise(self):
+        s = t2i.Schedule()
+        x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+        t = torch.tensor([20, 500, 980])
+        self.assertTrue(torch.allclose(s.x0_from_eps(s.add_noise(x0, noise, t), noise, t), x0,
+                                       atol=1e-3))
+
+    def test_trailing_timesteps(self):
+        self.assertEqual(common.trailing_timesteps(1), [999])
+        self.assertEqual(common.trailing_timesteps(4), [999, 749, 499, 249])
+        self.assertEqual(len(common.trailing_timesteps(50)), 50)
+        self.assertEqual(common.trailing_timesteps(50)[-1], 19)
+
+
+def _teacher_args(tmp, steps, resume=False):
+    return train_teacher.parse_args([
+        "--steps", str(steps), "--subset", "200", "--batch-size", "8", "--channels", "16",
+        "--out", os.path.join(tmp, "teacher.pt"), "--state", os.path.join(tmp, "state.pt"),
+        "--save-every", "2", "--log-every", "2"] + (["--resume"] if resume else []))
+
+
+class TrainingStagesTest(unittest.TestCase):
+    def test_teacher_resume_is_bit_identical(self):
+        with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+            train_teacher.train(_teacher_args(a, 4))
+            train_teacher.train(_teacher_args(b, 2))
+            os.remove(os.path.join(b, "teacher.pt"))
+            train_teacher.train(_teacher_args(b, 4, resume=True))
+            full, resumed = torch.load(os.path.join(a, "teacher.pt")), torch.load(
+                os.path.join(b, "teacher.pt"))
+            for part in ("unet", "text_encoder"):
+                for key, value in full[part].items():
+                    self.assertTrue(torch.equal(value, resumed[part][key]), key)
+
+    def test_dmd_step_moves_generator_and_fake_score(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            train_teacher.train(_teacher_args(tmp, 1))
+            args = train_dmd.parse_args([
+                "--teacher", os.path.join(tmp, "teacher.pt"), "--steps", "1", "--subset", "200",
+                "--batch-size", "4", "--fake-steps", "2", "--eval-every", "0"])
+            d = train_dmd.Distiller(args)
+            dataset = common.TrainingSet(200)
+            before_g = [p.detach().clone() for p in d.generator.parameters()]
+            before_f = [p.detach().clone() for p in d.fake.parameters()]
+            teacher = [p.detach().clone() for p in d.teacher.parameters()]
+            metrics = d.step(dataset, 0)
+            self.assertTrue(all(torch.isfinite(torch.tensor(v)) for v in metrics.values()))
+            self.assertTrue(any(not torch.equal(a, b)
+                                for a, b in zip(before_g, d.generator.parameters())))
+            self.assertTrue(any(not torch.equal(a, b)
+                                for a, b in zip(before_f, d.fake.parameters())))
+            # The real score (teacher) is frozen.
+            self.assertTrue(all(torch.equal(a, b) for a, b in zip(teacher, d.teacher.parameters())))
+
+    def test_sampling_loop_matches_reference_pipeline(self):
+        """common.sample (used for ODE pairs and monitoring) is the loop the server runs: compare
+        with scripts/reference_pipeline.py on an exported 3-step CFG bundle."""
+        with tempfile.TemporaryDirectory() as tmp:
+            train_teacher.train(_teacher_args(tmp, 1))
+            bundle = os.path.join(tmp, "bundle")
+            subprocess.run([sys.executable, "-m", "training.export_bundle", "--checkpoint",
+                            os.path.join(tmp, "teacher.pt"), "--name", "t", "--steps", "3",
+                            "--guidance", "2.5", "--out", bundle], check=True, cwd=REPO)
+            ids = captions.tokenize(["a sandal", "a dress"])
+            inputs = json.dumps([{"input_ids": ids[i].tolist(), "seed": 7 + i} for i in range(2)])
+            subprocess.run([sys.executable, os.path.join(REPO, "scripts", "reference_pipeline.py"),
+                            "--bundle", bundle, "--inputs-json", inputs,
+                            "--out", os.path.join(tmp, "ref.raw")], check=True)
+            with open(os.path.join(tmp, "ref.raw"), "rb") as f:
+                reference = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+            text_encoder, unet = train_teacher.load_checkpoint(os.path.join(tmp, "teacher.pt"))
+            noise = torch.stack([torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(s))
+                                 for s in (7, 8)])
+            x0 = common.sample(unet, text_encoder, ids, noise, 3, 2.5, t2i.Schedule(),
+                               captions.tokenize([""])[0])
+            dataset_decoder = torch.jit.load(os.path.join(bundle, "decoder.pt"))
+            with open(os.path.join(bundle, "model.json")) as f:
+                scale = json.load(f)["latent_scaling_factor"]
+            ours = common.to_uint8(dataset_decoder(x0 / scale)).permute(0, 2, 3, 1).flatten()
+            diff = (ours.int() - reference.int()).abs().max().item()
+            self.assertLessEqual(diff, 1)
+
+
+if __name__ == "__main__":
+    unittest.main()

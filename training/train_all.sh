@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Trains the Fashion-MNIST text-to-image model end to end and exports the two bundles:
+#   autoencoder -> classifier (evaluation) -> teacher -> ODE pairs -> DMD student -> bundles.
+#
+#   training/train_all.sh            # from the repository root; skips stages whose output exists
+#   FORCE=1 training/train_all.sh    # retrain every stage
+#
+# Every stage is deterministic (seeded) and resumable: rerun the script after an interruption and
+# the running stage continues from its state file in $STATE_DIR (default /tmp/dmdserve-training).
+# Checkpoints go to training/checkpoints/ (committed), bundles to models/fashion-dmd and
+# models/fashion-teacher. Times on the 2-core development machine are in training/README.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=/usr/bin/python3
+CK=training/checkpoints
+STATE_DIR=${STATE_DIR:-/tmp/dmdserve-training}
+THREADS=${THREADS:-1}
+# OpenBLAS makes the linear layers ~6x faster than Debian's reference BLAS. Use it for training
+# only: it stays out of the system-wide libblas alternative because the server's /metrics
+# endpoint (civetweb) fails to start when OpenBLAS-openmp is loaded (docs: training/README.md).
+OPENBLAS=/usr/lib/x86_64-linux-gnu/openblas-openmp
+if [[ -e $OPENBLAS/libblas.so.3 ]]; then
+  export LD_LIBRARY_PATH=$OPENBLAS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+fi
+TEACHER_GUIDANCE=${TEACHER_GUIDANCE:-3}
+mkdir -p "$STATE_DIR"
+
+stage() {  # stage NAME OUTPUT COMMAND...: runs COMMAND unless OUTPUT exists (and FORCE is unset)
+  local name=$1 output=$2
+  shift 2
+  if [[ -e $output && -z ${FORCE:-} ]]; then
+    echo "== $name: $output exists, skipped"
+    return
+  fi
+  echo "== $name"
+  local start=$SECONDS
+  "$@"
+  echo "== $name: done in $((SECONDS - start)) s"
+}
+
+stage autoencoder $CK/autoencoder.pt \
+  $PY -m training.train_autoencoder --steps 1800 --batch-size 64 --threads "$THREADS" \
+    --state "$STATE_DIR/autoencoder_state.pt" --resume
+stage classifier $CK/classifier.pt \
+  $PY -m training.eval.train_classifier --threads "$THREADS"
+stage teacher $CK/teacher.pt \
+  $PY -m training.train_teacher --steps 2400 --threads "$THREADS" \
+    --state "$STATE_DIR/teacher_state.pt" --resume
+stage ode-pairs "$STATE_DIR/ode_pairs.pt" \
+  $PY -m training.make_ode_pairs --count 2048 --guidance "$TEACHER_GUIDANCE" \
+    --threads "$THREADS" --out "$STATE_DIR/ode_pairs.pt"
+stage dmd $CK/dmd.pt \
+  $PY -m training.train_dmd --guidance "$TEACHER_GUIDANCE" ${DMD_FLAGS:-} --threads "$THREADS" \
+    --pairs "$STATE_DIR/ode_pairs.pt" --state "$STATE_DIR/dmd_state.pt" --resume
+$PY -m training.export_bundle --checkpoint $CK/dmd.pt --name fashion-dmd --steps 1 \
+  --description "Fashion-MNIST one-step DMD generator (trained here), 32x32 grey" \
+  --out models/fashion-dmd
+$PY -m training.export_bundle --checkpoint $CK/teacher.pt --name fashion-teacher --steps 50 \
+  --guidance "$TEACHER_GUIDANCE" \
+  --description "Fashion-MNIST teacher: 50-step DDIM with classifier-free guidance, 32x32 grey" \
+  --out models/fashion-teacher
+echo "== bundles: models/fashion-dmd models/fashion-teacher"

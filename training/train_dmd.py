@@ -1,0 +1,224 @@
+"""Distills the teacher into a one-step generator with Distribution Matching Distillation.
+
+  /usr/bin/python3 -m training.train_dmd --steps 600 --fake-steps 4       # DMD2-style TTUR
+  /usr/bin/python3 -m training.train_dmd --steps 600 --fake-steps 1 --reg-weight 0.25 \
+      --pairs training/checkpoints/ode_pairs.pt                            # DMD-style regression
+
+Recipe (DMD2's SD1.5 one-step, at our scale):
+- generator G: a copy of the teacher UNet, run at t = 999 on pure noise z; its epsilon gives
+  x0 = (z - sqrt(1 - a_999) eps) / sqrt(a_999).
+- real score: the frozen teacher with classifier-free guidance (--guidance) on x_t = noised x0,
+  t uniform in [20, 980]; fake score: another copy of the teacher, trained online with the
+  denoising loss on G's (detached) outputs, --fake-steps updates per generator update (two
+  time-scale update rule).
+- DMD gradient (x0_fake - x0_real) / mean|x0 - x0_real| (per image), applied through
+  0.5 * mse(x0, stopgrad(x0 - grad)).
+- optional regression loss (--reg-weight): mse between G(z) and the teacher's 50-step DDIM+CFG
+  output for the same z and prompt (training/make_ode_pairs.py), as in the first DMD paper.
+The text encoder is the teacher's, frozen. Every --eval-every steps a quick in-process evaluation
+(FID of classifier features, class accuracy, diversity, mean pixel) is logged; resumable as the
+other stages. --out gets G's weights as float16 (EMA if --ema > 0) with the text encoder.
+"""
+
+import argparse
+import copy
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+from training import common, t2i, train_teacher
+from training.quick_eval import QuickEval
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--teacher", default="training/checkpoints/teacher.pt")
+    p.add_argument("--autoencoder", default=common.AUTOENCODER_CHECKPOINT)
+    p.add_argument("--steps", type=int, default=600, help="generator updates")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--fake-steps", type=int, default=4, help="fake-score updates per G update")
+    p.add_argument("--lr", type=float, default=5e-5, help="AdamW lr of G and the fake score")
+    p.add_argument("--guidance", type=float, default=3.0, help="real score CFG scale")
+    p.add_argument("--min-t", type=int, default=20)
+    p.add_argument("--max-t", type=int, default=980)
+    p.add_argument("--reg-weight", type=float, default=0.0, help="regression loss weight")
+    p.add_argument("--pairs", default="", help="ODE pairs file (make_ode_pairs.py)")
+    p.add_argument("--ema", type=float, default=0.0, help="EMA decay of exported G (0 = off)")
+    p.add_argument("--subset", type=int, default=0, help="first N training images (0 = all)")
+    p.add_argument("--out", default="training/checkpoints/dmd.pt")
+    p.add_argument("--state", default="/tmp/dmd_state.pt")
+    p.add_argument("--save-every", type=int, default=25)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--eval-every", type=int, default=50, help="quick evaluation period (0 = off)")
+    p.add_argument("--eval-per-class", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1)
+    return p.parse_args(argv)
+
+
+class Distiller:
+    def __init__(self, args):
+        self.args = args
+        self.text_encoder, self.teacher = train_teacher.load_checkpoint(args.teacher)
+        self.text_encoder.requires_grad_(False)
+        self.teacher.requires_grad_(False)
+        self.generator = copy.deepcopy(self.teacher).train().requires_grad_(True)
+        self.fake = copy.deepcopy(self.teacher).train().requires_grad_(True)
+        betas = (0.0, 0.999)  # DMD2's Adam betas
+        self.opt_g = torch.optim.AdamW(self.generator.parameters(), lr=args.lr, betas=betas,
+                                       weight_decay=0.01)
+        self.opt_f = torch.optim.AdamW(self.fake.parameters(), lr=args.lr, betas=betas,
+                                       weight_decay=0.01)
+        self.ema = common.Ema(self.generator, args.ema) if args.ema > 0 else None
+        self.schedule = t2i.Schedule()
+        self.a999 = self.schedule.alphas_cumprod[999]
+        self.pairs = torch.load(args.pairs) if args.pairs else None
+        if args.reg_weight > 0 and self.pairs is None:
+            raise SystemExit("--reg-weight needs --pairs")
+
+    def generate(self, z, emb):
+        """One-step G: x0 from its epsilon at t = 999 (what the server computes)."""
+        t = torch.full((len(z),), 999, dtype=torch.int64)
+        eps = self.generator(z, t, emb)
+        return (z - (1 - self.a999).sqrt() * eps) / self.a999.sqrt()
+
+    def real_x0(self, xt, t, emb, uncond):
+        eps_u, eps_c = self.teacher(torch.cat([xt, xt]), torch.cat([t, t]),
+                                    torch.cat([uncond, emb])).chunk(2)
+        eps = eps_u + (eps_c - eps_u) * self.args.guidance
+        return self.schedule.x0_from_eps(xt, eps, t)
+
+    def step(self, dataset, step):
+        a = self.args
+        gen = torch.Generator().manual_seed(a.seed * 1_000_003 + step)
+        with torch.no_grad():
+            uncond = self.text_encoder(dataset.empty_ids[None]).expand(a.batch_size, -1, -1)
+        # Fake-score updates on fresh generator samples (denoising loss).
+        fake_loss = 0.0
+        for _ in range(a.fake_steps):
+            _, ids, _ = dataset.batch(a.batch_size, gen, dropout=0.0)
+            with torch.no_grad():
+                emb = self.text_encoder(ids)
+                x0 = self.generate(torch.randn((a.batch_size, 4, 8, 8), generator=gen), emb)
+            t = torch.randint(t2i.NUM_TRAIN_TIMESTEPS, (a.batch_size,), generator=gen)
+            noise = torch.randn(x0.shape, generator=gen)
+            loss_f = F.mse_loss(self.fake(self.schedule.add_noise(x0, noise, t), t, emb), noise)
+            self.opt_f.zero_grad(set_to_none=True)
+            loss_f.backward()
+            torch.nn.utils.clip_grad_norm_(self.fake.parameters(), 1.0)
+            self.opt_f.step()
+            fake_loss += loss_f.item() / a.fake_steps
+        # Generator update: distribution matching gradient (+ regression).
+        _, ids, _ = dataset.batch(a.batch_size, gen, dropout=0.0)
+        with torch.no_grad():
+            emb = self.text_encoder(ids)
+        x0 = self.generate(torch.randn((a.batch_size, 4, 8, 8), generator=gen), emb)
+        t = torch.randint(a.min_t, a.max_t + 1, (a.batch_size,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        with torch.no_grad():
+            xt = self.schedule.add_noise(x0.detach(), noise, t)
+            x0_real = self.real_x0(xt, t, emb, uncond)
+            x0_fake = self.schedule.x0_from_eps(xt, self.fake(xt, t, emb), t)
+            weight = (x0.detach() - x0_real).abs().mean(dim=[1, 2, 3], keepdim=True)
+            grad = torch.nan_to_num((x0_fake - x0_real) / weight)
+        loss_dmd = 0.5 * F.mse_loss(x0, (x0 - grad).detach())
+        loss = loss_dmd
+        loss_reg = torch.zeros(())
+        if a.reg_weight > 0:
+            idx = torch.randint(len(self.pairs["noise"]), (a.batch_size,), generator=gen)
+            with torch.no_grad():
+                pair_emb = self.text_encoder(self.pairs["ids"][idx])
+            pred = self.generate(self.pairs["noise"][idx], pair_emb)
+            loss_reg = F.mse_loss(pred, self.pairs["x0"][idx])
+            loss = loss + a.reg_weight * loss_reg
+        self.opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.generator.parameters(), 1.0)
+        self.opt_g.step()
+        if self.ema is not None:
+            self.ema.update(self.generator)
+        return {"dmd": loss_dmd.item(), "reg": loss_reg.item(), "fake": fake_loss,
+                "x0_std": x0.detach().std().item(), "x0_mean": x0.detach().mean().item()}
+
+    def exported(self):
+        return self.ema.module if self.ema is not None else self.generator
+
+
+def train(args):
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    dataset = common.TrainingSet(args.subset, args.autoencoder)
+    d = Distiller(args)
+    evaluator = None
+    if args.eval_every:
+        evaluator = QuickEval(dataset.decoder, dataset.scaling_factor, args.eval_per_class,
+                              subset_test=args.subset)
+    step, elapsed, curve, evals = 0, 0.0, [], []
+    if args.resume and os.path.exists(args.state):
+        state = torch.load(args.state)
+        d.generator.load_state_dict(state["generator"])
+        d.fake.load_state_dict(state["fake"])
+        d.opt_g.load_state_dict(state["opt_g"])
+        d.opt_f.load_state_dict(state["opt_f"])
+        if d.ema is not None:
+            d.ema.module.load_state_dict(state["ema"])
+        step, elapsed, curve, evals = (state["step"], state["elapsed_s"], state["curve"],
+                                       state["evals"])
+        print(f"resumed from {args.state} at step {step}", flush=True)
+
+    def evaluate(step):
+        if evaluator is None:
+            return
+        d.exported().eval()
+        result = evaluator.evaluate(d.exported(), d.text_encoder, steps=1, guidance=1.0)
+        d.generator.train()
+        result["step"] = step
+        evals.append(result)
+        print("eval " + json.dumps(result), flush=True)
+
+    if step == 0:
+        evaluate(0)
+    progress = common.Progress(args.steps, step, elapsed)
+    window = []
+    while step < args.steps:
+        window.append(d.step(dataset, step))
+        step += 1
+        progress.tick()
+        if step % args.log_every == 0 or step == args.steps:
+            mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+            curve.append([step, mean])
+            window = []
+            print(progress.line(step, **mean), flush=True)
+        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+            evaluate(step)
+        if step % args.save_every == 0 or step == args.steps:
+            state = {"generator": d.generator.state_dict(), "fake": d.fake.state_dict(),
+                     "opt_g": d.opt_g.state_dict(), "opt_f": d.opt_f.state_dict(),
+                     "step": step, "elapsed_s": progress.elapsed(), "curve": curve,
+                     "evals": evals}
+            if d.ema is not None:
+                state["ema"] = d.ema.module.state_dict()
+            common.save_state(args.state, state)
+
+    teacher = torch.load(args.teacher)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    torch.save({"text_encoder": teacher["text_encoder"],
+                "unet": common.half_state_dict(d.exported()), "token_ids": teacher["token_ids"],
+                "channels": teacher["channels"],
+                "latent_scaling_factor": teacher["latent_scaling_factor"],
+                "steps": step, "seed": args.seed}, args.out)
+    summary = {k: v for k, v in vars(args).items() if k not in ("state", "resume")}
+    summary.update({"train_wall_s": round(progress.elapsed(), 1),
+                    "checkpoint_bytes": os.path.getsize(args.out), "curve": curve,
+                    "evals": evals})
+    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+        json.dump(summary, f, indent=1)
+    print(json.dumps(evals[-1] if evals else {}), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    train(parse_args())

@@ -1,0 +1,128 @@
+"""Trains the teacher: text encoder + latent UNet (training/t2i.py), epsilon prediction with SD's
+scaled-linear schedule, 10% caption dropout for classifier-free guidance. From the repo root:
+
+  /usr/bin/python3 -m training.train_teacher --steps 2400           # --out: the checkpoint
+
+The text encoder is trained jointly with the UNet (SD keeps a pretrained CLIP frozen; we have none).
+Every --save-every steps the full state (models, EMA, optimizer, step, curve) goes to --state;
+--resume continues from it (batches depend only on --seed and the step). At the end it writes
+--out: the EMA weights as float16 plus the token id table, and <out>.json: a summary with the
+loss curve.
+"""
+
+import argparse
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+from training import common, t2i
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--steps", type=int, default=2400, help="optimizer steps in total")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=5e-4, help="peak AdamW lr (warm-up, cosine)")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the exported weights")
+    p.add_argument("--channels", type=int, default=48, help="UNet base width")
+    p.add_argument("--subset", type=int, default=0, help="first N training images (0 = all)")
+    p.add_argument("--autoencoder", default=common.AUTOENCODER_CHECKPOINT)
+    p.add_argument("--out", default="training/checkpoints/teacher.pt")
+    p.add_argument("--state", default="/tmp/teacher_state.pt", help="resumable state path")
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--resume", action="store_true", help="continue from --state if it exists")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    return p.parse_args(argv)
+
+
+def build(channels, token_ids):
+    return t2i.TextEncoder(token_ids), t2i.UNet(channels)
+
+
+def train(args):
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    dataset = common.TrainingSet(args.subset, args.autoencoder)
+    schedule = t2i.Schedule()
+    token_ids = t2i.known_token_ids()
+    text_encoder, unet = build(args.channels, token_ids)
+    params = list(text_encoder.parameters()) + list(unet.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    ema_text, ema_unet = common.Ema(text_encoder, args.ema), common.Ema(unet, args.ema)
+    step, elapsed, curve = 0, 0.0, []
+    if args.resume and os.path.exists(args.state):
+        state = torch.load(args.state)
+        text_encoder.load_state_dict(state["text_encoder"])
+        unet.load_state_dict(state["unet"])
+        ema_text.module.load_state_dict(state["ema_text_encoder"])
+        ema_unet.module.load_state_dict(state["ema_unet"])
+        opt.load_state_dict(state["optimizer"])
+        step, elapsed, curve = state["step"], state["elapsed_s"], state["curve"]
+        print(f"resumed from {args.state} at step {step}", flush=True)
+
+    progress = common.Progress(args.steps, step, elapsed)
+    window = []
+    while step < args.steps:
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        x0, ids, _ = dataset.batch(args.batch_size, gen)
+        t = torch.randint(t2i.NUM_TRAIN_TIMESTEPS, (args.batch_size,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        pred = unet(schedule.add_noise(x0, noise, t), t, text_encoder(ids))
+        loss = F.mse_loss(pred, noise)
+        for group in opt.param_groups:
+            group["lr"] = common.lr_at(step, args.steps, args.lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        # Short warm-up of the average so that early checkpoints are usable.
+        decay = min(args.ema, (1 + step) / (10 + step))
+        ema_text.update(text_encoder, decay)
+        ema_unet.update(unet, decay)
+        step += 1
+        progress.tick()
+        window.append(loss.item())
+        if step % args.log_every == 0 or step == args.steps:
+            mean_loss = sum(window) / len(window)
+            curve.append([step, mean_loss])
+            window = []
+            print(progress.line(step, loss=mean_loss), flush=True)
+        if step % args.save_every == 0 or step == args.steps:
+            common.save_state(args.state, {
+                "text_encoder": text_encoder.state_dict(), "unet": unet.state_dict(),
+                "ema_text_encoder": ema_text.module.state_dict(),
+                "ema_unet": ema_unet.module.state_dict(), "optimizer": opt.state_dict(),
+                "step": step, "elapsed_s": progress.elapsed(), "curve": curve})
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    torch.save({"text_encoder": common.half_state_dict(ema_text.module),
+                "unet": common.half_state_dict(ema_unet.module), "token_ids": token_ids,
+                "channels": args.channels, "latent_scaling_factor": dataset.scaling_factor,
+                "steps": step, "seed": args.seed}, args.out)
+    summary = {"steps": step, "batch_size": args.batch_size, "lr": args.lr, "ema": args.ema,
+               "channels": args.channels, "subset": args.subset, "threads": args.threads,
+               "train_wall_s": round(progress.elapsed(), 1),
+               "unet_parameters": t2i.count_parameters(unet),
+               "text_encoder_parameters": t2i.count_parameters(text_encoder),
+               "checkpoint_bytes": os.path.getsize(args.out), "loss_curve": curve}
+    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+        json.dump(summary, f, indent=1)
+    print(json.dumps({k: v for k, v in summary.items() if k != "loss_curve"}), flush=True)
+    return summary
+
+
+def load_checkpoint(path):
+    """(text encoder, UNet) from a --out checkpoint, float32, eval mode."""
+    ckpt = torch.load(path)
+    text_encoder, unet = build(ckpt["channels"], ckpt["token_ids"])
+    text_encoder.load_state_dict(common.float_state_dict(ckpt["text_encoder"]))
+    unet.load_state_dict(common.float_state_dict(ckpt["unet"]))
+    return text_encoder.eval(), unet.eval()
+
+
+if __name__ == "__main__":
+    train(parse_args())
