@@ -1,0 +1,1 @@
+"""Tests of tools/ (unittest; see tests/CMakeLists.txt for how CTest runs them)."""

@@ -1,0 +1,96 @@
+"""Shared helpers of the tools/ tests: fixture paths and an independent DMD2 reference.
+
+The fixtures live in ../shared/sd-parity next to the repository (override with
+DMDSERVE_SHARED_DIR); see its README.md for what each file is and how it was produced.
+"""
+
+import contextlib
+import importlib.util
+import io
+import json
+import math
+import os
+
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SHARED = os.environ.get("DMDSERVE_SHARED_DIR", os.path.join(REPO_ROOT, "..", "shared"))
+PARITY = os.path.join(SHARED, "sd-parity")
+TINY_FOLDER = os.path.join(PARITY, "tiny-sd15-diffusers")
+DMD_REPLACEMENT = os.path.join(TINY_FOLDER, "unet_dmd_replacement.bin")
+TOKENIZER_VECTORS = os.path.join(SHARED, "clip-tokenizer", "test_vectors.jsonl")
+
+# From sd-parity/tiny-sd15-diffusers/README.md: alphas_cumprod[999] of SD1.5's scheduler in
+# float32, and the VAE's scaling factor.
+SD15_ALPHA_999 = 0.0046600960195064545
+SD15_SCALING = 0.18215
+
+
+def fixture(component: str, name: str) -> dict:
+    return torch.load(os.path.join(PARITY, component, name))
+
+
+def fixture_json(component: str, name: str) -> dict:
+    with open(os.path.join(PARITY, component, name), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def key_list(name: str) -> list:
+    """[(key, shape tuple)] of a `<key> [d0,d1,...]` key list file, in file order."""
+    out = []
+    with open(os.path.join(PARITY, name), encoding="utf-8") as f:
+        for line in f:
+            key, shape = line.split()
+            dims = shape.strip("[]")
+            out.append((key, tuple(int(d) for d in dims.split(",")) if dims else ()))
+    return out
+
+
+def tokenizer_vectors() -> list:
+    """The CLIP tokenizer reference vectors: {"text", "input_ids_77", ...} per line."""
+    with open(TOKENIZER_VECTORS, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def dmd2_images(text_encoder, unet, vae, items: list, width: int, height: int) -> torch.Tensor:
+    """DMD2's one-step SD1.5 sampling written out from its definition, independent of the
+    bundle code: noise from a CPU generator seeded with the image's seed (noise contract), one
+    UNet evaluation at t = 999, x0 = (z - sqrt(1 - a) eps) / sqrt(a), decode x0 / 0.18215,
+    pixels = round(clamp((image + 1) * 127.5)). items: [{"input_ids": [77 ints], "seed": int}].
+    Returns uint8 [N, H, W, C]."""
+    latents = torch.stack([
+        torch.randn([4, height // 8, width // 8],
+                    generator=torch.Generator().manual_seed(item["seed"]), dtype=torch.float32)
+        for item in items])
+    ids = torch.tensor([item["input_ids"] for item in items], dtype=torch.int64)
+    a = SD15_ALPHA_999
+    with torch.no_grad():
+        eps = unet(latents, torch.full([len(items)], 999, dtype=torch.int64), text_encoder(ids))
+        x0 = (latents - math.sqrt(1 - a) * eps) / math.sqrt(a)
+        image = vae(x0 / SD15_SCALING)
+    pixels = ((image + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).contiguous()
+
+
+def run_quietly(main, argv: list):
+    """(exit code, stderr text) of a tool's main(argv); argparse errors give code 2."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+    return code, err.getvalue()
+
+
+def reference_pipeline():
+    """scripts/reference_pipeline.py (the served sampling loop in Python) as a module."""
+    path = os.path.join(REPO_ROOT, "scripts", "reference_pipeline.py")
+    spec = importlib.util.spec_from_file_location("reference_pipeline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
