@@ -7,26 +7,32 @@
 Prints a Markdown report (the numbers in docs/PERFORMANCE.md come from it).
 
 Usage: scripts/bench_service.py [--build build] [--bundle models/tiny-random]
-           [--concurrency 1,2,4,8,16,32] [--duration_s 10] [--num_images 1] [-- server flags...]
+           [--concurrency 1,2,4,8,16,32] [--duration_s 10] [--num_images 1]
+           [--raw_flags "--device=cuda:0 --cuda_graphs=true"] [--json_out FILE]
+           [-- server flags...]
+--raw_flags go to pipeline_benchmark (give it the server's device, dtype and CUDA-graph settings,
+so that the ratio compares like with like); --json_out also writes the numbers as JSON.
 """
 import argparse
 import json
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import time
 import urllib.request
 
-def raw_pipeline(build, repetitions):
+def raw_pipeline(build, bundle, repetitions, flags):
     out = subprocess.run(
-        [os.path.join(build, "worker", "pipeline_benchmark"), "--benchmark_format=json",
-         f"--benchmark_repetitions={repetitions}", "--benchmark_report_aggregates_only=true"],
+        [os.path.join(build, "worker", "pipeline_benchmark"), f"--bundle={bundle}",
+         "--benchmark_format=json", f"--benchmark_repetitions={repetitions}",
+         "--benchmark_report_aggregates_only=true", *flags],
         capture_output=True, text=True, check=True)
     rates = {}
     for b in json.loads(out.stdout)["benchmarks"]:
-        if b.get("aggregate_name") != "median":
+        if b.get("aggregate_name", "median") != "median":  # a single repetition has no median
             continue
         batch = int(re.search(r"batch:(\d+)", b["name"]).group(1))
         rates[batch] = b["images_per_second"] if "images_per_second" in b else b["items_per_second"]
@@ -61,10 +67,12 @@ def main():
     parser.add_argument("--duration_s", type=float, default=10)
     parser.add_argument("--num_images", type=int, default=1)
     parser.add_argument("--repetitions", type=int, default=5)
+    parser.add_argument("--raw_flags", default="", help="extra pipeline_benchmark flags")
+    parser.add_argument("--json_out", help="also write the results to this JSON file")
     parser.add_argument("server_flags", nargs="*")
     args = parser.parse_args()
 
-    raw = raw_pipeline(args.build, args.repetitions)
+    raw = raw_pipeline(args.build, args.bundle, args.repetitions, shlex.split(args.raw_flags))
 
     server = subprocess.Popen(
         [os.path.join(args.build, "server", "dmdserve"), "--listen_host=127.0.0.1", "--port=0",
@@ -134,6 +142,13 @@ def main():
           f"ratio {sat / raw_at(raw, sat_row['mean_batch']):.2f}; raw best (batch "
           f"{best_raw_batch}): {raw[best_raw_batch]:.0f}")
     print(f"batching gain, best concurrency vs concurrency {rows[0][0]}: {sat / one:.2f}x")
+    if args.json_out:
+        for _, r in rows:
+            r["raw_at_mean_batch"] = raw_at(raw, r["mean_batch"])
+        with open(args.json_out, "w") as f:
+            json.dump({"bundle": args.bundle, "server_flags": args.server_flags,
+                       "raw_flags": args.raw_flags, "raw_images_per_second": raw,
+                       "rows": [r for _, r in rows]}, f, indent=1)
 
 if __name__ == "__main__":
     main()

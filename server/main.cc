@@ -35,8 +35,24 @@ ABSL_FLAG(std::vector<std::string>, model_dirs, {"models/tiny-random"},
           "Comma-separated model bundle directories (each with a model.json).");
 ABSL_FLAG(std::string, default_model, "",
           "Model used when a request names none; empty: the first bundle's model.");
-ABSL_FLAG(std::string, device, "cpu", "libtorch device: cpu (cuda:N needs a CUDA build).");
-ABSL_FLAG(int, workers, 1, "Model-worker threads per model (each runs one batch at a time).");
+ABSL_FLAG(std::string, device, "cpu",
+          "libtorch device: cpu, or cuda:N in a CUDA build; --devices, when given, wins.");
+ABSL_FLAG(std::vector<std::string>, devices, {},
+          "Comma-separated devices, one worker group each: cpu, cuda:N (or just N), or all "
+          "(every visible GPU). Empty: --device.");
+ABSL_FLAG(int, workers, 1,
+          "Model-worker threads per model and device, each running one batch at a time on its "
+          "own execution instance (on a GPU: its own CUDA stream and CUDA graphs).");
+ABSL_FLAG(int, instances_per_device, 0,
+          "Execution instances per model and device (the GPU name for --workers); 0: --workers.");
+ABSL_FLAG(bool, cuda_graphs, true,
+          "GPUs: capture a CUDA graph per batch size at warm-up and pad batches up to them.");
+ABSL_FLAG(std::string, dtype, "",
+          "Override the manifests' dtypes: float32, float16 or bfloat16 for every component, or "
+          "component=dtype pairs (e.g. generator=float16,decoder=float32). Empty: the manifests'.");
+ABSL_FLAG(std::string, postprocess, "torch",
+          "Decoded image to uint8 pixels: torch (libtorch ops) or cuda_kernel (dmdserve's CUDA "
+          "kernel; CUDA builds on GPUs).");
 ABSL_FLAG(int, intra_op_threads, 0, "libtorch intra-op threads (process-wide); 0: one per core.");
 ABSL_FLAG(bool, jit_optimize, true,
           "TorchScript graph-executor optimisation (libtorch's default); turning it off can help "
@@ -160,8 +176,14 @@ int main(int argc, char** argv) {
   dmdserve::Engine::Options& e = options.engine;
   e.model_dirs = absl::GetFlag(FLAGS_model_dirs);
   e.default_model = absl::GetFlag(FLAGS_default_model);
-  e.device = absl::GetFlag(FLAGS_device);
-  e.workers_per_model = absl::GetFlag(FLAGS_workers);
+  e.devices = absl::GetFlag(FLAGS_devices);
+  if (e.devices.empty()) e.devices = {absl::GetFlag(FLAGS_device)};
+  const int instances = absl::GetFlag(FLAGS_instances_per_device);
+  if (instances < 0) Fatal(absl::StrCat("--instances_per_device must be >= 0, got ", instances));
+  e.workers_per_model = instances > 0 ? instances : absl::GetFlag(FLAGS_workers);
+  e.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
+  e.dtype = absl::GetFlag(FLAGS_dtype);
+  e.postprocess = absl::GetFlag(FLAGS_postprocess);
   e.intra_op_threads = absl::GetFlag(FLAGS_intra_op_threads);
   e.jit_optimize = absl::GetFlag(FLAGS_jit_optimize);
   e.max_batch_size = absl::GetFlag(FLAGS_max_batch_size);

@@ -74,6 +74,11 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const Options& options)
                         "Duration of a pipeline stage: per batch for text_encoder, generator "
                         "and decoder; per image for png_encode.")
                     .Register(r);
+  auto& batch_duration =
+      prometheus::BuildHistogram()
+          .Name("dmdserve_batch_duration_seconds")
+          .Help("Duration of a whole pipeline run per batch, input staging to host memory.")
+          .Register(r);
   auto& batch_size = prometheus::BuildHistogram()
                          .Name("dmdserve_batch_size_images")
                          .Help("Real images per batch run by the model (padding excluded).")
@@ -98,6 +103,28 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const Options& options)
                     .Name("dmdserve_model_ready")
                     .Help("1 when the model is loaded and warmed up, else 0.")
                     .Register(r);
+  auto& device_busy =
+      prometheus::BuildCounter()
+          .Name("dmdserve_device_busy_seconds_total")
+          .Help("Time during which at least one batch ran on the device; rate() is its busy ratio.")
+          .Register(r);
+  auto& memory_used = prometheus::BuildGauge()
+                          .Name("dmdserve_gpu_memory_used_bytes")
+                          .Help("GPU memory in use on the device, all processes counted.")
+                          .Register(r);
+  auto& memory_total = prometheus::BuildGauge()
+                           .Name("dmdserve_gpu_memory_total_bytes")
+                           .Help("GPU memory of the device.")
+                           .Register(r);
+  for (const std::string& device : options.devices) {
+    PerDevice pd;
+    pd.busy = &device_busy.Add({{"device", device}});
+    if (device.rfind("cuda", 0) == 0) {
+      pd.memory_used = &memory_used.Add({{"device", device}});
+      pd.memory_total = &memory_total.Add({{"device", device}});
+    }
+    m->devices_.emplace(device, pd);
+  }
   prometheus::BuildGauge()
       .Name("dmdserve_build_info")
       .Help("Build information; the value is always 1.")
@@ -124,6 +151,7 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const Options& options)
     pm.generator = &stage.Add({{"model", name}, {"stage", "generator"}}, LatencyBuckets());
     pm.decoder = &stage.Add({{"model", name}, {"stage", "decoder"}}, LatencyBuckets());
     pm.png_encode = &stage.Add({{"model", name}, {"stage", "png_encode"}}, LatencyBuckets());
+    pm.batch_duration = &batch_duration.Add({{"model", name}}, LatencyBuckets());
     pm.batch_size = &batch_size.Add({{"model", name}}, BatchBuckets());
     pm.batches_ok = &batches.Add({{"model", name}, {"result", "ok"}});
     pm.batches_error = &batches.Add({{"model", name}, {"result", "error"}});
@@ -170,9 +198,22 @@ void Metrics::OnBatchDone(const BatchStats& stats) {
   (stats.ok ? pm.batches_ok : pm.batches_error)->Increment();
   if (!stats.ok) return;
   pm.batch_size->Observe(stats.images);
+  pm.batch_duration->Observe(absl::ToDoubleSeconds(stats.total));
+  if (stats.cuda_graph) return;  // one graph replay: no stage times
   pm.text_encoder->Observe(absl::ToDoubleSeconds(stats.text_encoder));
   pm.generator->Observe(absl::ToDoubleSeconds(stats.generator));
   pm.decoder->Observe(absl::ToDoubleSeconds(stats.decoder));
+}
+
+void Metrics::OnDeviceStats(const DeviceStats& stats) {
+  const auto it = devices_.find(stats.device);
+  if (it == devices_.end()) return;
+  const PerDevice& pd = it->second;
+  pd.busy->Increment(absl::ToDoubleSeconds(stats.busy));
+  if (pd.memory_used != nullptr && stats.memory_used_bytes >= 0) {
+    pd.memory_used->Set(static_cast<double>(stats.memory_used_bytes));
+    pd.memory_total->Set(static_cast<double>(stats.memory_total_bytes));
+  }
 }
 
 void Metrics::OnImageEncoded(std::string_view model, absl::Duration encode_time) {

@@ -9,10 +9,13 @@
 //   dmdserve_requests_total{model,method,code}             counter
 //   dmdserve_images_generated_total{model}                 counter
 //   dmdserve_request_duration_seconds{model,method}        histogram (accepted -> finished, OK
-//   only) dmdserve_queue_wait_seconds{model}                     histogram
+//                                                          only)
+//   dmdserve_queue_wait_seconds{model}                     histogram
 //   dmdserve_stage_duration_seconds{model,stage}           histogram, stage = text_encoder |
-//                                                          generator | decoder (per batch) |
+//                                                          generator | decoder (per eager batch;
+//                                                          CUDA-graph replays have no stages) |
 //                                                          png_encode (per image)
+//   dmdserve_batch_duration_seconds{model}                 histogram (whole pipeline run per batch)
 //   dmdserve_batch_size_images{model}                      histogram (real images per batch)
 //   dmdserve_batches_total{model,result}                   counter, result = ok | error
 //   dmdserve_queue_depth_images{model}                     gauge
@@ -20,6 +23,12 @@
 //   dmdserve_requests_in_flight{model}                     gauge
 //   dmdserve_model_ready{model}                            gauge (1 ready, 0 not)
 //   dmdserve_build_info{version}                           gauge (always 1)
+//   dmdserve_device_busy_seconds_total{device}             counter: time at least one batch ran
+//                                                          on the device; its rate() is the
+//                                                          device's busy ratio (0..1)
+//   dmdserve_gpu_memory_used_bytes{device}                 gauge, CUDA devices only: device-wide
+//   dmdserve_gpu_memory_total_bytes{device}                gauge, CUDA devices only
+// Device label values are the engine's devices ("cpu", "cuda:0", ...).
 #ifndef DMDSERVE_SERVER_METRICS_H_
 #define DMDSERVE_SERVER_METRICS_H_
 
@@ -55,6 +64,8 @@ class Metrics final : public EngineListener {
     int queue_capacity_images = 0;
     // Reported by dmdserve_build_info.
     std::string version;
+    // The engine's devices (Engine::Devices()); "cuda:N" ones also get GPU memory gauges.
+    std::vector<std::string> devices;
   };
   static absl::StatusOr<std::unique_ptr<Metrics>> Create(const Options& options);
 
@@ -72,6 +83,7 @@ class Metrics final : public EngineListener {
   void OnImageEncoded(std::string_view model, absl::Duration encode_time) override;
   void OnQueueDepth(std::string_view model, int queued_images) override;
   void OnModelReady(std::string_view model, bool ready) override;
+  void OnDeviceStats(const DeviceStats& stats) override;
 
  private:
   struct PerModel {
@@ -83,6 +95,7 @@ class Metrics final : public EngineListener {
     prometheus::Histogram* generator;
     prometheus::Histogram* decoder;
     prometheus::Histogram* png_encode;
+    prometheus::Histogram* batch_duration;
     prometheus::Histogram* batch_size;
     prometheus::Counter* batches_ok;
     prometheus::Counter* batches_error;
@@ -91,11 +104,18 @@ class Metrics final : public EngineListener {
     prometheus::Gauge* ready = nullptr;
   };
 
+  struct PerDevice {
+    prometheus::Counter* busy = nullptr;
+    prometheus::Gauge* memory_used = nullptr;  // null for the CPU
+    prometheus::Gauge* memory_total = nullptr;
+  };
+
   Metrics() = default;
   PerModel& For(std::string_view model);
 
   std::shared_ptr<prometheus::Registry> registry_;
-  std::map<std::string, PerModel, std::less<>> models_;  // immutable after Create()
+  std::map<std::string, PerModel, std::less<>> models_;    // immutable after Create()
+  std::map<std::string, PerDevice, std::less<>> devices_;  // immutable after Create()
 };
 
 // Label value of a method ("Generate", ...).

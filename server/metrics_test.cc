@@ -78,6 +78,49 @@ TEST(MetricsTest, RecordsEngineEvents) {
   EXPECT_THAT(text, Not(HasSubstr(R"(dmdserve_model_ready{model="_unknown"})")));
 }
 
+TEST(MetricsTest, CudaGraphBatchesHaveADurationButNoStageTimes) {
+  auto m = Metrics::Create({.models = {"tiny"}});
+  ASSERT_TRUE(m.ok());
+  (*m)->OnBatchDone({.model = "tiny",
+                     .images = 4,
+                     .padded_size = 4,
+                     .generator = absl::Milliseconds(2),
+                     .ok = true,
+                     .total = absl::Milliseconds(5)});
+  (*m)->OnBatchDone({.model = "tiny",
+                     .images = 3,
+                     .padded_size = 4,
+                     .ok = true,
+                     .total = absl::Milliseconds(4),
+                     .cuda_graph = true});
+  const std::string text = Scrape(**m);
+  EXPECT_THAT(text, HasSubstr(R"(dmdserve_batch_duration_seconds_count{model="tiny"} 2)"));
+  EXPECT_THAT(text, HasSubstr(R"(dmdserve_batch_duration_seconds_sum{model="tiny"} 0.009)"));
+  EXPECT_THAT(
+      text,
+      HasSubstr(R"(dmdserve_stage_duration_seconds_count{model="tiny",stage="generator"} 1)"));
+  EXPECT_THAT(text, HasSubstr(R"(dmdserve_batch_size_images_sum{model="tiny"} 7)"));
+}
+
+TEST(MetricsTest, RecordsDeviceBusyTimeAndGpuMemoryByDevice) {
+  auto m = Metrics::Create({.models = {"tiny"}, .devices = {"cpu", "cuda:0"}});
+  ASSERT_TRUE(m.ok());
+  (*m)->OnDeviceStats({.device = "cpu", .busy = absl::Milliseconds(1500)});
+  (*m)->OnDeviceStats({.device = "cpu", .busy = absl::Milliseconds(500)});
+  (*m)->OnDeviceStats({.device = "cuda:0",
+                       .busy = absl::Milliseconds(250),
+                       .memory_used_bytes = 3000,
+                       .memory_total_bytes = 8000});
+  (*m)->OnDeviceStats({.device = "cuda:7", .busy = absl::Seconds(9)});  // not served: ignored
+  const std::string text = Scrape(**m);
+  EXPECT_THAT(text, HasSubstr(R"(dmdserve_device_busy_seconds_total{device="cpu"} 2)"));
+  EXPECT_THAT(text, HasSubstr(R"(dmdserve_device_busy_seconds_total{device="cuda:0"} 0.25)"));
+  EXPECT_THAT(text, HasSubstr(R"(dmdserve_gpu_memory_used_bytes{device="cuda:0"} 3000)"));
+  EXPECT_THAT(text, HasSubstr(R"(dmdserve_gpu_memory_total_bytes{device="cuda:0"} 8000)"));
+  EXPECT_THAT(text, Not(HasSubstr(R"(dmdserve_gpu_memory_used_bytes{device="cpu"})")));
+  EXPECT_THAT(text, Not(HasSubstr("cuda:7")));
+}
+
 TEST(MetricsTest, NeedsAModel) { EXPECT_FALSE(Metrics::Create({}).ok()); }
 
 }  // namespace

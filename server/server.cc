@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "server/image_service.h"
 #include "server/metrics.h"
 #include "spdlog/spdlog.h"
@@ -32,7 +33,7 @@ absl::StatusOr<std::unique_ptr<DmdServer>> DmdServer::Create(Options options) {
   s->options_ = options;
 
   spdlog::info("loading {} model bundle(s) on {}", options.engine.model_dirs.size(),
-               options.engine.device);
+               absl::StrJoin(options.engine.devices, ","));
   absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(options.engine);
   if (!engine.ok()) return engine.status();
   s->engine_ = *std::move(engine);
@@ -40,6 +41,7 @@ absl::StatusOr<std::unique_ptr<DmdServer>> DmdServer::Create(Options options) {
   Metrics::Options metrics_options;
   metrics_options.version = options.version;
   metrics_options.queue_capacity_images = options.engine.max_queued_images;
+  metrics_options.devices = s->engine_->Devices();
   for (const ModelInfo& info : s->engine_->ListModels())
     metrics_options.models.push_back(info.name);
   absl::StatusOr<std::unique_ptr<Metrics>> metrics = Metrics::Create(metrics_options);

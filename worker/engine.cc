@@ -15,6 +15,7 @@
 #include "spdlog/spdlog.h"
 #include "worker/batcher.h"
 #include "worker/clip_tokenizer.h"
+#include "worker/device.h"
 #include "worker/image_codec.h"
 #include "worker/model_manifest.h"
 #include "worker/pipeline.h"
@@ -47,12 +48,45 @@ struct Engine::WorkItem {
   int index = 0;
 };
 
+// Busy-time accounting of one device, shared by the worker groups of every model on it: the
+// device is busy while at least one batch runs on it.
+struct Engine::DeviceState {
+  std::string name;  // "cpu", "cuda:N"
+  bool cuda = false;
+  absl::Mutex mu;
+  int running ABSL_GUARDED_BY(mu) = 0;            // batches running now
+  absl::Time since ABSL_GUARDED_BY(mu);           // when `running` last changed
+  absl::Duration unreported ABSL_GUARDED_BY(mu);  // busy time not reported yet
+
+  void BatchStarted(absl::Time now) {
+    absl::MutexLock lock(&mu);
+    if (running > 0) unreported += now - since;
+    since = now;
+    ++running;
+  }
+  // The busy time to report now (including that of batches still running).
+  absl::Duration BatchFinished(absl::Time now) {
+    absl::MutexLock lock(&mu);
+    unreported += now - since;
+    since = now;
+    --running;
+    return std::exchange(unreported, absl::ZeroDuration());
+  }
+};
+
+// A model's worker group on one device: its pipeline there (one execution instance per worker)
+// and the worker threads.
+struct Engine::Replica {
+  std::unique_ptr<Pipeline> pipeline;
+  DeviceState* device = nullptr;
+  std::vector<std::thread> workers;
+};
+
 struct Engine::Model {
   ModelManifest manifest;
   std::unique_ptr<ClipTokenizer> tokenizer;
-  std::unique_ptr<Pipeline> pipeline;
+  std::vector<std::unique_ptr<Replica>> replicas;     // one per device, in Options order
   std::unique_ptr<DynamicBatcher<WorkItem>> batcher;  // key: index into info.supported_sizes
-  std::vector<std::thread> workers;
   ModelInfo info;  // static part; `ready` lives in the atomic below
   std::atomic<bool> ready{false};
 };
@@ -60,6 +94,7 @@ struct Engine::Model {
 struct Engine::State {
   Options options;
   Clock* clock = nullptr;
+  std::vector<std::unique_ptr<DeviceState>> devices;  // Options.devices, resolved
   std::vector<std::unique_ptr<Model>> models;
   std::map<std::string, Model*, std::less<>> by_name;
   Model* default_model = nullptr;
@@ -87,6 +122,7 @@ namespace {
 
 absl::Status ValidateOptions(const Engine::Options& o) {
   if (o.model_dirs.empty()) return absl::InvalidArgumentError("model_dirs: at least one bundle");
+  if (o.devices.empty()) return absl::InvalidArgumentError("devices: at least one device");
   if (o.workers_per_model < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("workers_per_model must be >= 1, got ", o.workers_per_model));
@@ -117,6 +153,16 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(Options options) {
   State& st = *engine->state_;
   const Options& o = st.options;
   torch::jit::setGraphExecutorOptimize(o.jit_optimize);
+  absl::StatusOr<std::vector<std::string>> devices = ResolveDevices(o.devices);
+  if (!devices.ok()) return devices.status();
+  for (const std::string& name : *devices) {
+    auto device = std::make_unique<DeviceState>();
+    device->name = name;
+    device->cuda = name != "cpu";
+    st.devices.push_back(std::move(device));
+  }
+  absl::StatusOr<Pipeline::Postprocess> postprocess = Pipeline::ParsePostprocess(o.postprocess);
+  if (!postprocess.ok()) return postprocess.status();
 
   absl::StatusOr<std::unique_ptr<ThreadPool>> encoders =
       ThreadPool::Create({.num_threads = o.encode_threads});
@@ -129,6 +175,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(Options options) {
     absl::StatusOr<ModelManifest> manifest = ModelManifest::Load(dir);
     if (!manifest.ok()) return WithContext(manifest.status(), where);
     model->manifest = *std::move(manifest);
+    if (absl::Status s = ApplyDTypeOverride(o.dtype, model->manifest.dtypes); !s.ok()) return s;
     const ModelManifest& m = model->manifest;
     if (st.by_name.count(m.name) > 0) {
       return absl::InvalidArgumentError(
@@ -148,13 +195,21 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(Options options) {
         model->tokenizer->EncodeForModel("", m.tokenizer.max_length);
     if (!uncond.ok()) return WithContext(uncond.status(), where);
 
-    Pipeline::Options popts;
-    popts.device = o.device;
-    popts.intra_op_threads = o.intra_op_threads;
-    popts.uncond_input_ids = uncond->input_ids;
-    absl::StatusOr<std::unique_ptr<Pipeline>> pipeline = Pipeline::Create(m, popts);
-    if (!pipeline.ok()) return WithContext(pipeline.status(), where);
-    model->pipeline = *std::move(pipeline);
+    for (const std::unique_ptr<DeviceState>& device : st.devices) {
+      Pipeline::Options popts;
+      popts.device = device->name;
+      popts.intra_op_threads = o.intra_op_threads;
+      popts.uncond_input_ids = uncond->input_ids;
+      popts.instances = o.workers_per_model;
+      popts.cuda_graphs = o.cuda_graphs;
+      popts.postprocess = *postprocess;
+      absl::StatusOr<std::unique_ptr<Pipeline>> pipeline = Pipeline::Create(m, popts);
+      if (!pipeline.ok()) return WithContext(pipeline.status(), where);
+      auto replica = std::make_unique<Replica>();
+      replica->pipeline = *std::move(pipeline);
+      replica->device = device.get();
+      model->replicas.push_back(std::move(replica));
+    }
 
     const int model_max_batch = m.max_batch_size();
     BatcherOptions bopts;
@@ -214,8 +269,11 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(Options options) {
     }
     st.by_name.emplace(m.name, raw);
     st.models.push_back(std::move(model));
-    spdlog::info("loaded model '{}' from {} ({}x{}x{}, {} step(s), max batch {})", info.name, dir,
-                 info.width, info.height, info.channels, info.steps, bopts.max_batch_size);
+    spdlog::info(
+        "loaded model '{}' from {} ({}x{}x{}, {} step(s), max batch {}, dtypes {}/{}/{}) on {}",
+        info.name, dir, info.width, info.height, info.channels, info.steps, bopts.max_batch_size,
+        DTypeName(m.dtypes.text_encoder), DTypeName(m.dtypes.generator),
+        DTypeName(m.dtypes.decoder), absl::StrJoin(*devices, ", "));
   }
 
   if (o.default_model.empty()) {
@@ -233,8 +291,11 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(Options options) {
   Engine* self = engine.get();
   for (auto& model : st.models) {
     Model* m = model.get();
-    for (int i = 0; i < o.workers_per_model; ++i) {
-      m->workers.emplace_back([self, m] { self->WorkerLoop(m); });
+    for (auto& replica : m->replicas) {
+      Replica* r = replica.get();
+      for (int i = 0; i < o.workers_per_model; ++i) {
+        r->workers.emplace_back([self, m, r] { self->WorkerLoop(m, r); });
+      }
     }
   }
   return engine;
@@ -245,10 +306,14 @@ void Engine::SetListener(EngineListener* listener) { state_->listener.store(list
 absl::Status Engine::Warmup() {
   for (auto& model : state_->models) {
     const absl::Time start = absl::Now();
-    for (int run = 0; run < state_->options.warmup_runs; ++run) {
-      if (absl::Status s = model->pipeline->Warmup(); !s.ok()) {
-        return WithContext(s, absl::StrCat("warm-up of model '", model->info.name, "'"));
+    const std::string context = absl::StrCat("warm-up of model '", model->info.name, "'");
+    for (auto& replica : model->replicas) {
+      for (int run = 0; run < state_->options.warmup_runs; ++run) {
+        if (absl::Status s = replica->pipeline->Warmup(); !s.ok()) return WithContext(s, context);
       }
+      // After the eager passes: TorchScript has optimised its graphs by then.
+      absl::StatusOr<int> graphs = replica->pipeline->CaptureGraphs();
+      if (!graphs.ok()) return WithContext(graphs.status(), context);
     }
     model->ready.store(true);
     state_->events()->OnModelReady(model->info.name, true);
@@ -282,6 +347,12 @@ absl::StatusOr<std::string> Engine::ResolveModel(std::string_view name) const {
   absl::StatusOr<Model*> model = FindModel(name);
   if (!model.ok()) return model.status();
   return (*model)->info.name;
+}
+
+std::vector<std::string> Engine::Devices() const {
+  std::vector<std::string> names;
+  for (const auto& device : state_->devices) names.push_back(device->name);
+  return names;
 }
 
 std::vector<ModelInfo> Engine::ListModels() const {
@@ -362,15 +433,15 @@ absl::Status Engine::Submit(GenerateParams params, GenerateCallbacks callbacks) 
   return enqueued;
 }
 
-void Engine::WorkerLoop(Model* model) {
+void Engine::WorkerLoop(Model* model, Replica* replica) {
   while (std::optional<DynamicBatcher<WorkItem>::Batch> batch = model->batcher->NextBatch()) {
     state_->events()->OnQueueDepth(model->info.name, model->batcher->queued_images());
-    RunBatch(model, batch->key, std::move(batch->items), batch->padded_size, batch->enqueue_times);
+    RunBatch(model, replica, batch->key, std::move(batch->items), batch->padded_size);
   }
 }
 
-void Engine::RunBatch(Model* model, int size_index, std::vector<WorkItem> items, int padded_size,
-                      const std::vector<absl::Time>& enqueue_times) {
+void Engine::RunBatch(Model* model, Replica* replica, int size_index, std::vector<WorkItem> items,
+                      int padded_size) {
   State& st = *state_;
   const ImageSize size = model->info.supported_sizes[size_index];
   const int n = static_cast<int>(items.size());
@@ -392,23 +463,42 @@ void Engine::RunBatch(Model* model, int size_index, std::vector<WorkItem> items,
   }
   while (static_cast<int>(inputs.size()) < padded_size) inputs.push_back(inputs.back());
 
-  absl::StatusOr<Pipeline::Output> output = model->pipeline->Run(inputs, size.width, size.height);
-  BatchStats stats{
-      .model = model->info.name, .images = n, .padded_size = padded_size, .ok = output.ok()};
+  DeviceState& device = *replica->device;
+  device.BatchStarted(absl::Now());
+  absl::StatusOr<Pipeline::Output> output = replica->pipeline->Run(inputs, size.width, size.height);
+  DeviceStats device_stats{.device = device.name, .busy = device.BatchFinished(absl::Now())};
+  BatchStats stats{.model = model->info.name,
+                   .images = n,
+                   .padded_size = padded_size,
+                   .ok = output.ok(),
+                   .device = device.name};
   if (output.ok()) {
+    stats.padded_size = std::max(padded_size, output->run_batch_size);
     stats.text_encoder = output->timings.text_encoder;
     stats.generator = output->timings.generator;
     stats.decoder = output->timings.decoder;
+    stats.total = output->timings.total;
+    stats.cuda_graph = output->cuda_graph;
   }
   st.events()->OnBatchDone(stats);
-  if (!output.ok()) {
-    spdlog::error("model '{}' failed on a batch of {}: {}", model->info.name, n,
-                  std::string(output.status().message()));
-    for (WorkItem& item : items) {
-      FailRequest(item.request,
-                  absl::InternalError(
-                      absl::StrCat("model '", model->info.name, "' failed to generate the image")));
+  if (device.cuda) {
+    if (absl::StatusOr<DeviceMemory> memory = QueryDeviceMemory(device.name); memory.ok()) {
+      device_stats.memory_used_bytes = memory->used_bytes;
+      device_stats.memory_total_bytes = memory->total_bytes;
     }
+  }
+  st.events()->OnDeviceStats(device_stats);
+  if (!output.ok()) {
+    spdlog::error("model '{}' failed on a batch of {} on {}: {}", model->info.name, n, device.name,
+                  std::string(output.status().message()));
+    const absl::Status status =
+        output.status().code() == absl::StatusCode::kResourceExhausted
+            ? absl::ResourceExhaustedError(absl::StrCat(
+                  "model '", model->info.name, "' ran out of device memory on a batch of ", n,
+                  " image(s); retry later or ask for fewer images"))
+            : absl::InternalError(
+                  absl::StrCat("model '", model->info.name, "' failed to generate the image"));
+    for (WorkItem& item : items) FailRequest(item.request, status);
     return;
   }
   for (WorkItem& item : items) {
@@ -506,7 +596,9 @@ void Engine::Shutdown() {
   st.accepting.store(false);
   for (auto& model : st.models) model->batcher->Shutdown();
   for (auto& model : st.models) {
-    for (std::thread& t : model->workers) t.join();
+    for (auto& replica : model->replicas) {
+      for (std::thread& t : replica->workers) t.join();
+    }
     st.events()->OnModelReady(model->info.name, false);
   }
   st.encoders.reset();  // runs every scheduled encode, so every accepted request finishes

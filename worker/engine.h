@@ -1,17 +1,21 @@
 // Engine: the public API of worker/ -- everything the server needs to serve image generation.
 //
-// The engine owns, per model bundle: its manifest, ClipTokenizer, Pipeline, one DynamicBatcher
-// (batching key = index of the output size) and `workers_per_model` model-worker threads that pull
-// formed batches and run them; plus one PNG-encode ThreadPool shared by all models, so encoding
-// never runs on a model worker. A request's images are queued as independent work items (the
-// batching unit is one image) and may ride in different batches.
+// The engine owns, per model bundle: its manifest, ClipTokenizer, one DynamicBatcher (batching
+// key = index of the output size) and, per device of Options.devices (a worker group), a Pipeline
+// on that device with `workers_per_model` model-worker threads that pull formed batches from the
+// model's one batcher and run them, each on its own execution instance of that pipeline (on a GPU:
+// its own CUDA stream and CUDA graphs); plus one PNG-encode ThreadPool shared by all models, so
+// encoding never runs on a model worker. A request's images are queued as independent work items
+// (the batching unit is one image) and may ride in different batches, on different devices.
 //
 // Flow: Submit() validates the model-dependent parts of a request (model, num_images, size, prompt
 // encoding), tokenizes the prompt, and enqueues its images; it fails fast with a status (NOT_FOUND,
 // INVALID_ARGUMENT, RESOURCE_EXHAUSTED when the queue is full, UNAVAILABLE when not ready or
 // shutting down) and then calls no callback. When it returns OK, callbacks.on_done is called
 // exactly once, later, on an engine thread, with the result or the first error (DEADLINE_EXCEEDED
-// or CANCELLED when dropped in the queue, INTERNAL when the model failed on its batch).
+// or CANCELLED when dropped in the queue, RESOURCE_EXHAUSTED when the device ran out of memory on
+// its batch, INTERNAL when the model failed on its batch). Either failure fails only that batch's
+// requests; the workers keep serving.
 //
 // Seeds: image i of a request uses seed `seed + i` (mod 2^64); an absent seed is drawn at random
 // and reported with every image. Noise contract: see docs/ARCHITECTURE.md.
@@ -127,10 +131,26 @@ struct BatchStats {
   std::string_view model;
   int images = 0;       // real images in the batch
   int padded_size = 0;  // what the model ran (>= images)
+  // Stage times; zero for a CUDA-graph replay, which runs every stage at once.
   absl::Duration text_encoder;
   absl::Duration generator;
   absl::Duration decoder;
   bool ok = true;
+  std::string_view device;  // "cpu", "cuda:N"
+  absl::Duration total;     // the whole Pipeline::Run (ok batches)
+  bool cuda_graph = false;  // a CUDA graph was replayed
+};
+
+// How busy one device is and, for a GPU, its memory. Reported after every batch that ran on it.
+struct DeviceStats {
+  std::string_view device;  // "cpu", "cuda:N"
+  // Time during which at least one batch ran on the device (the union over its workers, not the
+  // sum), since the previous report for the device. Summed over reports and divided by wall time,
+  // it is the device's busy ratio.
+  absl::Duration busy;
+  // Device-wide memory in use (all processes) and in total; -1 when not known (the CPU).
+  int64_t memory_used_bytes = -1;
+  int64_t memory_total_bytes = -1;
 };
 
 // Receives engine events (the server turns them into Prometheus metrics). Methods are called on
@@ -142,6 +162,7 @@ class EngineListener {
   virtual void OnImageEncoded(std::string_view model, absl::Duration encode_time) {}
   virtual void OnQueueDepth(std::string_view model, int queued_images) {}
   virtual void OnModelReady(std::string_view model, bool ready) {}
+  virtual void OnDeviceStats(const DeviceStats& stats) {}
 };
 
 class Engine {
@@ -151,9 +172,11 @@ class Engine {
     std::vector<std::string> model_dirs;
     // Name of the model used when a request names none; empty: the first bundle's model.
     std::string default_model;
-    // libtorch device: "cpu" (or "cuda:N" in a CUDA build).
-    std::string device = "cpu";
-    // Model-worker threads per model, each running one batch at a time. >= 1. Default 1.
+    // libtorch devices, one worker group each: "cpu", "cuda:N" (CUDA builds), "N" for "cuda:N",
+    // or {"all"}: every visible GPU (see ResolveDevices in worker/device.h). Default {"cpu"}.
+    std::vector<std::string> devices = {"cpu"};
+    // Model-worker threads per model and device, each running one batch at a time on its own
+    // execution instance (a CUDA stream and its CUDA graphs on a GPU). >= 1. Default 1.
     int workers_per_model = 1;
     // libtorch intra-op threads (process-wide). 0: libtorch's default (one per core).
     int intra_op_threads = 0;
@@ -185,6 +208,17 @@ class Engine {
     int png_compression_level = 1;
     // Time source; not owned; nullptr: the real clock.
     Clock* clock = nullptr;
+    // GPUs: capture a CUDA graph per model, worker, supported size and manifest batch size at
+    // warm-up, and pad batches up to the next manifest batch size to replay them (shapes whose
+    // capture fails run eagerly, logged). Ignored on the CPU. Default on.
+    bool cuda_graphs = true;
+    // Overrides every model's manifest dtypes: "" (none), a dtype for every component
+    // ("bfloat16"), or component=dtype pairs ("generator=float16,decoder=float32"); see
+    // ApplyDTypeOverride in worker/model_manifest.h. The sampling arithmetic stays float32.
+    std::string dtype;
+    // Decoded image -> uint8 conversion: "torch" (libtorch ops, any device) or "cuda_kernel"
+    // (dmdserve's kernel; CUDA builds on GPUs). Default "torch".
+    std::string postprocess = "torch";
   };
 
   // Loads every bundle (manifest, tokenizer, TorchScript modules) and starts the worker threads.
@@ -212,6 +246,9 @@ class Engine {
 
   std::vector<ModelInfo> ListModels() const;
 
+  // The devices the engine runs on, one worker group each ("cpu", "cuda:N"), in Options order.
+  std::vector<std::string> Devices() const;
+
   // The name of the model `name` refers to (empty: the default model); NOT_FOUND naming the
   // served models otherwise.
   absl::StatusOr<std::string> ResolveModel(std::string_view name) const;
@@ -225,14 +262,16 @@ class Engine {
 
  private:
   struct Model;
+  struct Replica;
+  struct DeviceState;
   struct Request;
   struct WorkItem;
 
   explicit Engine(Options options);
   absl::StatusOr<Model*> FindModel(std::string_view name) const;
-  void WorkerLoop(Model* model);
-  void RunBatch(Model* model, int size_index, std::vector<WorkItem> items, int padded_size,
-                const std::vector<absl::Time>& enqueue_times);
+  void WorkerLoop(Model* model, Replica* replica);
+  void RunBatch(Model* model, Replica* replica, int size_index, std::vector<WorkItem> items,
+                int padded_size);
   void FinishImage(const std::shared_ptr<Request>& request, GeneratedImage image);
   static void FailRequest(const std::shared_ptr<Request>& request, absl::Status status);
 

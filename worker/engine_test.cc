@@ -9,10 +9,12 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "worker/clip_tokenizer.h"
+#include "worker/device.h"
 #include "worker/image_codec.h"
 #include "worker/test_util.h"
 
@@ -347,6 +349,139 @@ TEST(EngineTest, ModelFailureFailsOnlyItsBatchAndWorkersKeepGoing) {
   other.done.WaitForNotification();
   EXPECT_TRUE(good.status.ok()) << good.status;
   EXPECT_TRUE(other.status.ok()) << other.status;
+}
+
+// The id of `word`'s single token in the tiny bundle's CLIP vocabulary.
+int32_t TokenId(const std::string& word) {
+  auto tokenizer = ClipTokenizer::Create({.vocab_path = kTinyBundle + "/tokenizer/vocab.json",
+                                          .merges_path = kTinyBundle + "/tokenizer/merges.txt"});
+  EXPECT_TRUE(tokenizer.ok()) << tokenizer.status();
+  if (!tokenizer.ok()) return -1;
+  absl::StatusOr<std::vector<int32_t>> ids = (*tokenizer)->Encode(word);
+  EXPECT_TRUE(ids.ok() && ids->size() == 1) << word;
+  return ids.ok() && ids->size() == 1 ? ids->front() : -1;
+}
+
+// A batch that runs out of memory (a real allocation failure: the fixture's text encoder asks for
+// 1 PiB on the trigger token) fails its requests with RESOURCE_EXHAUSTED; the worker goes on.
+TEST(EngineTest, OutOfMemoryFailsItsBatchWithResourceExhaustedAndWorkersKeepGoing) {
+  const std::string dir = ::dmdserve::testing::MakeTempDir() + "/oom-bundle";
+  const std::string cmd = absl::StrCat(DMDSERVE_PYTHON, " ", DMDSERVE_SOURCE_DIR,
+                                       "/worker/testdata/make_oom_bundle.py --src ", kTinyBundle,
+                                       " --out ", dir, " --trigger-id ", TokenId("boom"));
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+  auto engine = MakeEngine({.model_dirs = {dir}});
+  ASSERT_NE(engine, nullptr);
+  Outcome oom, fine;
+  ASSERT_TRUE(engine->Submit(Params("boom", 2, 1), oom.Callbacks()).ok());
+  oom.done.WaitForNotification();
+  EXPECT_EQ(oom.status.code(), absl::StatusCode::kResourceExhausted) << oom.status;
+  EXPECT_THAT(std::string(oom.status.message()),
+              HasSubstr("model 'oom' ran out of device memory on a batch of 2 image(s)"));
+  ASSERT_TRUE(engine->Submit(Params("a bag", 2, 1), fine.Callbacks()).ok());
+  fine.done.WaitForNotification();
+  EXPECT_TRUE(fine.status.ok()) << fine.status;
+}
+
+// Records the device events the engine reports.
+class DeviceListener : public EngineListener {
+ public:
+  void OnDeviceStats(const DeviceStats& stats) override {
+    absl::MutexLock lock(&mu_);
+    devices_.insert(std::string(stats.device));
+    busy_ += stats.busy;
+    memory_known_ = memory_known_ || stats.memory_used_bytes >= 0 || stats.memory_total_bytes >= 0;
+  }
+  void OnBatchDone(const BatchStats& stats) override {
+    absl::MutexLock lock(&mu_);
+    batch_devices_.insert(std::string(stats.device));
+  }
+  std::set<std::string> devices() {
+    absl::MutexLock lock(&mu_);
+    return devices_;
+  }
+  std::set<std::string> batch_devices() {
+    absl::MutexLock lock(&mu_);
+    return batch_devices_;
+  }
+  absl::Duration busy() {
+    absl::MutexLock lock(&mu_);
+    return busy_;
+  }
+  bool memory_known() {
+    absl::MutexLock lock(&mu_);
+    return memory_known_;
+  }
+
+ private:
+  absl::Mutex mu_;
+  std::set<std::string> devices_ ABSL_GUARDED_BY(mu_);
+  std::set<std::string> batch_devices_ ABSL_GUARDED_BY(mu_);
+  absl::Duration busy_ ABSL_GUARDED_BY(mu_);
+  bool memory_known_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+TEST(EngineTest, ReportsTheCpuBusyTimeAndNoMemory) {
+  auto engine = MakeEngine({.workers_per_model = 2});
+  ASSERT_NE(engine, nullptr);
+  EXPECT_EQ(engine->Devices(), (std::vector<std::string>{"cpu"}));
+  DeviceListener listener;
+  engine->SetListener(&listener);
+  const absl::Time start = absl::Now();
+  std::vector<std::unique_ptr<Outcome>> outs;
+  for (int i = 0; i < 8; ++i) {
+    outs.push_back(std::make_unique<Outcome>());
+    ASSERT_TRUE(engine->Submit(Params("a scarf", 4, i), outs.back()->Callbacks()).ok());
+  }
+  for (auto& o : outs) {
+    o->done.WaitForNotification();
+    EXPECT_TRUE(o->status.ok()) << o->status;
+  }
+  const absl::Duration elapsed = absl::Now() - start;
+  EXPECT_EQ(listener.devices(), (std::set<std::string>{"cpu"}));
+  EXPECT_EQ(listener.batch_devices(), (std::set<std::string>{"cpu"}));
+  EXPECT_FALSE(listener.memory_known());
+  // The union of the two workers' batch times: some, and never more than the wall time.
+  EXPECT_GT(listener.busy(), absl::ZeroDuration());
+  EXPECT_LE(listener.busy(), elapsed);
+}
+
+TEST(EngineTest, RejectsBadDevicePrecisionAndPostprocessOptions) {
+  auto s = Engine::Create({.model_dirs = {kTinyBundle}, .devices = {"gpu"}}).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("\"gpu\" is not a device"));
+  s = Engine::Create({.model_dirs = {kTinyBundle}, .devices = {}}).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  if (CudaDeviceCount() == 0) {
+    s = Engine::Create({.model_dirs = {kTinyBundle}, .devices = {"all"}}).status();
+    EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  }
+  Engine::Options o{.model_dirs = {kTinyBundle}};
+  o.dtype = "half";
+  s = Engine::Create(o).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("dtype override \"half\""));
+  o.dtype = "";
+  o.postprocess = "kernel";
+  s = Engine::Create(o).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("postprocess"));
+}
+
+TEST(EngineTest, DTypeOverrideChangesHowTheModelRuns) {
+  Engine::Options o;
+  o.dtype = "bfloat16";
+  auto bf16 = MakeEngine(o);
+  auto fp32 = MakeEngine({});
+  ASSERT_NE(bf16, nullptr);
+  ASSERT_NE(fp32, nullptr);
+  Outcome a, b;
+  ASSERT_TRUE(bf16->Submit(Params("a sneaker", 1, 3), a.Callbacks()).ok());
+  ASSERT_TRUE(fp32->Submit(Params("a sneaker", 1, 3), b.Callbacks()).ok());
+  a.done.WaitForNotification();
+  b.done.WaitForNotification();
+  ASSERT_TRUE(a.status.ok() && b.status.ok());
+  EXPECT_NE(Pixels(a.result.images.at(0)), Pixels(b.result.images.at(0)));
 }
 
 }  // namespace

@@ -4,12 +4,14 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <optional>
 #include <utility>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "nlohmann/json.hpp"
@@ -351,6 +353,39 @@ void ReadBatching(Reader& r, const json& root, ModelManifest& m) {
 }  // namespace
 
 const char* DTypeName(DType dtype) { return kDTypeNames[static_cast<int>(dtype)].data(); }
+
+absl::Status ApplyDTypeOverride(absl::string_view spec, ModelManifest::ComponentDTypes& dtypes) {
+  if (spec.empty()) return absl::OkStatus();
+  auto parse = [](absl::string_view name) -> std::optional<DType> {
+    for (size_t i = 0; i < std::size(kDTypeNames); ++i) {
+      if (name == kDTypeNames[i]) return kDTypes[i];
+    }
+    return std::nullopt;
+  };
+  const std::string expected =
+      absl::StrCat("expected a dtype (", absl::StrJoin(kDTypeNames, ", "),
+                   ") or component=dtype pairs with components text_encoder, generator, decoder");
+  if (const std::optional<DType> all = parse(spec); all.has_value()) {
+    dtypes = {*all, *all, *all};
+    return absl::OkStatus();
+  }
+  ModelManifest::ComponentDTypes result = dtypes;
+  for (const absl::string_view pair : absl::StrSplit(spec, ',')) {
+    const std::vector<absl::string_view> parts = absl::StrSplit(pair, absl::MaxSplits('=', 1));
+    const std::optional<DType> dtype = parts.size() == 2 ? parse(parts[1]) : std::nullopt;
+    DType* target = nullptr;
+    if (parts[0] == "text_encoder") target = &result.text_encoder;
+    if (parts[0] == "generator") target = &result.generator;
+    if (parts[0] == "decoder") target = &result.decoder;
+    if (target == nullptr || !dtype.has_value()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("dtype override \"", spec, "\": bad part \"", pair, "\"; ", expected));
+    }
+    *target = *dtype;
+  }
+  dtypes = result;
+  return absl::OkStatus();
+}
 
 absl::StatusOr<ModelManifest> ModelManifest::Load(const std::string& bundle_dir) {
   ModelManifest m;

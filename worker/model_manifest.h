@@ -17,7 +17,9 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 namespace dmdserve {
 
@@ -109,6 +111,12 @@ struct ModelManifest {
   // {latent_channels, height / downsample_factor, width / downsample_factor}.
   std::array<int64_t, 3> LatentShape(int width, int height) const;
 };
+
+// Applies a dtype override (dmdserve --dtype) on top of a manifest's dtypes: "" changes nothing;
+// one dtype name ("float16") sets every component; comma-separated component=dtype pairs
+// ("generator=float16,decoder=bfloat16") set the components they name. INVALID_ARGUMENT naming the
+// bad part, with `dtypes` unchanged. The sampling arithmetic stays float32 whatever the override.
+absl::Status ApplyDTypeOverride(absl::string_view spec, ModelManifest::ComponentDTypes& dtypes);
 
 }  // namespace dmdserve
 

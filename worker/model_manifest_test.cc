@@ -7,6 +7,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -148,6 +149,40 @@ TEST_F(ModelManifestTest, DTypeStringAppliesToEveryComponent) {
   EXPECT_EQ(m->dtypes.generator, DType::kFloat16);
   EXPECT_EQ(m->dtypes.decoder, DType::kFloat16);
   EXPECT_STREQ(DTypeName(m->dtypes.decoder), "float16");
+}
+
+TEST(DTypeOverrideTest, OneNameSetsEveryComponentAndPairsSetTheNamedOnes) {
+  using DTypes = ModelManifest::ComponentDTypes;
+  DTypes dtypes{DType::kFloat16, DType::kFloat16, DType::kFloat32};
+  ASSERT_TRUE(ApplyDTypeOverride("", dtypes).ok());
+  EXPECT_EQ(dtypes.text_encoder, DType::kFloat16);
+  EXPECT_EQ(dtypes.decoder, DType::kFloat32);
+
+  ASSERT_TRUE(ApplyDTypeOverride("bfloat16", dtypes).ok());
+  EXPECT_EQ(dtypes.text_encoder, DType::kBFloat16);
+  EXPECT_EQ(dtypes.generator, DType::kBFloat16);
+  EXPECT_EQ(dtypes.decoder, DType::kBFloat16);
+
+  ASSERT_TRUE(ApplyDTypeOverride("generator=float16,decoder=float32", dtypes).ok());
+  EXPECT_EQ(dtypes.text_encoder, DType::kBFloat16);  // not named: unchanged
+  EXPECT_EQ(dtypes.generator, DType::kFloat16);
+  EXPECT_EQ(dtypes.decoder, DType::kFloat32);
+}
+
+TEST(DTypeOverrideTest, BadSpecsNameTheBadPartAndChangeNothing) {
+  ModelManifest::ComponentDTypes dtypes;
+  for (const auto& [spec, part] : std::vector<std::pair<std::string, std::string>>{
+           {"half", "\"half\""},
+           {"generator=float16,vae=float32", "\"vae=float32\""},
+           {"generator=fp16", "\"generator=fp16\""},
+           {"generator", "\"generator\""},
+           {"decoder=float32,", "\"\""}}) {
+    const absl::Status status = ApplyDTypeOverride(spec, dtypes);
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << spec;
+    EXPECT_THAT(status.message(), HasSubstr("bad part " + part)) << spec;
+    EXPECT_EQ(dtypes.generator, DType::kFloat32) << spec;
+    EXPECT_EQ(dtypes.decoder, DType::kFloat32) << spec;
+  }
 }
 
 TEST_F(ModelManifestTest, SizesAndLatentShapes) {

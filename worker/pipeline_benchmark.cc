@@ -1,17 +1,25 @@
-// Raw in-process throughput of Pipeline::Run on models/tiny-random: no tokenizer, batcher, PNG
-// encoding or RPC. Each batch has distinct prompts, so the text encoder runs on the whole batch.
+// Raw in-process throughput of Pipeline::Run: no tokenizer, batcher, PNG encoding or RPC. Each
+// batch has distinct prompts, so the text encoder runs on the whole batch. One benchmark per
+// manifest batch size, at the bundle's default size.
 //
-//   build-pipe/worker/pipeline_benchmark
+//   build/worker/pipeline_benchmark [--bundle=models/tiny-random] [--device=cpu|cuda:N]
+//       [--dtype=SPEC] [--cuda_graphs=true|false] [--postprocess=torch|cuda_kernel]
+//       [--jit_optimize=true|false] [Google Benchmark flags]
+//
+// --dtype overrides the manifest's dtypes like dmdserve --dtype; --cuda_graphs captures a CUDA
+// graph per batch size after warm-up (GPUs; docs/GPU.md).
 #include <benchmark/benchmark.h>
 #include <torch/csrc/jit/runtime/graph_executor.h>
 
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "worker/model_manifest.h"
 #include "worker/pipeline.h"
@@ -19,26 +27,45 @@
 namespace dmdserve {
 namespace {
 
-// The warmed-up pipeline of models/tiny-random, shared by every benchmark; aborts on error.
-const Pipeline& TinyPipeline() {
-  static const Pipeline* const pipeline = [] {
-    absl::StatusOr<ModelManifest> manifest =
-        ModelManifest::Load(DMDSERVE_SOURCE_DIR "/models/tiny-random");
-    absl::StatusOr<std::unique_ptr<Pipeline>> created =
-        manifest.ok() ? Pipeline::Create(*manifest, {}) : manifest.status();
-    absl::Status warmup = created.ok() ? (*created)->Warmup() : created.status();
-    if (!warmup.ok()) {
-      std::fprintf(stderr, "cannot set up the pipeline: %s\n", warmup.ToString().c_str());
-      std::abort();
-    }
-    return created->release();
-  }();
-  return *pipeline;
+[[noreturn]] void Die(const std::string& message) {
+  std::fprintf(stderr, "pipeline_benchmark: %s\n", message.c_str());
+  std::exit(1);
 }
 
-void BM_PipelineRun(benchmark::State& state) {
-  const Pipeline& pipeline = TinyPipeline();
-  const ModelManifest& manifest = pipeline.manifest();
+// Loads the bundle and warms the pipeline up as dmdserve does (two eager passes, then CUDA graph
+// capture); exits on error.
+std::unique_ptr<Pipeline> MakePipeline(const std::map<std::string, std::string>& flags) {
+  absl::StatusOr<ModelManifest> manifest = ModelManifest::Load(flags.at("bundle"));
+  if (!manifest.ok()) Die(manifest.status().ToString());
+  if (absl::Status s = ApplyDTypeOverride(flags.at("dtype"), manifest->dtypes); !s.ok()) {
+    Die(s.ToString());
+  }
+  absl::StatusOr<Pipeline::Postprocess> postprocess =
+      Pipeline::ParsePostprocess(flags.at("postprocess"));
+  if (!postprocess.ok()) Die(postprocess.status().ToString());
+  Pipeline::Options options;
+  options.device = flags.at("device");
+  options.cuda_graphs = flags.at("cuda_graphs") == "true";
+  options.postprocess = *postprocess;
+  // Guidance needs the empty prompt's ids: BOS, then EOS as padding (CLIP's layout).
+  options.uncond_input_ids.assign(manifest->tokenizer.max_length, 49407);
+  options.uncond_input_ids[0] = 49406;
+  absl::StatusOr<std::unique_ptr<Pipeline>> pipeline = Pipeline::Create(*manifest, options);
+  if (!pipeline.ok()) Die(pipeline.status().ToString());
+  for (int run = 0; run < 2; ++run) {
+    if (absl::Status s = (*pipeline)->Warmup(); !s.ok()) Die(s.ToString());
+  }
+  absl::StatusOr<int> graphs = (*pipeline)->CaptureGraphs();
+  if (!graphs.ok()) Die(graphs.status().ToString());
+  std::fprintf(stderr, "pipeline_benchmark: %s on %s, dtypes %s/%s/%s, %d CUDA graph(s)\n",
+               manifest->name.c_str(), (*pipeline)->device().c_str(),
+               DTypeName(manifest->dtypes.text_encoder), DTypeName(manifest->dtypes.generator),
+               DTypeName(manifest->dtypes.decoder), *graphs);
+  return *std::move(pipeline);
+}
+
+void BM_PipelineRun(benchmark::State& state, const Pipeline* pipeline) {
+  const ModelManifest& manifest = pipeline->manifest();
   const int batch_size = static_cast<int>(state.range(0));
   std::vector<Pipeline::Input> batch(batch_size);
   for (int i = 0; i < batch_size; ++i) {
@@ -46,9 +73,11 @@ void BM_PipelineRun(benchmark::State& state) {
     batch[i].input_ids[1] = i;
     batch[i].seed = i;
   }
-  absl::Duration text_encoder, generator, decoder;
+  absl::Duration text_encoder, generator, decoder, total;
+  int run_batch = 0;
+  bool graph = false;
   for (auto _ : state) {
-    absl::StatusOr<Pipeline::Output> output = pipeline.Run(batch, manifest.width, manifest.height);
+    absl::StatusOr<Pipeline::Output> output = pipeline->Run(batch, manifest.width, manifest.height);
     if (!output.ok()) {
       state.SkipWithError(output.status().ToString().c_str());
       break;
@@ -57,46 +86,63 @@ void BM_PipelineRun(benchmark::State& state) {
     text_encoder += output->timings.text_encoder;
     generator += output->timings.generator;
     decoder += output->timings.decoder;
+    total += output->timings.total;
+    run_batch = output->run_batch_size;
+    graph = output->cuda_graph;
   }
   state.counters["images_per_second"] = benchmark::Counter(
       static_cast<double>(state.iterations()) * batch_size, benchmark::Counter::kIsRate);
-  // Mean stage times per batch, in milliseconds.
-  const auto per_batch_ms = [&](absl::Duration total) {
-    return benchmark::Counter(absl::ToDoubleMilliseconds(total),
-                              benchmark::Counter::kAvgIterations);
+  // Mean stage times per batch, in milliseconds (zero for CUDA-graph replays, which have none).
+  const auto per_batch_ms = [&](absl::Duration sum) {
+    return benchmark::Counter(absl::ToDoubleMilliseconds(sum), benchmark::Counter::kAvgIterations);
   };
   state.counters["text_encoder_ms"] = per_batch_ms(text_encoder);
   state.counters["generator_ms"] = per_batch_ms(generator);
   state.counters["decoder_ms"] = per_batch_ms(decoder);
+  state.counters["total_ms"] = per_batch_ms(total);
+  state.counters["run_batch"] = run_batch;
+  state.counters["cuda_graph"] = graph ? 1 : 0;
 }
-BENCHMARK(BM_PipelineRun)
-    ->ArgName("batch")
-    ->Arg(1)
-    ->Arg(2)
-    ->Arg(4)
-    ->Arg(8)
-    ->UseRealTime()
-    ->Unit(benchmark::kMillisecond);
 
 }  // namespace
 }  // namespace dmdserve
 
-// --jit_optimize=true|false (default true, as in dmdserve) sets TorchScript's graph-executor
-// optimisation before anything runs; every other flag goes to Google Benchmark.
+// This binary's flags (--name=value, defaults below) are taken out; every other flag goes to
+// Google Benchmark. --jit_optimize sets TorchScript's graph-executor optimisation (default true,
+// as in dmdserve) before anything runs.
 int main(int argc, char** argv) {
-  bool jit_optimize = true;
+  std::map<std::string, std::string> flags = {
+      {"bundle", DMDSERVE_SOURCE_DIR "/models/tiny-random"},
+      {"device", "cpu"},
+      {"dtype", ""},
+      {"cuda_graphs", "false"},
+      {"postprocess", "torch"},
+      {"jit_optimize", "true"},
+  };
   std::vector<char*> args;
   for (int i = 0; i < argc; ++i) {
     const std::string arg = argv[i];
-    if (arg.rfind("--jit_optimize=", 0) == 0) {
-      jit_optimize = arg.substr(strlen("--jit_optimize=")) == "true";
-    } else {
-      args.push_back(argv[i]);
+    bool ours = false;
+    for (auto& [name, value] : flags) {
+      const std::string prefix = absl::StrCat("--", name, "=");
+      if (absl::StartsWith(arg, prefix)) {
+        value = arg.substr(prefix.size());
+        ours = true;
+      }
     }
+    if (!ours) args.push_back(argv[i]);
   }
-  torch::jit::setGraphExecutorOptimize(jit_optimize);
+  torch::jit::setGraphExecutorOptimize(flags["jit_optimize"] == "true");
   int n = static_cast<int>(args.size());
   benchmark::Initialize(&n, args.data());
+  const std::unique_ptr<dmdserve::Pipeline> pipeline = dmdserve::MakePipeline(flags);
+  for (const int batch_size : pipeline->manifest().batch_sizes) {
+    benchmark::RegisterBenchmark("BM_PipelineRun", dmdserve::BM_PipelineRun, pipeline.get())
+        ->ArgName("batch")
+        ->Arg(batch_size)
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+  }
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   return 0;

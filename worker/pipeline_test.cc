@@ -20,6 +20,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "worker/device.h"
 #include "worker/test_util.h"
 
 namespace dmdserve {
@@ -217,13 +218,16 @@ TEST_P(PipelineBundleTest, DifferentSeedsOrPromptsGiveDifferentImages) {
 }
 
 TEST_P(PipelineBundleTest, ConcurrentRunsGiveTheSerialResults) {
+  // Two execution instances for four threads: runs proceed two at a time, the others wait.
+  std::unique_ptr<Pipeline> pipeline = MakePipeline(manifest_, {.instances = 2});
+  ASSERT_NE(pipeline, nullptr);
   std::vector<std::vector<Pipeline::Input>> batches;
   for (uint64_t seed = 0; seed < 8; ++seed) {
     batches.push_back({{seed % 2 ? prompt_a_ : prompt_b_, seed}, {prompt_c_, seed + 100}});
   }
   std::vector<std::vector<std::string>> serial;
   for (const auto& batch : batches) {
-    serial.push_back(RunOk(*pipeline_, batch, manifest_.width, manifest_.height));
+    serial.push_back(RunOk(*pipeline, batch, manifest_.width, manifest_.height));
   }
   std::vector<std::vector<std::string>> concurrent(batches.size());
   std::vector<std::thread> threads;
@@ -231,7 +235,7 @@ TEST_P(PipelineBundleTest, ConcurrentRunsGiveTheSerialResults) {
   for (int t = 0; t < kThreads; ++t) {
     threads.emplace_back([&, t] {
       for (size_t i = t; i < batches.size(); i += kThreads) {
-        concurrent[i] = RunOk(*pipeline_, batches[i], manifest_.width, manifest_.height);
+        concurrent[i] = RunOk(*pipeline, batches[i], manifest_.width, manifest_.height);
       }
     });
   }
@@ -320,6 +324,78 @@ TEST_F(PipelineTest, RejectsBadOptions) {
   pipeline = Pipeline::Create(manifest_, options);
   EXPECT_EQ(pipeline.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(pipeline.status().message(), HasSubstr("intra_op_threads must be >= 0, got -1"));
+
+  options.intra_op_threads = 0;
+  options.instances = 0;
+  pipeline = Pipeline::Create(manifest_, options);
+  EXPECT_EQ(pipeline.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(pipeline.status().message(), HasSubstr("instances must be >= 1, got 0"));
+
+  // The CUDA kernel needs a CUDA build, and then a CUDA device.
+  options.instances = 1;
+  options.postprocess = Pipeline::Postprocess::kCudaKernel;
+  pipeline = Pipeline::Create(manifest_, options);
+  EXPECT_EQ(pipeline.status().code(), CudaBuild() ? absl::StatusCode::kInvalidArgument
+                                                  : absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(pipeline.status().message(),
+              HasSubstr(CudaBuild() ? "cuda_kernel needs a CUDA device, got cpu"
+                                    : "cuda_kernel needs a CUDA build"));
+}
+
+TEST(PipelinePostprocessTest, ParsesTheTwoNames) {
+  EXPECT_EQ(Pipeline::ParsePostprocess("torch").value(), Pipeline::Postprocess::kTorchOps);
+  EXPECT_EQ(Pipeline::ParsePostprocess("cuda_kernel").value(), Pipeline::Postprocess::kCudaKernel);
+  const absl::Status bad = Pipeline::ParsePostprocess("kernel").status();
+  EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(bad.message(), HasSubstr("\"kernel\" is neither"));
+}
+
+TEST_F(PipelineTest, EagerRunsReportTheirBatchAndStageTimes) {
+  std::unique_ptr<Pipeline> pipeline = MakePipeline(manifest_);
+  ASSERT_NE(pipeline, nullptr);
+  EXPECT_EQ(pipeline->device(), "cpu");
+  const std::vector<Pipeline::Input> batch = {{InputIds(manifest_, {320}), 1},
+                                              {InputIds(manifest_, {321}), 2},
+                                              {InputIds(manifest_, {322}), 3}};
+  absl::StatusOr<Pipeline::Output> output = pipeline->Run(batch, 32, 32);
+  ASSERT_TRUE(output.ok()) << output.status();
+  EXPECT_EQ(output->run_batch_size, 3);  // no padding without CUDA graphs
+  EXPECT_FALSE(output->cuda_graph);
+  const Pipeline::Timings& t = output->timings;
+  EXPECT_GT(t.generator, absl::ZeroDuration());
+  EXPECT_GE(t.total, t.text_encoder + t.generator + t.decoder);  // the stages are parts of it
+}
+
+TEST_F(PipelineTest, CudaGraphsAreIgnoredOnTheCpu) {
+  std::unique_ptr<Pipeline> pipeline = MakePipeline(manifest_, {.cuda_graphs = true});
+  ASSERT_NE(pipeline, nullptr);
+  ASSERT_TRUE(pipeline->Warmup().ok());
+  absl::StatusOr<int> captured = pipeline->CaptureGraphs();
+  ASSERT_TRUE(captured.ok()) << captured.status();
+  EXPECT_EQ(*captured, 0);
+  absl::StatusOr<Pipeline::Output> output =
+      pipeline->Run({{InputIds(manifest_, {320}), 1}}, 32, 32);
+  ASSERT_TRUE(output.ok()) << output.status();
+  EXPECT_FALSE(output->cuda_graph);
+}
+
+// A real allocation failure inside a component (the fixture's text encoder asks for 1 PiB when it
+// sees the trigger token) fails that batch with RESOURCE_EXHAUSTED; the next batch runs.
+TEST_F(PipelineTest, OutOfMemoryIsResourceExhaustedAndThePipelineKeepsWorking) {
+  constexpr int kTrigger = 11760;
+  const std::string dir = MakeTempDir() + "/oom-bundle";
+  ASSERT_TRUE(RunCommand(absl::StrCat(
+      DMDSERVE_PYTHON, " ", SourcePath("worker/testdata/make_oom_bundle.py").string(), " --src ",
+      SourcePath("models/tiny-random").string(), " --out ", dir, " --trigger-id ", kTrigger)));
+  std::unique_ptr<Pipeline> pipeline = MakePipeline(LoadManifest(dir));
+  ASSERT_NE(pipeline, nullptr);
+  absl::StatusOr<Pipeline::Output> output = pipeline->Run(
+      {{InputIds(manifest_, {320}), 1}, {InputIds(manifest_, {kTrigger}), 2}}, 32, 32);
+  EXPECT_EQ(output.status().code(), absl::StatusCode::kResourceExhausted) << output.status();
+  EXPECT_THAT(output.status().message(),
+              HasSubstr("model oom: text_encoder ran out of memory on cpu"));
+  output = pipeline->Run({{InputIds(manifest_, {320}), 1}}, 32, 32);
+  EXPECT_TRUE(output.ok()) << output.status();
 }
 
 TEST_F(PipelineTest, GuidanceNeedsTheEmptyPromptIds) {
