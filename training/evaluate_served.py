@@ -76,7 +76,7 @@ class Server:
     """dmdserve on free loopback ports; the target is parsed from its start-up log."""
 
     def __init__(self, binary, model_dirs, log_path):
-        self.log = open(log_path, "w")
+        self.log = open(log_path, "w", buffering=1)
         self.proc = subprocess.Popen(
             [binary, "--listen_host=127.0.0.1", "--port=0", "--metrics_port=0",
              "--model_dirs=" + ",".join(model_dirs), "--default_model=fashion-dmd"],
@@ -202,8 +202,39 @@ def main(args):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
-    print(json.dumps(results["speed"], indent=1))
+    print(markdown(results))
     return 0
+
+
+def markdown(results):
+    """The results as the Markdown tables of docs/FASHION.md."""
+    lines = ["| images from | FID (classifier features) | class accuracy | diversity / real | "
+             "mean pixel |", "|---|---|---|---|---|"]
+    floor = results["real_floor"]
+    lines.append(f"| real test images (floor) | {floor['fid']:.2f} | "
+                 f"{floor['class_accuracy']:.3f} | {floor['diversity_ratio']:.3f} | "
+                 f"{floor['mean_pixel']:.1f} |")
+    for model, r in results["models"].items():
+        lines.append(f"| {model} | {r['fid']:.2f} | {r['class_accuracy']:.3f} | "
+                     f"{r['diversity_ratio']:.3f} | {r['mean_pixel']:.1f} |")
+    lines += ["", "| model | batch-1 p50 latency (c=1) | images/s (c=1) | images/s (c=16) | "
+              "p50 / p99 at c=16 |", "|---|---|---|---|---|"]
+    for model, runs in results["speed"].items():
+        c1, c16 = runs["c1"], runs["c16"]
+        lines.append(f"| {model} | {_ms(c1, 'p50')} | {_rate(c1)} | {_rate(c16)} | "
+                     f"{_ms(c16, 'p50')} / {_ms(c16, 'p99')} |")
+    return "\n".join(lines)
+
+
+def _ms(bench, key):
+    latency = bench.get("latency_seconds") or bench.get("latency") or {}
+    value = latency.get(key)
+    return "n/a" if value is None else f"{1000 * value:.1f} ms"
+
+
+def _rate(bench):
+    value = bench.get("images_per_second")
+    return "n/a" if value is None else f"{value:.1f}"
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--fake-steps", type=int, default=4, help="fake-score updates per G update")
     p.add_argument("--lr", type=float, default=5e-5, help="AdamW lr of G and the fake score")
+    p.add_argument("--beta1", type=float, default=0.9,
+                   help="Adam beta1 of both optimizers (DMD2 uses 0 with its GAN head)")
     p.add_argument("--guidance", type=float, default=3.0, help="real score CFG scale")
     p.add_argument("--min-t", type=int, default=20)
     p.add_argument("--max-t", type=int, default=980)
@@ -47,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--pairs", default="", help="ODE pairs file (make_ode_pairs.py)")
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of exported G (0 = off)")
     p.add_argument("--subset", type=int, default=0, help="first N training images (0 = all)")
+    p.add_argument("--init", default="",
+                   help="start G and the fake score from a previous --out checkpoint (continue "
+                        "a run on another machine; the optimizer state starts fresh)")
     p.add_argument("--out", default="training/checkpoints/dmd.pt")
     p.add_argument("--state", default="/tmp/dmd_state.pt")
     p.add_argument("--save-every", type=int, default=25)
@@ -67,7 +72,11 @@ class Distiller:
         self.teacher.requires_grad_(False)
         self.generator = copy.deepcopy(self.teacher).train().requires_grad_(True)
         self.fake = copy.deepcopy(self.teacher).train().requires_grad_(True)
-        betas = (0.0, 0.999)  # DMD2's Adam betas
+        if args.init:
+            init = torch.load(args.init)
+            self.generator.load_state_dict(common.float_state_dict(init["unet"]))
+            self.fake.load_state_dict(common.float_state_dict(init["fake"]))
+        betas = (args.beta1, 0.999)
         self.opt_g = torch.optim.AdamW(self.generator.parameters(), lr=args.lr, betas=betas,
                                        weight_decay=0.01)
         self.opt_f = torch.optim.AdamW(self.fake.parameters(), lr=args.lr, betas=betas,
@@ -207,6 +216,7 @@ def train(args):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     torch.save({"text_encoder": teacher["text_encoder"],
                 "unet": common.half_state_dict(d.exported()), "token_ids": teacher["token_ids"],
+                "fake": common.half_state_dict(d.fake),
                 "channels": teacher["channels"],
                 "latent_scaling_factor": teacher["latent_scaling_factor"],
                 "steps": step, "seed": args.seed}, args.out)

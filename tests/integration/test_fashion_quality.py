@@ -1,0 +1,76 @@
+"""Quality regression test of the committed default model (models/fashion-dmd) through the real
+server: a fixed set of prompts and seeds, classified by the committed Fashion-MNIST classifier
+(training/checkpoints/classifier.pt). The thresholds come from the values measured when the bundle
+was committed (training/README.md), with a margin."""
+import io
+import os
+import sys
+import unittest
+
+import numpy as np
+from PIL import Image
+
+from harness import SOURCE_DIR, Server, pb
+
+sys.path.insert(0, SOURCE_DIR)
+from training import captions  # noqa: E402
+from training.eval.classifier import embed_images, load_classifier  # noqa: E402
+
+IMAGES_PER_PROMPT = 8
+# Measured on the committed bundle with these prompts and seeds (docs/FASHION.md): accuracy 0.831
+# (133 / 160), the weakest class Pullover at 0.44 (often taken for a coat or a shirt).
+MIN_CLASS_ACCURACY = 0.75
+MIN_PER_CLASS_ACCURACY = 0.3
+# Real 32x32 (padded) test images have a mean pixel of 56.0 (the bundle: 55.5); drift shows here.
+MEAN_PIXEL_RANGE = (42.0, 72.0)
+
+
+class FashionQualityTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.server = Server(model_dirs=(os.path.join(SOURCE_DIR, "models", "fashion-dmd"),))
+        images, labels = [], []
+        for label, phrasings in enumerate(captions.CAPTIONS):
+            for p, prompt in enumerate(phrasings[:2]):
+                r = cls.server.stub.Generate(pb.GenerateRequest(
+                    prompt=prompt, num_images=IMAGES_PER_PROMPT, seed=1000 * label + 100 * p),
+                    timeout=60)
+                for image in r.images:
+                    images.append(np.asarray(Image.open(io.BytesIO(image.data)).convert("L")))
+                    labels.append(label)
+        cls.images, cls.labels = np.stack(images), np.array(labels)
+        classifier = load_classifier(
+            os.path.join(SOURCE_DIR, "training", "checkpoints", "classifier.pt"))
+        logits, _ = embed_images(classifier, cls.images)
+        cls.predicted = logits.argmax(1)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+
+    def test_prompted_class_accuracy(self):
+        accuracy = float((self.predicted == self.labels).mean())
+        print(f"class accuracy {accuracy:.3f} over {len(self.labels)} images")
+        self.assertGreaterEqual(accuracy, MIN_CLASS_ACCURACY)
+
+    def test_every_class_is_recognisable(self):
+        for label in range(10):
+            hits = (self.predicted[self.labels == label] == label).mean()
+            print(f"{captions.CLASS_NAMES[label]}: {hits:.3f}")
+            self.assertGreaterEqual(hits, MIN_PER_CLASS_ACCURACY, captions.CLASS_NAMES[label])
+
+    def test_brightness_has_not_drifted(self):
+        mean = float(self.images.mean())
+        print(f"mean pixel {mean:.1f}")
+        self.assertGreaterEqual(mean, MEAN_PIXEL_RANGE[0])
+        self.assertLessEqual(mean, MEAN_PIXEL_RANGE[1])
+
+    def test_images_of_one_prompt_differ(self):
+        first = self.images[:IMAGES_PER_PROMPT].astype(float)
+        spread = np.abs(first - first.mean(0)).mean()
+        print(f"mean absolute deviation across seeds {spread:.1f}")
+        self.assertGreater(spread, 12.0)  # measured 25.4; a collapsed generator gives ~0
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,60 @@
+"""Plots the training curves of the teacher and the DMD runs (needs python3-matplotlib).
+
+  /usr/bin/python3 -m training.plot_curves --teacher training/checkpoints/teacher.json \
+      --dmd "DMD + regression=training/checkpoints/dmd.json" \
+      --dmd "DMD (TTUR only)=training/checkpoints/ablation/dmd_ttur.json" \
+      --out docs/images/training-curves.png
+"""
+
+import argparse
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--teacher", required=True, help="train_teacher summary (.json)")
+    p.add_argument("--dmd", action="append", default=[], help="LABEL=train_dmd summary (.json)")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+
+    with open(args.teacher) as f:
+        teacher = json.load(f)
+    runs = []
+    for item in args.dmd:
+        label, path = item.split("=", 1)
+        with open(path) as f:
+            runs.append((label, json.load(f)))
+
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    steps, loss = zip(*teacher["loss_curve"])
+    axes[0].plot(steps, loss)
+    axes[0].set(title="teacher: denoising loss (eps MSE)", xlabel="step", yscale="log")
+    for label, run in runs:
+        steps = [c[0] for c in run["curve"]]
+        axes[1].plot(steps, [c[1]["fake"] for c in run["curve"]], label=f"{label}: fake score")
+        if any(c[1]["reg"] for c in run["curve"]):
+            axes[1].plot(steps, [c[1]["reg"] for c in run["curve"]], label=f"{label}: regression")
+        ev = run["evals"]
+        axes[2].plot([e["step"] for e in ev], [e["fid"] for e in ev], marker="o", label=label)
+        axes[3].plot([e["step"] for e in ev], [e["class_accuracy"] for e in ev], marker="o",
+                     label=label)
+    axes[1].set(title="DMD: fake-score and regression losses", xlabel="generator step",
+                yscale="log")
+    axes[2].set(title="DMD one-step FID (500 images, in-process)", xlabel="generator step",
+                yscale="log")
+    axes[3].set(title="DMD one-step class accuracy", xlabel="generator step", ylim=(0, 1))
+    for ax in axes[1:]:
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=90)
+
+
+if __name__ == "__main__":
+    main()
