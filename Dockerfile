@@ -8,7 +8,7 @@
 # Run:  docker run -p 50051:50051 -p 9464:9464 dmdserve:cpu
 # Other bundles: mount them and point DMDSERVE_MODEL_DIRS at them, e.g.
 #   docker run -v /srv/bundles/sd15-dmd:/models/sd15-dmd:ro \
-#     -e DMDSERVE_MODEL_DIRS=/models/sd15-dmd,/opt/dmdserve/models/tiny-random dmdserve:cpu
+#     -e DMDSERVE_MODEL_DIRS=/models/sd15-dmd,/opt/dmdserve/models/fashion-dmd dmdserve:cpu
 # Every dmdserve flag reads DMDSERVE_<FLAG> from the environment (dmdserve --help).
 
 ARG DEBIAN_IMAGE=debian:bookworm-slim
@@ -80,7 +80,7 @@ COPY --from=build-cuda /opt/libtorch/lib /opt/libtorch/lib
 COPY --from=build-cuda /out/bin/ /usr/local/bin/
 COPY models /opt/dmdserve/models
 ENV LD_LIBRARY_PATH=/opt/libtorch/lib \
-    DMDSERVE_MODEL_DIRS=/opt/dmdserve/models/tiny-random \
+    DMDSERVE_MODEL_DIRS=/opt/dmdserve/models/fashion-dmd,/opt/dmdserve/models/fashion-teacher \
     DMDSERVE_DEVICE=cuda:0
 USER 10001
 EXPOSE 50051 9464
@@ -100,7 +100,7 @@ RUN apt-get update -q \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin dmdserve
 COPY --from=build /out/bin/ /usr/local/bin/
 COPY models /opt/dmdserve/models
-ENV DMDSERVE_MODEL_DIRS=/opt/dmdserve/models/tiny-random
+ENV DMDSERVE_MODEL_DIRS=/opt/dmdserve/models/fashion-dmd,/opt/dmdserve/models/fashion-teacher
 USER 10001
 EXPOSE 50051 9464
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s \

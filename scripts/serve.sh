@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install_deps.sh
 scripts/build.sh
-exec build/server/dmdserve --model_dirs=models/tiny-random "$@"
+exec build/server/dmdserve --model_dirs=models/fashion-dmd,models/fashion-teacher "$@"

@@ -51,7 +51,7 @@ out=$(mktemp -d)
 head -c 8 "$out"/*.png | od -An -c | grep -q "P   N   G" || { echo "FAIL: no PNG" >&2; exit 1; }
 rm -rf "$out"
 metrics=$(curl -fsS "http://127.0.0.1:$METRICS_PORT/metrics")
-grep -q 'dmdserve_model_ready{model="tiny-random"} 1' <<<"$metrics" \
+grep -q 'dmdserve_model_ready{model="fashion-dmd"} 1' <<<"$metrics" \
   || { echo "FAIL: /metrics does not report the model ready" >&2; exit 1; }
 
 kill -TERM "$server_pid"
