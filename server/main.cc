@@ -31,7 +31,8 @@
 ABSL_FLAG(std::string, listen_host, "0.0.0.0", "Address to listen on (gRPC and /metrics).");
 ABSL_FLAG(int, port, 50051, "gRPC port; 0 picks a free port (logged at startup).");
 ABSL_FLAG(int, metrics_port, 9464, "Prometheus /metrics port; 0 picks a free port (logged).");
-ABSL_FLAG(std::vector<std::string>, model_dirs, {"models/fashion-dmd", "models/fashion-teacher"},
+ABSL_FLAG(std::vector<std::string>, model_dirs,
+          (std::vector<std::string>{"models/fashion-dmd", "models/fashion-teacher"}),
           "Comma-separated model bundle directories (each with a model.json).");
 ABSL_FLAG(std::string, default_model, "",
           "Model used when a request names none; empty: the first bundle's model.");
