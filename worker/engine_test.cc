@@ -366,9 +366,10 @@ int32_t TokenId(const std::string& word) {
 // 1 PiB on the trigger token) fails its requests with RESOURCE_EXHAUSTED; the worker goes on.
 TEST(EngineTest, OutOfMemoryFailsItsBatchWithResourceExhaustedAndWorkersKeepGoing) {
   const std::string dir = ::dmdserve::testing::MakeTempDir() + "/oom-bundle";
-  const std::string cmd = absl::StrCat(DMDSERVE_PYTHON, " ", DMDSERVE_SOURCE_DIR,
-                                       "/worker/testdata/make_oom_bundle.py --src ", kTinyBundle,
-                                       " --out ", dir, " --trigger-id ", TokenId("boom"));
+  const std::string cmd =
+      absl::StrCat(DMDSERVE_PYTHON, " ", DMDSERVE_SOURCE_DIR,
+                   "/tests/fixtures/make_faulty_bundle.py --fault oom --src ", kTinyBundle,
+                   " --out ", dir, " --trigger-id ", TokenId("boom"));
   ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
   auto engine = MakeEngine({.model_dirs = {dir}});
   ASSERT_NE(engine, nullptr);

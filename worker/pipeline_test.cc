@@ -385,8 +385,9 @@ TEST_F(PipelineTest, OutOfMemoryIsResourceExhaustedAndThePipelineKeepsWorking) {
   constexpr int kTrigger = 11760;
   const std::string dir = MakeTempDir() + "/oom-bundle";
   ASSERT_TRUE(RunCommand(absl::StrCat(
-      DMDSERVE_PYTHON, " ", SourcePath("worker/testdata/make_oom_bundle.py").string(), " --src ",
-      SourcePath("models/tiny-random").string(), " --out ", dir, " --trigger-id ", kTrigger)));
+      DMDSERVE_PYTHON, " ", SourcePath("tests/fixtures/make_faulty_bundle.py").string(),
+      " --fault oom --src ", SourcePath("models/tiny-random").string(), " --out ", dir,
+      " --trigger-id ", kTrigger)));
   std::unique_ptr<Pipeline> pipeline = MakePipeline(LoadManifest(dir));
   ASSERT_NE(pipeline, nullptr);
   absl::StatusOr<Pipeline::Output> output = pipeline->Run(
