@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from training import captions
+from training import captions, export_bundle
 from training.eval import evaluate_images, fashion_data
 from training.eval.classifier import load_classifier
 
@@ -59,14 +59,9 @@ def teacher_variant(teacher_dir, steps, root):
     for name in os.listdir(teacher_dir):
         if name != "model.json":
             os.symlink(os.path.abspath(os.path.join(teacher_dir, name)), os.path.join(out, name))
-    alphas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float32) ** 2
-    alphas = torch.cumprod(1.0 - alphas, dim=0)
-    timesteps = [999 - k * (1000 // steps) for k in range(steps)]
     manifest["name"] = f"fashion-teacher-{steps}"
     manifest["description"] = f"fashion-teacher with {steps} DDIM steps (evaluation only)"
-    manifest["schedule"] = {"timesteps": timesteps,
-                            "alphas_cumprod": [float(alphas[t]) for t in timesteps],
-                            "step_mode": "ddim"}
+    manifest["schedule"] = export_bundle.schedule(steps)
     with open(os.path.join(out, "model.json"), "w") as f:
         json.dump(manifest, f, indent=2)
     return out

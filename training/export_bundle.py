@@ -44,9 +44,15 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def manifest(name, description, steps, guidance, scaling_factor):
-    schedule = t2i.Schedule()
+def schedule(steps):
+    """The manifest's schedule block for `steps` DDIM steps on SD's scaled-linear schedule."""
+    alphas = t2i.Schedule().alphas_cumprod
     timesteps = common.trailing_timesteps(steps)
+    return {"timesteps": timesteps, "alphas_cumprod": [float(alphas[t]) for t in timesteps],
+            "step_mode": "ddim"}
+
+
+def manifest(name, description, steps, guidance, scaling_factor):
     return {
         "format": "dmdserve.bundle/v1",
         "name": name,
@@ -58,9 +64,7 @@ def manifest(name, description, steps, guidance, scaling_factor):
         "components": {"text_encoder": "text_encoder.pt", "generator": "generator.pt",
                        "decoder": "decoder.pt"},
         "prediction_type": "epsilon",
-        "schedule": {"timesteps": timesteps,
-                     "alphas_cumprod": [float(schedule.alphas_cumprod[t]) for t in timesteps],
-                     "step_mode": "ddim"},
+        "schedule": schedule(steps),
         "guidance_scale": guidance,
         "latent_scaling_factor": scaling_factor,
         "dtype": "float32",

@@ -5,7 +5,7 @@ test set. The reported numbers of the finished models come from images made by t
 
 import torch
 
-from training import common, t2i
+from training import captions, common, t2i
 from training.eval import classifier as clf
 from training.eval import fashion_data, metrics
 
@@ -28,7 +28,6 @@ class QuickEval:
         self.real_mean_pixel = float(test_images.mean())
         self.labels = torch.arange(10).repeat_interleave(per_class)
         phrasing = torch.arange(len(self.labels)) % 7
-        from training import captions
         self.ids = captions.tokenize([captions.CAPTIONS[int(c)][int(p)]
                                       for c, p in zip(self.labels, phrasing)])
         gen = torch.Generator().manual_seed(1234)
@@ -55,6 +54,6 @@ class QuickEval:
             "class_accuracy": metrics.class_accuracy(logits.argmax(1), labels),
             "diversity_ratio": metrics.diversity_ratio(features, labels, self.real_features,
                                                        self.real_labels)["mean"],
-            "mean_pixel": float(images.float().mean()) ,
+            "mean_pixel": float(images.float().mean()),
             "real_mean_pixel": self.real_mean_pixel,
         }
