@@ -13,6 +13,7 @@ What it cannot catch: API differences between this libtorch's headers and the on
 uses (torch 2.x on the device); the GPU build itself checks those.
 
 Usage: check_cuda_compile.py --build BUILD_DIR [--nvcc /usr/local/cuda/bin/nvcc]
+       [--cuda-include DIR]
 """
 import argparse
 import json
@@ -30,9 +31,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--build", required=True, help="a configured CPU build directory")
     parser.add_argument("--nvcc", default="/usr/local/cuda/bin/nvcc")
+    parser.add_argument("--cuda-include", default=None,
+                        help="the CUDA toolkit's include directory (the one with "
+                             "cuda_runtime.h); default: ../include beside the real nvcc")
     args = parser.parse_args()
     source_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cuda_include = os.path.join(os.path.dirname(os.path.dirname(args.nvcc)), "include")
+    cuda_include = args.cuda_include or os.path.join(
+        os.path.dirname(os.path.dirname(os.path.realpath(args.nvcc))), "include")
+    if not os.path.isfile(os.path.join(cuda_include, "cuda_runtime.h")):
+        print(f"no cuda_runtime.h in {cuda_include}: pass --cuda-include", file=sys.stderr)
+        return 1
     with open(os.path.join(args.build, "compile_commands.json")) as f:
         commands = {os.path.relpath(e["file"], source_dir): e for e in json.load(f)}
 
