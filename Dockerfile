@@ -4,7 +4,9 @@
 #   packages:            docker build -t dmdserve:cpu .
 #   CUDA target (reviewed by reading; nvidia/cuda images cannot be pulled on our build machines):
 #                        docker build --target cuda --build-arg CUDA_VERSION=12.6.3 \
-#                          --build-arg LIBTORCH_URL=<libtorch cxx11-abi zip for that CUDA> -t dmdserve:cuda .
+#                          --build-arg LIBTORCH_URL=<libtorch cxx11-abi zip for that CUDA> \
+#                          [--build-arg CUDA_ARCHITECTURES="80;90"] -t dmdserve:cuda .
+#   Run it with --gpus all; DMDSERVE_DEVICES=cuda:0,cuda:1 spreads workers over GPUs (docs/GPU.md).
 # Run:  docker run -p 50051:50051 -p 9464:9464 dmdserve:cpu
 # Other bundles: mount them and point DMDSERVE_MODEL_DIRS at them, e.g.
 #   docker run -v /srv/bundles/sd15-dmd:/models/sd15-dmd:ro \
@@ -13,6 +15,15 @@
 
 ARG DEBIAN_IMAGE=debian:bookworm-slim
 ARG CUDA_VERSION=12.6.3
+
+# ---------------------------------------------------------------------------------------------
+# The sources both builds compile, listed once.
+FROM scratch AS sources
+COPY CMakeLists.txt /src/
+COPY proto /src/proto
+COPY worker /src/worker
+COPY server /src/server
+COPY client /src/client
 
 # ---------------------------------------------------------------------------------------------
 # CPU build: Debian's libtorch (CPU), gRPC, protobuf, absl, spdlog, prometheus-cpp, libpng.
@@ -24,12 +35,8 @@ RUN apt-get update -q && apt-get install -y -q --no-install-recommends \
       libabsl-dev libspdlog-dev libfmt-dev prometheus-cpp-dev libpng-dev nlohmann-json3-dev \
       libutf8proc-dev \
     && rm -rf /var/lib/apt/lists/*
+COPY --from=sources /src /src
 WORKDIR /src
-COPY CMakeLists.txt ./
-COPY proto proto
-COPY worker worker
-COPY server server
-COPY client client
 RUN cmake -S . -B /build -G Ninja -DCMAKE_BUILD_TYPE=Release \
       -DDMDSERVE_BUILD_TESTS=OFF -DDMDSERVE_BUILD_BENCHMARKS=OFF -DDMDSERVE_BUILD_FUZZERS=OFF \
     && cmake --build /build --target dmdserve dmdctl \
@@ -55,13 +62,13 @@ RUN apt-get update -q && apt-get install -y -q --no-install-recommends \
 RUN test -n "${LIBTORCH_URL}" || { echo "set --build-arg LIBTORCH_URL" >&2; exit 1; } \
     && curl -fsSL -o /tmp/libtorch.zip "${LIBTORCH_URL}" && unzip -q /tmp/libtorch.zip -d /opt \
     && rm /tmp/libtorch.zip
+COPY --from=sources /src /src
 WORKDIR /src
-COPY CMakeLists.txt ./
-COPY proto proto
-COPY worker worker
-COPY server server
-COPY client client
+# DMDSERVE_CUDA=ON compiles the CUDA paths (pool streams, CUDA graphs, the post-processing
+# kernel); CMake stops with a clear message if the libtorch at LIBTORCH_URL is a CPU one.
+ARG CUDA_ARCHITECTURES=80;90
 RUN cmake -S . -B /build -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH=/opt/libtorch \
+      -DDMDSERVE_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHITECTURES}" \
       -DDMDSERVE_BUILD_TESTS=OFF -DDMDSERVE_BUILD_BENCHMARKS=OFF -DDMDSERVE_BUILD_FUZZERS=OFF \
     && cmake --build /build --target dmdserve dmdctl \
     && mkdir -p /out/bin && cp /build/server/dmdserve /build/client/dmdctl /out/bin/
@@ -81,7 +88,7 @@ COPY --from=build-cuda /out/bin/ /usr/local/bin/
 COPY models /opt/dmdserve/models
 ENV LD_LIBRARY_PATH=/opt/libtorch/lib \
     DMDSERVE_MODEL_DIRS=/opt/dmdserve/models/fashion-dmd,/opt/dmdserve/models/fashion-teacher \
-    DMDSERVE_DEVICE=cuda:0
+    DMDSERVE_DEVICES=all
 USER 10001
 EXPOSE 50051 9464
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s \

@@ -161,8 +161,8 @@ for (const overlay of ["cpu", "gpu"]) {
   const gpus = container.resources?.limits?.["nvidia.com/gpu"];
   if (overlay === "gpu" && gpus !== "1") fail(overlay, "gpu overlay needs an nvidia.com/gpu limit");
   if (overlay === "cpu" && gpus !== undefined) fail(overlay, "cpu overlay must not request GPUs");
-  if (overlay === "gpu" && configMap?.data?.DMDSERVE_DEVICE !== "cuda:0") {
-    fail(overlay, "gpu overlay must set DMDSERVE_DEVICE=cuda:0");
+  if (overlay === "gpu" && configMap?.data?.DMDSERVE_DEVICES !== "all") {
+    fail(overlay, "gpu overlay must set DMDSERVE_DEVICES=all");
   }
   console.log(`${overlay}: ${objects.length} objects checked`);
 }
