@@ -173,7 +173,8 @@ def train(args):
         d.opt_g.load_state_dict(state["opt_g"])
         d.opt_f.load_state_dict(state["opt_f"])
         if d.ema is not None:
-            d.ema.module.load_state_dict(state["ema"])
+            # A run that turns --ema on when resuming starts its average at the loaded G.
+            d.ema.module.load_state_dict(state.get("ema", state["generator"]))
         step, elapsed, curve, evals = (state["step"], state["elapsed_s"], state["curve"],
                                        state["evals"])
         print(f"resumed from {args.state} at step {step}", flush=True)
