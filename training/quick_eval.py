@@ -1,13 +1,27 @@
 """In-process evaluation used during training (curves and model selection): generate images with
 the Python sampling loop, classify them with the committed classifier and compare with the real
 test set. The reported numbers of the finished models come from images made by the server
-(training/evaluate_served.py); this is for monitoring only."""
+(training/evaluate_served.py); this is for monitoring and for choices made before export.
 
+As a command it makes two measurements docs/FASHION.md quotes:
+  # the teacher's guidance scale (and step count) chosen by FID, e.g. g = 3 vs 5 at 20 steps
+  /usr/bin/python3 -m training.quick_eval --checkpoint training/checkpoints/teacher.pt \
+      --steps 20 --guidance 3 5 --per-class 30
+  # the autoencoder's own floor: real test images through encoder + decoder, scored against the
+  # rest of the test set, next to the real-vs-real floor of the same images
+  /usr/bin/python3 -m training.quick_eval --reconstruction 320
+"""
+
+import argparse
+import json
+import sys
+
+import numpy as np
 import torch
 
-from training import captions, common, t2i
+from training import captions, common, t2i, train_teacher
 from training.eval import classifier as clf
-from training.eval import fashion_data, metrics
+from training.eval import evaluate_images, fashion_data, metrics
 
 CLASSIFIER_CHECKPOINT = "training/checkpoints/classifier.pt"
 
@@ -57,3 +71,73 @@ class QuickEval:
             "mean_pixel": float(images.float().mean()),
             "real_mean_pixel": self.real_mean_pixel,
         }
+
+
+def reconstruction(count, autoencoder=common.AUTOENCODER_CHECKPOINT, seed=0):
+    """Scores `count` real test images after an encode (posterior mean) + decode round trip, and
+    the same images untouched, each against the other 10000 - count test images (the split of
+    evaluate_served's real floor). Returns {"real": scores, "reconstructed": scores}."""
+    model, _ = common.load_autoencoder(autoencoder)
+    classifier = clf.load_classifier(CLASSIFIER_CHECKPOINT)
+    images, labels = fashion_data.load_split("test")
+    order = np.random.default_rng(seed).permutation(len(images))
+    chosen, rest = order[:count], order[count:]
+    with torch.no_grad():
+        x = torch.from_numpy(images[chosen].astype(np.float32) / 127.5 - 1.0)[:, None]
+        mean, _ = model.encoder(x)
+        decoded = common.to_uint8(model.decoder(mean))[:, 0].numpy()
+    results = {}
+    for name, imgs in (("real", images[chosen]), ("reconstructed", decoded)):
+        results[name] = evaluate_images.evaluate(classifier, imgs, labels[chosen], images[rest],
+                                                 labels[rest])
+        results[name]["mean_pixel"] = float(imgs.mean())
+    return results
+
+
+def _row(name, r):
+    return (f"| {name} | {r['fid']:.2f} | {r['class_accuracy']:.3f} | "
+            f"{r['diversity_ratio']:.3f} | {r['mean_pixel']:.1f} |")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[5:]))
+    p.add_argument("--checkpoint", default="",
+                   help="teacher.pt or dmd.pt (train_teacher / train_dmd --out)")
+    p.add_argument("--steps", type=int, nargs="+", default=[1], help="sampling steps to try")
+    p.add_argument("--guidance", type=float, nargs="+", default=[1.0],
+                   help="CFG scales to try (1 = no guidance)")
+    p.add_argument("--per-class", type=int, default=30, help="images per class")
+    p.add_argument("--reconstruction", type=int, default=0, metavar="N",
+                   help="score N real test images through the autoencoder instead")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default="", help="also write the results here")
+    args = p.parse_args(argv)
+    if bool(args.checkpoint) == bool(args.reconstruction):
+        p.error("give exactly one of --checkpoint and --reconstruction")
+    torch.set_num_threads(args.threads)
+    print("| images | FID | class accuracy | diversity / real | mean pixel |\n|---|---|---|---|---|")
+    results = {}
+    if args.reconstruction:
+        results = reconstruction(args.reconstruction)
+        for name, r in results.items():
+            print(_row(f"{name} test images ({args.reconstruction})", r), flush=True)
+    else:
+        # teacher.pt and dmd.pt hold the text encoder and UNet under the same keys.
+        text_encoder, unet = train_teacher.load_checkpoint(args.checkpoint)
+        model, scaling_factor = common.load_autoencoder(common.AUTOENCODER_CHECKPOINT)
+        evaluator = QuickEval(model.decoder, scaling_factor, args.per_class)
+        for steps in args.steps:
+            for guidance in args.guidance:
+                r = evaluator.evaluate(unet, text_encoder, steps, guidance)
+                results[f"steps={steps} guidance={guidance:g}"] = r
+                print(_row(f"{steps} steps, guidance {guidance:g}", r), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
