@@ -69,7 +69,7 @@ class Metrics final : public EngineListener {
   };
   static absl::StatusOr<std::unique_ptr<Metrics>> Create(const Options& options);
 
-  // The registry to expose (shared with the HTTP exposer).
+  // The registry to expose (shared with the /metrics endpoint, server/metrics_http.h).
   std::shared_ptr<prometheus::Registry> registry() const { return registry_; }
 
   // One finished RPC. `model` may be any string; unknown names are counted as "_unknown".

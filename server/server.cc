@@ -3,7 +3,7 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
-#include <prometheus/exposer.h>
+#include <prometheus/text_serializer.h>
 
 #include <exception>
 #include <utility>
@@ -49,18 +49,18 @@ absl::StatusOr<std::unique_ptr<DmdServer>> DmdServer::Create(Options options) {
   s->metrics_ = *std::move(metrics);
   s->engine_->SetListener(s->metrics_.get());
 
-  // /metrics on its own port and threads: a scrape never waits behind the model queue.
-  try {
-    s->exposer_ = std::make_unique<prometheus::Exposer>(
-        absl::StrCat(options.listen_host, ":", options.metrics_port));
-  } catch (const std::exception& e) {
-    return absl::UnavailableError(absl::StrCat("cannot listen for /metrics on ",
-                                               options.listen_host, ":", options.metrics_port, ": ",
-                                               e.what()));
-  }
-  s->exposer_->RegisterCollectable(s->metrics_->registry());
-  const auto metrics_ports = s->exposer_->GetListeningPorts();
-  s->metrics_port_ = metrics_ports.empty() ? 0 : metrics_ports.front();
+  // /metrics on its own port and thread: a scrape never waits behind the model queue.
+  MetricsHttpServer::Options http_options;
+  http_options.host = options.listen_host;
+  http_options.port = options.metrics_port;
+  http_options.render = [registry = s->metrics_->registry()] {
+    return prometheus::TextSerializer().Serialize(registry->Collect());
+  };
+  absl::StatusOr<std::unique_ptr<MetricsHttpServer>> http =
+      MetricsHttpServer::Create(std::move(http_options));
+  if (!http.ok()) return http.status();
+  s->metrics_http_ = *std::move(http);
+  s->metrics_port_ = s->metrics_http_->port();
 
   s->service_ =
       std::make_unique<ImageGenerationService>(s->engine_.get(), s->metrics_.get(), options.limits);

@@ -14,14 +14,12 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "server/metrics_http.h"
 #include "server/request_validation.h"
 #include "worker/engine.h"
 
 namespace grpc {
 class Server;
-}
-namespace prometheus {
-class Exposer;
 }
 
 namespace dmdserve {
@@ -67,7 +65,7 @@ class DmdServer {
   int port_ = 0;
   int metrics_port_ = 0;
   std::unique_ptr<Metrics> metrics_;
-  std::unique_ptr<prometheus::Exposer> exposer_;
+  std::unique_ptr<MetricsHttpServer> metrics_http_;
   std::unique_ptr<Engine> engine_;
   std::unique_ptr<ImageGenerationService> service_;
   std::unique_ptr<grpc::Server> server_;

@@ -15,9 +15,8 @@ PY=/usr/bin/python3
 CK=training/checkpoints
 STATE_DIR=${STATE_DIR:-/tmp/dmdserve-training}
 THREADS=${THREADS:-1}
-# OpenBLAS makes the linear layers ~6x faster than Debian's reference BLAS. Use it for training
-# only: it stays out of the system-wide libblas alternative because the server's /metrics
-# endpoint (civetweb) fails to start when OpenBLAS-openmp is loaded (docs: training/README.md).
+# OpenBLAS makes the linear layers ~6x faster than Debian's reference BLAS; use it where it is
+# installed, without making it the system-wide libblas alternative.
 OPENBLAS=/usr/lib/x86_64-linux-gnu/openblas-openmp
 if [[ -e $OPENBLAS/libblas.so.3 ]]; then
   export LD_LIBRARY_PATH=$OPENBLAS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}

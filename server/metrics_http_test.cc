@@ -1,0 +1,140 @@
+#include "server/metrics_http.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <string>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace dmdserve {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::StartsWith;
+
+int Connect(int port) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(static_cast<uint16_t>(port));
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  EXPECT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)), 0);
+  return fd;
+}
+
+// Sends `request` on a new connection and returns everything the server sent until it closed.
+std::string Exchange(int port, const std::string& request) {
+  const int fd = Connect(port);
+  EXPECT_EQ(send(fd, request.data(), request.size(), MSG_NOSIGNAL),
+            static_cast<ssize_t>(request.size()));
+  std::string response;
+  char buffer[4096];
+  ssize_t n;
+  while ((n = recv(fd, buffer, sizeof(buffer), 0)) > 0) response.append(buffer, n);
+  close(fd);
+  return response;
+}
+
+class MetricsHttpTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    MetricsHttpServer::Options options;
+    options.host = "127.0.0.1";
+    options.port = 0;
+    options.io_timeout = absl::Milliseconds(300);
+    options.max_request_bytes = 1024;
+    options.render = [this] {
+      ++renders_;
+      return std::string("dmdserve_up 1\n");
+    };
+    auto server = MetricsHttpServer::Create(options);
+    ASSERT_TRUE(server.ok()) << server.status();
+    server_ = *std::move(server);
+  }
+
+  std::atomic<int> renders_{0};
+  std::unique_ptr<MetricsHttpServer> server_;
+};
+
+TEST_F(MetricsHttpTest, GetMetricsReturnsTheRenderedTextFormat) {
+  EXPECT_GT(server_->port(), 0);
+  const std::string response =
+      Exchange(server_->port(), "GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n");
+  EXPECT_THAT(response, StartsWith("HTTP/1.1 200 OK\r\n"));
+  EXPECT_THAT(response, HasSubstr("Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"));
+  EXPECT_THAT(response, HasSubstr("Content-Length: 14\r\n"));
+  EXPECT_THAT(response, ::testing::EndsWith("\r\n\r\ndmdserve_up 1\n"));
+  EXPECT_EQ(renders_, 1);
+  // Rendered anew for every scrape, query strings ignored.
+  EXPECT_THAT(Exchange(server_->port(), "GET /metrics?x=1 HTTP/1.0\n\n"),
+              StartsWith("HTTP/1.1 200 OK"));
+  EXPECT_EQ(renders_, 2);
+}
+
+TEST_F(MetricsHttpTest, HeadHasTheLengthButNoBody) {
+  const std::string response = Exchange(server_->port(), "HEAD /metrics HTTP/1.1\r\n\r\n");
+  EXPECT_THAT(response, StartsWith("HTTP/1.1 200 OK\r\n"));
+  EXPECT_THAT(response, HasSubstr("Content-Length: 14\r\n"));
+  EXPECT_THAT(response, ::testing::EndsWith("\r\n\r\n"));
+}
+
+TEST_F(MetricsHttpTest, AnswersBadRequestsWithTheirStatus) {
+  EXPECT_THAT(Exchange(server_->port(), "GET / HTTP/1.1\r\n\r\n"), StartsWith("HTTP/1.1 404 "));
+  const std::string post = Exchange(server_->port(), "POST /metrics HTTP/1.1\r\n\r\n");
+  EXPECT_THAT(post, StartsWith("HTTP/1.1 405 "));
+  EXPECT_THAT(post, HasSubstr("Allow: GET, HEAD\r\n"));
+  EXPECT_THAT(Exchange(server_->port(), "hello\r\n\r\n"), StartsWith("HTTP/1.1 400 "));
+  EXPECT_THAT(Exchange(server_->port(), "GET metrics HTTP/1.1\r\n\r\n"),
+              StartsWith("HTTP/1.1 400 "));
+  EXPECT_THAT(Exchange(server_->port(),
+                       "GET /metrics HTTP/1.1\r\nX: " + std::string(2000, 'a') + "\r\n\r\n"),
+              StartsWith("HTTP/1.1 431 "));
+  EXPECT_EQ(renders_, 0);
+  // Still serving.
+  EXPECT_THAT(Exchange(server_->port(), "GET /metrics HTTP/1.1\r\n\r\n"),
+              StartsWith("HTTP/1.1 200 OK"));
+}
+
+TEST_F(MetricsHttpTest, ASilentClientIsDroppedAndTheNextOneServed) {
+  const int silent = Connect(server_->port());  // sends nothing, holds the connection
+  EXPECT_THAT(Exchange(server_->port(), "GET /metrics HTTP/1.1\r\n\r\n"),
+              StartsWith("HTTP/1.1 200 OK"));
+  char byte;
+  EXPECT_EQ(recv(silent, &byte, 1, 0), 0);  // closed by the server, nothing sent
+  close(silent);
+}
+
+TEST(MetricsHttpCreateTest, ABusyPortIsUnavailableNamingTheAddress) {
+  MetricsHttpServer::Options options;
+  options.host = "127.0.0.1";
+  options.port = 0;
+  options.render = [] { return std::string(); };
+  auto first = MetricsHttpServer::Create(options);
+  ASSERT_TRUE(first.ok()) << first.status();
+  options.port = (*first)->port();
+  auto second = MetricsHttpServer::Create(options);
+  ASSERT_FALSE(second.ok());
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(std::string(second.status().message()),
+              HasSubstr("127.0.0.1:" + std::to_string(options.port)));
+}
+
+TEST(MetricsHttpCreateTest, RejectsBadOptions) {
+  MetricsHttpServer::Options options;
+  options.port = 0;
+  EXPECT_EQ(MetricsHttpServer::Create(options).status().code(),
+            absl::StatusCode::kInvalidArgument);  // no render
+  options.render = [] { return std::string(); };
+  options.port = 70000;
+  auto bad_port = MetricsHttpServer::Create(options);
+  EXPECT_EQ(bad_port.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(bad_port.status().message()), HasSubstr("70000"));
+}
+
+}  // namespace
+}  // namespace dmdserve
