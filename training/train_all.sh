@@ -21,7 +21,9 @@ OPENBLAS=/usr/lib/x86_64-linux-gnu/openblas-openmp
 if [[ -e $OPENBLAS/libblas.so.3 ]]; then
   export LD_LIBRARY_PATH=$OPENBLAS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 fi
-TEACHER_GUIDANCE=${TEACHER_GUIDANCE:-3}  # chosen by FID at 20 steps: g=3 55, g=5 67 (300 images)
+# Chosen by FID at 20 steps on 300 images: g=2 58.8, g=3 55.4, g=5 67.2 (docs/FASHION.md;
+#   python3 -m training.quick_eval --checkpoint $CK/teacher.pt --steps 20 --guidance 2 3 5)
+TEACHER_GUIDANCE=${TEACHER_GUIDANCE:-3}
 mkdir -p "$STATE_DIR"
 
 stage() {  # stage NAME OUTPUT COMMAND...: runs COMMAND unless OUTPUT exists (and FORCE is unset)
