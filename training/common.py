@@ -1,6 +1,14 @@
 """Shared pieces of the diffusion training stages: latents of the training set, caption batches,
-learning-rate schedule, EMA, resumable state files, float16 checkpoints and the sampling loop
-(the same loop the C++ pipeline runs, docs/BUNDLE.md "Sampling")."""
+learning-rate schedule, EMA, resumable state files, float16 checkpoints, the sampling loop (the
+same loop the C++ pipeline runs, docs/BUNDLE.md "Sampling"), the --device and --stop-after-s
+options.
+
+Devices: the models run on --device (default cpu), but every random number is drawn from CPU
+torch.Generator objects and then moved, so a CPU run is bit-identical to what it was before the
+option existed and a GPU run sees the same batches, noise and initial weights. Files always hold
+CPU tensors and only dicts, lists, tuples, numbers, strings and tensors, and are read with
+map_location="cpu": a state written on a GPU machine (torch 2.x, whose torch.load defaults to
+weights_only=True) resumes on Debian's torch 1.13 and the other way round."""
 
 import copy
 import hashlib
@@ -16,6 +24,44 @@ from training.train_autoencoder import load_checkpoint as load_autoencoder
 AUTOENCODER_CHECKPOINT = "training/checkpoints/autoencoder.pt"
 LATENT_CACHE_DIR = os.environ.get("DMDSERVE_TRAINING_CACHE", "/tmp/dmdserve-training/cache")
 CAPTION_DROPOUT = 0.1  # fraction of training captions replaced by the empty prompt (for CFG)
+
+
+def add_device_argument(parser):
+    parser.add_argument("--device", default="cpu",
+                        help="torch device of the models (cpu, cuda, cuda:1); random numbers are "
+                             "drawn on the CPU either way")
+
+
+def add_stop_argument(parser):
+    parser.add_argument("--stop-after-s", type=float, default=0.0,
+                        help="once this invocation has run this many seconds, save --state and "
+                             "exit 0 at the end of the current step (0 = off); continue with "
+                             "--resume. The final --out is written only when --steps is reached")
+
+
+def device(name):
+    """torch.device for --device; exits with a clear message if CUDA is asked for but missing."""
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: torch {torch.__version__} sees no CUDA device")
+    return dev
+
+
+class Deadline:
+    """--stop-after-s: wall time since this invocation's training started, checked after each
+    step."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.start = time.time()
+
+    def passed(self):
+        return self.seconds > 0 and time.time() - self.start >= self.seconds
+
+    def stop_line(self, step, steps, state_path):
+        return (f"stopped by --stop-after-s {self.seconds:g} at step {step}/{steps} after "
+                f"{time.time() - self.start:.0f} s; state saved to {state_path}; continue with "
+                f"the same command and --resume")
 
 
 def lr_at(step, steps, peak, warmup=200, floor=0.1):
@@ -37,21 +83,49 @@ class Ema:
     @torch.no_grad()
     def update(self, module, decay=None):
         d = self.decay if decay is None else decay
-        for e, p in zip(self.module.parameters(), module.parameters()):
-            e.mul_(d).add_(p.detach(), alpha=1 - d)
+        # e = e * d + p * (1 - d), as one multi-tensor kernel per op on a GPU (the same per-tensor
+        # mul_ / add_ on the CPU).
+        ema = list(self.module.parameters())
+        torch._foreach_mul_(ema, d)
+        torch._foreach_add_(ema, [p.detach() for p in module.parameters()], alpha=1 - d)
         for e, b in zip(self.module.buffers(), module.buffers()):
             e.copy_(b)
 
 
+def to_cpu(obj):
+    """Copy of a state (nested dicts, lists, tuples) with every tensor on the CPU; containers are
+    copied (a state_dict keeps its type and metadata), never changed in place."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        out = copy.copy(obj)
+        for k, v in out.items():
+            out[k] = to_cpu(v)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def save_state(path, state):
-    """torch.save via a temp file + rename, so an interrupted save keeps the old file."""
+    """torch.save of `state` with CPU tensors via a temp file + rename, so an interrupted save
+    keeps the old file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(state, path + ".tmp")
+    torch.save(to_cpu(state), path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
+def load(path):
+    """torch.load of a state, checkpoint or pairs file onto the CPU (whatever device wrote it).
+    weights_only is left at the version's default: torch 1.13's weights-only reader rejects
+    Python floats, torch >= 2.6's default reader accepts everything these files hold."""
+    return torch.load(path, map_location="cpu")
+
+
 def half_state_dict(module):
-    return {k: (v.half() if v.is_floating_point() else v) for k, v in module.state_dict().items()}
+    """float16 CPU copy of a module's state_dict (integer buffers unchanged)."""
+    return {k: (v.half() if v.is_floating_point() else v).cpu()
+            for k, v in module.state_dict().items()}
 
 
 def float_state_dict(state):
@@ -60,10 +134,11 @@ def float_state_dict(state):
 
 class TrainingSet:
     """Autoencoder latents of the training images (posterior mean and std, scaled), labels and
-    the tokenized captions of every class."""
+    the tokenized captions of every class. Everything stays on the CPU (batches are drawn there);
+    `device` is where the autoencoder encodes the images when they are not cached yet."""
 
     def __init__(self, subset=0, autoencoder=AUTOENCODER_CHECKPOINT, batch_size=1000,
-                 cache_dir=LATENT_CACHE_DIR):
+                 cache_dir=LATENT_CACHE_DIR, device="cpu"):
         ae, self.scaling_factor = load_autoencoder(autoencoder)
         self.decoder = ae.decoder
         images, self.labels = data.load_split("train", subset or None)
@@ -75,14 +150,15 @@ class TrainingSet:
             key = hashlib.sha256(f.read()).hexdigest()[:16]
         cache = os.path.join(cache_dir, f"latents-{key}-{len(images)}.pt")
         if os.path.exists(cache):
-            self.mean, self.std = torch.load(cache)
+            self.mean, self.std = load(cache)
             return
         means, stds = [], []
+        encoder = ae.encoder.to(device)
         with torch.no_grad():
             for i in range(0, len(images), batch_size):
-                mean, logvar = ae.encoder(images[i:i + batch_size])
-                means.append(mean)
-                stds.append(torch.exp(0.5 * logvar))
+                mean, logvar = encoder(images[i:i + batch_size].to(device))
+                means.append(mean.cpu())
+                stds.append(torch.exp(0.5 * logvar).cpu())
         self.mean = torch.cat(means) * self.scaling_factor
         self.std = torch.cat(stds) * self.scaling_factor
         save_state(cache, (self.mean, self.std))
@@ -91,7 +167,8 @@ class TrainingSet:
         return len(self.labels)
 
     def batch(self, batch_size, gen, dropout=CAPTION_DROPOUT):
-        """(scaled latents sampled from the posterior, input_ids, labels) for one step."""
+        """(scaled latents sampled from the posterior, input_ids, labels) for one step, on the
+        CPU."""
         idx = torch.randint(len(self.labels), (batch_size,), generator=gen)
         labels = self.labels[idx]
         x0 = self.mean[idx] + self.std[idx] * torch.randn(self.mean[idx].shape, generator=gen)
@@ -114,7 +191,8 @@ def trailing_timesteps(steps):
 
 @torch.no_grad()
 def sample(unet, text_encoder, ids, noise, steps, guidance, schedule, empty_ids):
-    """The served sampling loop (DDIM, epsilon prediction, CFG) -> scaled x0 latents."""
+    """The served sampling loop (DDIM, epsilon prediction, CFG) -> scaled x0 latents. ids, noise
+    and empty_ids on the device of the models and the schedule."""
     emb = text_encoder(ids)
     uncond = text_encoder(empty_ids[None]).expand_as(emb) if guidance > 1 else None
     timesteps = trailing_timesteps(steps)
@@ -122,7 +200,7 @@ def sample(unet, text_encoder, ids, noise, steps, guidance, schedule, empty_ids)
     x0 = z
     for k, t in enumerate(timesteps):
         a = schedule.alphas_cumprod[t]
-        tt = torch.full((len(z),), t, dtype=torch.int64)
+        tt = torch.full((len(z),), t, dtype=torch.int64, device=z.device)
         if uncond is not None:
             eps_u, eps_c = unet(torch.cat([z, z]), torch.cat([tt, tt]),
                                 torch.cat([uncond, emb])).chunk(2)

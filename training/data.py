@@ -1,5 +1,8 @@
 """Fashion-MNIST loading from the gzip'd idx files.
 
+The files are read from $DMDSERVE_FASHION_MNIST_DIR if it is set, else from Debian's
+dataset-fashion-mnist directory (DEFAULT_DIR); training/eval/fashion_data.py uses the same place.
+
 Images come out as float32 tensors [N, 1, 32, 32] in [-1, 1]: the 28x28 uint8 pixels are mapped
 linearly (0 -> -1, 255 -> 1) and padded by 2 px on every side with the background value -1.
 Loading is deterministic; `subset` keeps the first `subset` examples (no shuffling).
@@ -13,6 +16,7 @@ import numpy as np
 import torch
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
+DIR_ENV = "DMDSERVE_FASHION_MNIST_DIR"  # overrides DEFAULT_DIR (e.g. a copy on another machine)
 IMAGES_MAGIC = 2051  # idx3, unsigned byte
 LABELS_MAGIC = 2049  # idx1, unsigned byte
 SPLITS = {
@@ -25,6 +29,20 @@ PAD = 2
 
 class IdxFormatError(ValueError):
     """An idx file is malformed (bad magic number, header or size)."""
+
+
+def fashion_mnist_dir():
+    """The directory the idx files are read from: $DMDSERVE_FASHION_MNIST_DIR or DEFAULT_DIR."""
+    return os.environ.get(DIR_ENV) or DEFAULT_DIR
+
+
+def split_path(directory, name):
+    """Path of the idx file `name` in `directory`; FileNotFoundError naming both if missing."""
+    path = os.path.join(directory, name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Fashion-MNIST file {name} not found in {directory} "
+                                f"(${DIR_ENV} if set, else {DEFAULT_DIR})")
+    return path
 
 
 def _read_gz(path):
@@ -70,16 +88,18 @@ def to_model_images(pixels):
     return torch.nn.functional.pad(x, (PAD, PAD, PAD, PAD), value=-1.0)
 
 
-def load_split(split, subset=None, data_dir=DEFAULT_DIR):
+def load_split(split, subset=None, data_dir=None):
     """Loads `split` ("train" or "test"); returns (images [N,1,32,32] float32, labels [N] int64).
 
     subset: keep only the first `subset` examples (None or 0 = all).
+    data_dir: where the idx files are (None = fashion_mnist_dir()).
     """
     if split not in SPLITS:
         raise ValueError(f"split {split!r} is not one of {sorted(SPLITS)}")
+    data_dir = data_dir or fashion_mnist_dir()
     images_name, labels_name, expected = SPLITS[split]
-    pixels = read_idx_images(os.path.join(data_dir, images_name))
-    labels = read_idx_labels(os.path.join(data_dir, labels_name))
+    pixels = read_idx_images(split_path(data_dir, images_name))
+    labels = read_idx_labels(split_path(data_dir, labels_name))
     if len(pixels) != expected or len(labels) != expected:
         raise IdxFormatError(f"{data_dir}: {split} split has {len(pixels)} images and "
                              f"{len(labels)} labels, expected {expected} of each")

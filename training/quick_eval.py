@@ -28,10 +28,13 @@ CLASSIFIER_CHECKPOINT = "training/checkpoints/classifier.pt"
 
 class QuickEval:
     """Holds the classifier and the real test-set features. `per_class` images per class, the
-    prompt phrasing cycling over the class's captions, seeds 0..N-1."""
+    prompt phrasing cycling over the class's captions, seeds 0..N-1. Images are generated and
+    decoded on `device` (the decoder is moved there; the models given to evaluate must be there
+    too), prompts and noise are made on the CPU, the classifier runs on the CPU."""
 
-    def __init__(self, decoder, scaling_factor, per_class=100, subset_test=0):
-        self.decoder = decoder.eval()
+    def __init__(self, decoder, scaling_factor, per_class=100, subset_test=0, device="cpu"):
+        self.device = device
+        self.decoder = decoder.to(device).eval()
         self.scaling_factor = scaling_factor
         self.classifier = clf.load_classifier(CLASSIFIER_CHECKPOINT)
         test_images, test_labels = fashion_data.load_split("test")
@@ -46,17 +49,18 @@ class QuickEval:
                                       for c, p in zip(self.labels, phrasing)])
         gen = torch.Generator().manual_seed(1234)
         self.noise = torch.randn((len(self.labels), t2i.LATENT_CHANNELS, 8, 8), generator=gen)
-        self.empty_ids = captions.tokenize([""])[0]
-        self.schedule = t2i.Schedule()
+        self.empty_ids = captions.tokenize([""])[0].to(device)
+        self.schedule = t2i.Schedule(device=device)
 
     @torch.no_grad()
     def images(self, unet, text_encoder, steps, guidance, batch_size=250):
+        """uint8 [N, 32, 32] CPU tensor of generated images."""
         out = []
         for i in range(0, len(self.labels), batch_size):
-            x0 = common.sample(unet, text_encoder, self.ids[i:i + batch_size],
-                               self.noise[i:i + batch_size], steps, guidance, self.schedule,
-                               self.empty_ids)
-            out.append(common.to_uint8(self.decoder(x0 / self.scaling_factor))[:, 0])
+            x0 = common.sample(unet, text_encoder, self.ids[i:i + batch_size].to(self.device),
+                               self.noise[i:i + batch_size].to(self.device), steps, guidance,
+                               self.schedule, self.empty_ids)
+            out.append(common.to_uint8(self.decoder(x0 / self.scaling_factor))[:, 0].cpu())
         return torch.cat(out)
 
     def evaluate(self, unet, text_encoder, steps=1, guidance=1.0):

@@ -42,12 +42,15 @@ def known_token_ids() -> List[int]:
 
 
 class Schedule:
-    """SD's scaled-linear DDPM schedule: betas = linspace(sqrt(b0), sqrt(b1), 1000) ** 2."""
+    """SD's scaled-linear DDPM schedule: betas = linspace(sqrt(b0), sqrt(b1), 1000) ** 2.
+    Computed on the CPU (the same values everywhere), then kept on `device`: the timesteps
+    given to add_noise / x0_from_eps must be there too."""
 
-    def __init__(self, beta_start=0.00085, beta_end=0.012, steps=NUM_TRAIN_TIMESTEPS):
+    def __init__(self, beta_start=0.00085, beta_end=0.012, steps=NUM_TRAIN_TIMESTEPS,
+                 device="cpu"):
         betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps,
                                dtype=torch.float32) ** 2
-        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0).to(device)
 
     def add_noise(self, x0, noise, t):
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1)

@@ -18,6 +18,8 @@ Recipe (DMD2's SD1.5 one-step, at our scale):
 The text encoder is the teacher's, frozen. Every --eval-every steps a quick in-process evaluation
 (FID of classifier features, class accuracy, diversity, mean pixel) is logged; resumable as the
 other stages. --out gets G's weights as float16 (EMA if --ema > 0) with the text encoder.
+--device cuda trains on a GPU (random numbers still drawn on the CPU); --stop-after-s saves the
+state and exits early so that a run fits a time-limited command.
 """
 
 import argparse
@@ -61,19 +63,22 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
+    common.add_device_argument(p)
+    common.add_stop_argument(p)
     return p.parse_args(argv)
 
 
 class Distiller:
     def __init__(self, args):
         self.args = args
+        self.device = common.device(args.device)
         self.text_encoder, self.teacher = train_teacher.load_checkpoint(args.teacher)
-        self.text_encoder.requires_grad_(False)
-        self.teacher.requires_grad_(False)
+        self.text_encoder.to(self.device).requires_grad_(False)
+        self.teacher.to(self.device).requires_grad_(False)
         self.generator = copy.deepcopy(self.teacher).train().requires_grad_(True)
         self.fake = copy.deepcopy(self.teacher).train().requires_grad_(True)
         if args.init:
-            init = torch.load(args.init)
+            init = common.load(args.init)
             self.generator.load_state_dict(common.float_state_dict(init["unet"]))
             self.fake.load_state_dict(common.float_state_dict(init["fake"]))
         betas = (args.beta1, 0.999)
@@ -82,15 +87,15 @@ class Distiller:
         self.opt_f = torch.optim.AdamW(self.fake.parameters(), lr=args.lr, betas=betas,
                                        weight_decay=0.01)
         self.ema = common.Ema(self.generator, args.ema) if args.ema > 0 else None
-        self.schedule = t2i.Schedule()
+        self.schedule = t2i.Schedule(device=self.device)
         self.a999 = self.schedule.alphas_cumprod[999]
-        self.pairs = torch.load(args.pairs) if args.pairs else None
+        self.pairs = common.load(args.pairs) if args.pairs else None  # indexed on the CPU
         if args.reg_weight > 0 and self.pairs is None:
             raise SystemExit("--reg-weight needs --pairs")
 
     def generate(self, z, emb):
         """One-step G: x0 from its epsilon at t = 999 (what the server computes)."""
-        t = torch.full((len(z),), 999, dtype=torch.int64)
+        t = torch.full((len(z),), 999, dtype=torch.int64, device=z.device)
         eps = self.generator(z, t, emb)
         return (z - (1 - self.a999).sqrt() * eps) / self.a999.sqrt()
 
@@ -101,19 +106,21 @@ class Distiller:
         return self.schedule.x0_from_eps(xt, eps, t)
 
     def step(self, dataset, step):
-        a = self.args
+        a, dev = self.args, self.device
         gen = torch.Generator().manual_seed(a.seed * 1_000_003 + step)
+        empty = dataset.empty_ids[None].to(dev)
         with torch.no_grad():
-            uncond = self.text_encoder(dataset.empty_ids[None]).expand(a.batch_size, -1, -1)
+            uncond = self.text_encoder(empty).expand(a.batch_size, -1, -1)
         # Fake-score updates on fresh generator samples (denoising loss).
         fake_loss = 0.0
         for _ in range(a.fake_steps):
             _, ids, _ = dataset.batch(a.batch_size, gen, dropout=0.0)
             with torch.no_grad():
-                emb = self.text_encoder(ids)
-                x0 = self.generate(torch.randn((a.batch_size, 4, 8, 8), generator=gen), emb)
-            t = torch.randint(t2i.NUM_TRAIN_TIMESTEPS, (a.batch_size,), generator=gen)
-            noise = torch.randn(x0.shape, generator=gen)
+                emb = self.text_encoder(ids.to(dev))
+                z = torch.randn((a.batch_size, 4, 8, 8), generator=gen).to(dev)
+                x0 = self.generate(z, emb)
+            t = torch.randint(t2i.NUM_TRAIN_TIMESTEPS, (a.batch_size,), generator=gen).to(dev)
+            noise = torch.randn(x0.shape, generator=gen).to(dev)
             loss_f = F.mse_loss(self.fake(self.schedule.add_noise(x0, noise, t), t, emb), noise)
             self.opt_f.zero_grad(set_to_none=True)
             loss_f.backward()
@@ -123,10 +130,10 @@ class Distiller:
         # Generator update: distribution matching gradient (+ regression).
         _, ids, _ = dataset.batch(a.batch_size, gen, dropout=0.0)
         with torch.no_grad():
-            emb = self.text_encoder(ids)
-        x0 = self.generate(torch.randn((a.batch_size, 4, 8, 8), generator=gen), emb)
-        t = torch.randint(a.min_t, a.max_t + 1, (a.batch_size,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
+            emb = self.text_encoder(ids.to(dev))
+        x0 = self.generate(torch.randn((a.batch_size, 4, 8, 8), generator=gen).to(dev), emb)
+        t = torch.randint(a.min_t, a.max_t + 1, (a.batch_size,), generator=gen).to(dev)
+        noise = torch.randn(x0.shape, generator=gen).to(dev)
         with torch.no_grad():
             xt = self.schedule.add_noise(x0.detach(), noise, t)
             x0_real = self.real_x0(xt, t, emb, uncond)
@@ -135,13 +142,13 @@ class Distiller:
             grad = torch.nan_to_num((x0_fake - x0_real) / weight)
         loss_dmd = 0.5 * F.mse_loss(x0, (x0 - grad).detach())
         loss = loss_dmd
-        loss_reg = torch.zeros(())
+        loss_reg = torch.zeros((), device=dev)
         if a.reg_weight > 0:
             idx = torch.randint(len(self.pairs["noise"]), (a.batch_size,), generator=gen)
             with torch.no_grad():
-                pair_emb = self.text_encoder(self.pairs["ids"][idx])
-            pred = self.generate(self.pairs["noise"][idx], pair_emb)
-            loss_reg = F.mse_loss(pred, self.pairs["x0"][idx])
+                pair_emb = self.text_encoder(self.pairs["ids"][idx].to(dev))
+            pred = self.generate(self.pairs["noise"][idx].to(dev), pair_emb)
+            loss_reg = F.mse_loss(pred, self.pairs["x0"][idx].to(dev))
             loss = loss + a.reg_weight * loss_reg
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
@@ -157,17 +164,20 @@ class Distiller:
 
 
 def train(args):
+    """Runs (or resumes) the distillation; returns the summary, or None if --stop-after-s stopped
+    it before --steps (the state is saved)."""
+    deadline = common.Deadline(args.stop_after_s)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    dataset = common.TrainingSet(args.subset, args.autoencoder)
+    dataset = common.TrainingSet(args.subset, args.autoencoder, device=common.device(args.device))
     d = Distiller(args)
     evaluator = None
     if args.eval_every:
         evaluator = QuickEval(dataset.decoder, dataset.scaling_factor, args.eval_per_class,
-                              subset_test=args.subset)
-    step, elapsed, curve, evals = 0, 0.0, [], []
+                              subset_test=args.subset, device=d.device)
+    step, elapsed, curve, evals, window = 0, 0.0, [], [], []
     if args.resume and os.path.exists(args.state):
-        state = torch.load(args.state)
+        state = common.load(args.state)
         d.generator.load_state_dict(state["generator"])
         d.fake.load_state_dict(state["fake"])
         d.opt_g.load_state_dict(state["opt_g"])
@@ -177,6 +187,7 @@ def train(args):
             d.ema.module.load_state_dict(state.get("ema", state["generator"]))
         step, elapsed, curve, evals = (state["step"], state["elapsed_s"], state["curve"],
                                        state["evals"])
+        window = state.get("window", [])  # metrics since the last curve point (older states: none)
         print(f"resumed from {args.state} at step {step}", flush=True)
 
     def evaluate(step):
@@ -192,7 +203,6 @@ def train(args):
     if step == 0:
         evaluate(0)
     progress = common.Progress(args.steps, step, elapsed)
-    window = []
     while step < args.steps:
         window.append(d.step(dataset, step))
         step += 1
@@ -204,16 +214,20 @@ def train(args):
             print(progress.line(step, **mean), flush=True)
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             evaluate(step)
-        if step % args.save_every == 0 or step == args.steps:
+        stop = deadline.passed() and step < args.steps
+        if step % args.save_every == 0 or step == args.steps or stop:
             state = {"generator": d.generator.state_dict(), "fake": d.fake.state_dict(),
                      "opt_g": d.opt_g.state_dict(), "opt_f": d.opt_f.state_dict(),
                      "step": step, "elapsed_s": progress.elapsed(), "curve": curve,
-                     "evals": evals}
+                     "evals": evals, "window": window}
             if d.ema is not None:
                 state["ema"] = d.ema.module.state_dict()
             common.save_state(args.state, state)
+        if stop:
+            print(deadline.stop_line(step, args.steps, args.state), flush=True)
+            return None
 
-    teacher = torch.load(args.teacher)
+    teacher = common.load(args.teacher)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     torch.save({"text_encoder": teacher["text_encoder"],
                 "unet": common.half_state_dict(d.exported()), "token_ids": teacher["token_ids"],

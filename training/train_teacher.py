@@ -7,7 +7,8 @@ The text encoder is trained jointly with the UNet (SD keeps a pretrained CLIP fr
 Every --save-every steps the full state (models, EMA, optimizer, step, curve) goes to --state;
 --resume continues from it (batches depend only on --seed and the step). At the end it writes
 --out: the EMA weights as float16 plus the token id table, and <out>.json: a summary with the
-loss curve.
+loss curve. --device cuda trains on a GPU (same batches and initial weights as on the CPU);
+--stop-after-s saves the state and exits early so that a run fits a time-limited command.
 """
 
 import argparse
@@ -36,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    common.add_device_argument(p)
+    common.add_stop_argument(p)
     return p.parse_args(argv)
 
 
@@ -44,33 +47,40 @@ def build(channels, token_ids):
 
 
 def train(args):
+    """Runs (or resumes) the training; returns the summary, or None if --stop-after-s stopped it
+    before --steps (the state is saved)."""
+    deadline = common.Deadline(args.stop_after_s)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    dataset = common.TrainingSet(args.subset, args.autoencoder)
-    schedule = t2i.Schedule()
+    dev = common.device(args.device)
+    dataset = common.TrainingSet(args.subset, args.autoencoder, device=dev)
+    schedule = t2i.Schedule(device=dev)
     token_ids = t2i.known_token_ids()
     text_encoder, unet = build(args.channels, token_ids)
+    text_encoder.to(dev)
+    unet.to(dev)
     params = list(text_encoder.parameters()) + list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     ema_text, ema_unet = common.Ema(text_encoder, args.ema), common.Ema(unet, args.ema)
-    step, elapsed, curve = 0, 0.0, []
+    step, elapsed, curve, window = 0, 0.0, [], []
     if args.resume and os.path.exists(args.state):
-        state = torch.load(args.state)
+        state = common.load(args.state)
         text_encoder.load_state_dict(state["text_encoder"])
         unet.load_state_dict(state["unet"])
         ema_text.module.load_state_dict(state["ema_text_encoder"])
         ema_unet.module.load_state_dict(state["ema_unet"])
         opt.load_state_dict(state["optimizer"])
         step, elapsed, curve = state["step"], state["elapsed_s"], state["curve"]
+        window = state.get("window", [])  # losses since the last curve point (older states: none)
         print(f"resumed from {args.state} at step {step}", flush=True)
 
     progress = common.Progress(args.steps, step, elapsed)
-    window = []
     while step < args.steps:
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         x0, ids, _ = dataset.batch(args.batch_size, gen)
         t = torch.randint(t2i.NUM_TRAIN_TIMESTEPS, (args.batch_size,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
+        x0, ids, t, noise = x0.to(dev), ids.to(dev), t.to(dev), noise.to(dev)
         pred = unet(schedule.add_noise(x0, noise, t), t, text_encoder(ids))
         loss = F.mse_loss(pred, noise)
         for group in opt.param_groups:
@@ -91,12 +101,17 @@ def train(args):
             curve.append([step, mean_loss])
             window = []
             print(progress.line(step, loss=mean_loss), flush=True)
-        if step % args.save_every == 0 or step == args.steps:
+        stop = deadline.passed() and step < args.steps
+        if step % args.save_every == 0 or step == args.steps or stop:
             common.save_state(args.state, {
                 "text_encoder": text_encoder.state_dict(), "unet": unet.state_dict(),
                 "ema_text_encoder": ema_text.module.state_dict(),
                 "ema_unet": ema_unet.module.state_dict(), "optimizer": opt.state_dict(),
-                "step": step, "elapsed_s": progress.elapsed(), "curve": curve})
+                "step": step, "elapsed_s": progress.elapsed(), "curve": curve,
+                "window": window})
+        if stop:
+            print(deadline.stop_line(step, args.steps, args.state), flush=True)
+            return None
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     torch.save({"text_encoder": common.half_state_dict(ema_text.module),
@@ -105,6 +120,7 @@ def train(args):
                 "steps": step, "seed": args.seed}, args.out)
     summary = {"steps": step, "batch_size": args.batch_size, "lr": args.lr, "ema": args.ema,
                "channels": args.channels, "subset": args.subset, "threads": args.threads,
+               "device": args.device,
                "train_wall_s": round(progress.elapsed(), 1),
                "unet_parameters": t2i.count_parameters(unet),
                "text_encoder_parameters": t2i.count_parameters(text_encoder),
@@ -116,8 +132,8 @@ def train(args):
 
 
 def load_checkpoint(path):
-    """(text encoder, UNet) from a --out checkpoint, float32, eval mode."""
-    ckpt = torch.load(path)
+    """(text encoder, UNet) from a --out checkpoint, float32, eval mode, on the CPU."""
+    ckpt = common.load(path)
     text_encoder, unet = build(ckpt["channels"], ckpt["token_ids"])
     text_encoder.load_state_dict(common.float_state_dict(ckpt["text_encoder"]))
     unet.load_state_dict(common.float_state_dict(ckpt["unet"]))
