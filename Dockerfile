@@ -33,7 +33,7 @@ RUN apt-get update -q && apt-get install -y -q --no-install-recommends \
       build-essential cmake ninja-build pkg-config ca-certificates \
       libtorch-dev libgrpc++-dev protobuf-compiler-grpc protobuf-compiler libprotobuf-dev \
       libabsl-dev libspdlog-dev libfmt-dev prometheus-cpp-dev libpng-dev nlohmann-json3-dev \
-      libutf8proc-dev \
+      libutf8proc-dev libopenblas0-openmp \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=sources /src /src
 WORKDIR /src

@@ -16,7 +16,7 @@ CK=training/checkpoints
 STATE_DIR=${STATE_DIR:-/tmp/dmdserve-training}
 THREADS=${THREADS:-1}
 # OpenBLAS makes the linear layers ~6x faster than Debian's reference BLAS; use it where it is
-# installed, without making it the system-wide libblas alternative.
+# installed, also when the system's libblas alternative points elsewhere.
 OPENBLAS=/usr/lib/x86_64-linux-gnu/openblas-openmp
 if [[ -e $OPENBLAS/libblas.so.3 ]]; then
   export LD_LIBRARY_PATH=$OPENBLAS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
