@@ -2,16 +2,19 @@
 back-pressure under a burst, and draining on SIGTERM."""
 import concurrent.futures
 import json
+import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 import unittest
 
 import grpc
 
-from harness import DMDSERVE_BIN, Server, health_pb2, metric_value, pb, wait_until
+from harness import (DMDSERVE_BIN, SOURCE_DIR, TINY_BUNDLE, Server, health_pb2, metric_value,
+                     pb, wait_until)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -207,14 +210,51 @@ class LoadTest(unittest.TestCase):
 
 
 class DrainTest(unittest.TestCase):
+    SLOW_MODEL = "tiny-random-50-steps"
+
+    @classmethod
+    def setUpClass(cls):
+        # tiny-random with a 50-step guided schedule (the teacher's): 100 generator calls an
+        # image, so that a backlog takes seconds to drain whatever the BLAS, and SIGTERM lands
+        # while accepted requests are still unfinished.
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.slow_bundle = os.path.join(cls.tmp.name, cls.SLOW_MODEL)
+        os.makedirs(cls.slow_bundle)
+        for name in os.listdir(TINY_BUNDLE):
+            if name != "model.json":
+                os.symlink(os.path.join(TINY_BUNDLE, name), os.path.join(cls.slow_bundle, name))
+        with open(os.path.join(TINY_BUNDLE, "model.json")) as f:
+            manifest = json.load(f)
+        with open(os.path.join(SOURCE_DIR, "models", "fashion-teacher", "model.json")) as f:
+            teacher = json.load(f)
+        manifest.update(name=cls.SLOW_MODEL, schedule=teacher["schedule"], guidance_scale=3.0)
+        with open(os.path.join(cls.slow_bundle, "model.json"), "w") as f:
+            json.dump(manifest, f)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
     def busy_server(self, requests):
-        """A server computing one image per batch, with `requests` 8-image requests accepted."""
-        server = Server("--max_batch_size=1", "--workers=1", "--max_queue_images=1000")
+        """A server computing one image per batch, with `requests` 8-image requests accepted and
+        at least one of them unfinished."""
+        server = Server("--max_batch_size=1", "--workers=1", "--max_queue_images=1000",
+                        model_dirs=(self.slow_bundle,))
         futures = [server.stub.Generate.future(
             pb.GenerateRequest(prompt="a sandal", num_images=8, seed=i), timeout=120)
             for i in range(requests)]
-        self.assertTrue(wait_until(lambda: metric_value(
-            server.metrics(), "dmdserve_requests_in_flight", model="tiny-random") == requests))
+
+        def counts():
+            text = server.metrics()
+            in_flight = metric_value(text, "dmdserve_requests_in_flight", model=self.SLOW_MODEL)
+            finished = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                           if line.startswith("dmdserve_requests_total{")
+                           and 'method="Generate"' in line)
+            return in_flight or 0, finished
+
+        # Every request accepted (in flight or finished), none lost to the race with SIGTERM.
+        self.assertTrue(wait_until(lambda: sum(counts()) == requests), counts())
+        self.assertGreater(counts()[0], 0, "the backlog drained before SIGTERM: test is vacuous")
         return server, futures
 
     def test_sigterm_finishes_every_accepted_request_and_exits_zero(self):
