@@ -51,10 +51,12 @@ stage ode-pairs "$STATE_DIR/ode_pairs.pt" \
   $PY -m training.make_ode_pairs --count 2048 --guidance "$TEACHER_GUIDANCE" \
     --threads "$THREADS" --out "$STATE_DIR/ode_pairs.pt"
 stage dmd $CK/dmd.pt \
-  $PY -m training.train_dmd --guidance "$TEACHER_GUIDANCE" ${DMD_FLAGS:-} --threads "$THREADS" \
+  $PY -m training.train_dmd --guidance "$TEACHER_GUIDANCE" --steps 6000 --batch-size 32 \
+    --fake-steps 2 --lr 1e-4 --reg-weight 1 --ema 0.995 --eval-every 100 --eval-per-class 50 \
+    ${DMD_FLAGS:-} --threads "$THREADS" \
     --pairs "$STATE_DIR/ode_pairs.pt" --state "$STATE_DIR/dmd_state.pt" --resume
 $PY -m training.export_bundle --checkpoint $CK/dmd.pt --name fashion-dmd --steps 1 \
-  --description "Fashion-MNIST one-step DMD generator (trained here), 32x32 grey" \
+  --description "Fashion-MNIST one-step DMD generator (distilled here from fashion-teacher), 32x32 grey" \
   --out models/fashion-dmd
 $PY -m training.export_bundle --checkpoint $CK/teacher.pt --name fashion-teacher --steps 50 \
   --guidance "$TEACHER_GUIDANCE" \
