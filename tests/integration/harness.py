@@ -42,6 +42,7 @@ class Server:
         self.port = None
         self.metrics_port = None
         self._ready = threading.Event()
+        self._ready_seen = False
         self._listening = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -57,8 +58,9 @@ class Server:
                 self.port, self.metrics_port = int(m.group(1)), int(m.group(2))
                 self._listening.set()
             if _READY_LINE.search(line):
+                self._ready_seen = True
                 self._ready.set()
-        self._ready.set()
+        self._ready.set()  # the server's output ended: wake the waiters (it is not ready)
         self._listening.set()
 
     def wait_listening(self, timeout_s=120):
@@ -67,7 +69,8 @@ class Server:
         self._connect()
 
     def wait_ready(self, timeout_s=120):
-        if not self._ready.wait(timeout_s) or self.proc.poll() is not None:
+        # The output can end before the exited process is reaped: the ready line decides.
+        if not self._ready.wait(timeout_s) or not self._ready_seen or self.proc.poll() is not None:
             raise RuntimeError("dmdserve did not become ready:\n" + self.log())
         self._connect()
 
