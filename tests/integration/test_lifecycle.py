@@ -252,9 +252,13 @@ class DrainTest(unittest.TestCase):
                            and 'method="Generate"' in line)
             return in_flight or 0, finished
 
-        # Every request accepted (in flight or finished), none lost to the race with SIGTERM.
-        self.assertTrue(wait_until(lambda: sum(counts()) == requests), counts())
-        self.assertGreater(counts()[0], 0, "the backlog drained before SIGTERM: test is vacuous")
+        try:
+            # Every request accepted (in flight or finished), none lost to the race with SIGTERM.
+            self.assertTrue(wait_until(lambda: sum(counts()) == requests), counts())
+            self.assertGreater(counts()[0], 0, "the backlog drained before SIGTERM: vacuous")
+        except BaseException:
+            server.stop(signal.SIGKILL)  # no server outlives a failed test
+            raise
         return server, futures
 
     def test_sigterm_finishes_every_accepted_request_and_exits_zero(self):
