@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <utility>
 #include <vector>
@@ -133,7 +134,14 @@ bool MetricsHttpServer::WaitFor(int fd, short events, absl::Time deadline) {
 void MetricsHttpServer::Serve() {
   while (WaitFor(listen_fd_, POLLIN, absl::InfiniteFuture())) {
     const int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
-    if (fd < 0) continue;  // the client went away, or out of descriptors for now
+    if (fd < 0) {
+      // The client went away (retry at once), or the process is out of descriptors or memory:
+      // the pending connection stays queued, so wait instead of spinning on it.
+      if (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      }
+      continue;
+    }
     HandleConnection(fd);
     close(fd);
   }

@@ -126,6 +126,19 @@ scrape_configs:
                     result = api("/api/v1/query", query=expr)
                     return result["status"] == "success" and len(result["data"]["result"]) > 0
 
+                def diagnosis():
+                    targets = api("/api/v1/targets")["data"]["activeTargets"]
+                    with open(log_path) as f:
+                        prometheus_log = f.read()[-3000:]
+                    return (f"server exit code: {server.proc.poll()}\n"
+                            f"targets: {json.dumps(targets)}\n"
+                            f"prometheus log (end):\n{prometheus_log}\n"
+                            f"server log:\n{server.log()}")
+
+                # Scraped at all? If not, say why once instead of timing out on every panel.
+                self.assertTrue(wait_until(lambda: has_data('up{job="dmdserve"} == 1'),
+                                           timeout_s=60), diagnosis())
+
                 for title, expr, gpu_only in exprs:
                     with self.subTest(panel=title):
                         if gpu_only:  # this server runs on the CPU: the query must only be valid
