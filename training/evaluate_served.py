@@ -176,10 +176,9 @@ def main(args):
                   f"diversity {scores['diversity_ratio']:.3f} ({len(images)} images, "
                   f"{wall:.0f} s)", flush=True)
         count = len(images)
-        order = np.random.default_rng(0).permutation(len(test_images))
-        floor = evaluate_images.evaluate(classifier, test_images[order[:count]],
-                                         test_labels[order[:count]], test_images[order[count:]],
-                                         test_labels[order[count:]])
+        chosen, rest = evaluate_images.real_split(len(test_images), count)
+        floor = evaluate_images.evaluate(classifier, test_images[chosen], test_labels[chosen],
+                                         test_images[rest], test_labels[rest])
         floor["mean_pixel"] = float(test_images.mean())
         results["real_floor"] = floor
         print(f"real floor ({count} images): FID {floor['fid']:.2f}", flush=True)

@@ -84,8 +84,7 @@ def reconstruction(count, autoencoder=common.AUTOENCODER_CHECKPOINT, seed=0):
     model, _ = common.load_autoencoder(autoencoder)
     classifier = clf.load_classifier(CLASSIFIER_CHECKPOINT)
     images, labels = fashion_data.load_split("test")
-    order = np.random.default_rng(seed).permutation(len(images))
-    chosen, rest = order[:count], order[count:]
+    chosen, rest = evaluate_images.real_split(len(images), count, seed)
     with torch.no_grad():
         x = torch.from_numpy(images[chosen].astype(np.float32) / 127.5 - 1.0)[:, None]
         mean, _ = model.encoder(x)

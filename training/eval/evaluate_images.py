@@ -68,6 +68,14 @@ def load_image_dir(directory):
     return np.stack(images), np.array(labels, dtype=np.int64), names
 
 
+def real_split(total, count, seed=0):
+    """The real-vs-real split: indices of `count` images playing the generated set and of the
+    other `total - count` forming the reference, disjoint, shuffled by `seed`. The real floor of
+    --real-test, evaluate_served and quick_eval --reconstruction all use it."""
+    order = np.random.default_rng(seed).permutation(total)
+    return order[:count], order[count:]
+
+
 def evaluate(model, images, labels, reference_images, reference_labels):
     """Computes all metrics for uint8 images [N, 32, 32] prompted with `labels` against a real
     reference set. Returns a JSON-ready dict."""
@@ -115,8 +123,7 @@ def main(argv=None):
     else:
         if not 2 <= args.real_test <= len(test_images) - 2:
             parser.error(f"--real-test must be in [2, {len(test_images) - 2}]")
-        order = np.random.default_rng(args.seed).permutation(len(test_images))
-        chosen, rest = order[:args.real_test], order[args.real_test:]
+        chosen, rest = real_split(len(test_images), args.real_test, args.seed)
         images, labels = test_images[chosen], test_labels[chosen]
         reference_images, reference_labels = test_images[rest], test_labels[rest]
 
