@@ -5,7 +5,6 @@
 #include <grpcpp/health_check_service_interface.h>
 #include <prometheus/text_serializer.h>
 
-#include <exception>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -60,7 +59,6 @@ absl::StatusOr<std::unique_ptr<DmdServer>> DmdServer::Create(Options options) {
       MetricsHttpServer::Create(std::move(http_options));
   if (!http.ok()) return http.status();
   s->metrics_http_ = *std::move(http);
-  s->metrics_port_ = s->metrics_http_->port();
 
   s->service_ =
       std::make_unique<ImageGenerationService>(s->engine_.get(), s->metrics_.get(), options.limits);
@@ -79,7 +77,7 @@ absl::StatusOr<std::unique_ptr<DmdServer>> DmdServer::Create(Options options) {
   // gRPC's default health service starts as SERVING: not until the models are warm.
   SetHealth(s->server_.get(), false);
   spdlog::info("gRPC listening on {}:{}, /metrics on {}:{}; warming up", options.listen_host,
-               s->port_, options.listen_host, s->metrics_port_);
+               s->port_, options.listen_host, s->metrics_port());
 
   if (absl::Status warm = s->engine_->Warmup(); !warm.ok()) return warm;
   SetHealth(s->server_.get(), true);

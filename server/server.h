@@ -53,7 +53,7 @@ class DmdServer {
   ~DmdServer();
 
   int port() const { return port_; }
-  int metrics_port() const { return metrics_port_; }
+  int metrics_port() const { return metrics_http_->port(); }
 
   // Drains and stops; see the class comment. Idempotent; returns when everything has stopped.
   void Shutdown();
@@ -63,7 +63,6 @@ class DmdServer {
 
   Options options_;
   int port_ = 0;
-  int metrics_port_ = 0;
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<MetricsHttpServer> metrics_http_;
   std::unique_ptr<Engine> engine_;
