@@ -16,7 +16,7 @@ All modules are `torch.jit.script`-able (the bundle stores them as TorchScript).
 """
 
 import math
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -204,8 +204,11 @@ class UNet(nn.Module):
         args = timestep.to(torch.float32)[:, None] * torch.exp(-math.log(10000.0) * exponent)[None]
         return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
-                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def encode(self, sample: torch.Tensor, timestep: torch.Tensor,
+               encoder_hidden_states: torch.Tensor
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The down path and middle: (time embedding, 8x8 skip, 4x4 skip, bottleneck
+        float[B, 2 * ch, h / 2, w / 2]). DMD2's GAN head reads the bottleneck."""
         temb = self.timestep_embedding(timestep).to(sample.dtype)
         temb = self.time_fc2(F.silu(self.time_fc1(temb)))
         h0 = self.down0_attn(self.down0_res(self.conv_in(sample), temb), encoder_hidden_states)
@@ -213,6 +216,11 @@ class UNet(nn.Module):
         h1 = self.down1_attn(h1, encoder_hidden_states)
         m = self.mid_res1(h1, temb)
         m = self.mid_res2(self.mid_attn(m, encoder_hidden_states), temb)
+        return temb, h0, h1, m
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
+                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        temb, h0, h1, m = self.encode(sample, timestep, encoder_hidden_states)
         u = self.up1_attn(self.up1_res(torch.cat([m, h1], dim=1), temb), encoder_hidden_states)
         u = self.upsample(F.interpolate(u, scale_factor=2.0, mode="nearest"))
         u = self.up0_attn(self.up0_res(torch.cat([u, h0], dim=1), temb), encoder_hidden_states)

@@ -15,6 +15,11 @@ Recipe (DMD2's SD1.5 one-step, at our scale):
   0.5 * mse(x0, stopgrad(x0 - grad)).
 - optional regression loss (--reg-weight): mse between G(z) and the teacher's 50-step DDIM+CFG
   output for the same z and prompt (training/make_ode_pairs.py), as in the first DMD paper.
+- optional GAN head (--gan-weight, DMD2): a small classifier on the fake score's bottleneck
+  tells noised real training latents from noised G outputs (same t range, prompts of their
+  class). The fake score and the head learn it with weight --gan-fake-weight beside their
+  denoising loss; G gets the non-saturating loss softplus(-logit) through the (frozen) fake
+  score with weight --gan-weight. Real data is what lets a student beat its teacher.
 The text encoder is the teacher's, frozen. Every --eval-every steps a quick in-process evaluation
 (FID of classifier features, class accuracy, diversity, mean pixel) is logged; resumable as the
 other stages. --out gets G's weights as float16 (EMA if --ema > 0) with the text encoder.
@@ -29,6 +34,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from training import common, t2i, train_teacher
 from training.quick_eval import QuickEval
@@ -49,6 +55,10 @@ def parse_args(argv=None):
     p.add_argument("--max-t", type=int, default=980)
     p.add_argument("--reg-weight", type=float, default=0.0, help="regression loss weight")
     p.add_argument("--pairs", default="", help="ODE pairs file (make_ode_pairs.py)")
+    p.add_argument("--gan-weight", type=float, default=0.0,
+                   help="G's GAN loss weight (0 = no GAN head)")
+    p.add_argument("--gan-fake-weight", type=float, default=0.01,
+                   help="weight of the real/fake classification loss of the fake score + head")
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of exported G (0 = off)")
     p.add_argument("--subset", type=int, default=0, help="first N training images (0 = all)")
     p.add_argument("--init", default="",
@@ -68,6 +78,23 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+GAN_SEED_OFFSET = 1 << 40
+
+
+class GanHead(nn.Module):
+    """DMD2's classification branch: bottleneck float[B, 2 * ch, 4, 4] of the fake score ->
+    real/fake logit float[B]."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.GroupNorm(16, 2 * ch), nn.SiLU(), nn.Conv2d(2 * ch, 2 * ch, 3, padding=1),
+            nn.GroupNorm(16, 2 * ch), nn.SiLU(), nn.Conv2d(2 * ch, 1, 4))
+
+    def forward(self, bottleneck):
+        return self.net(bottleneck).flatten()
+
+
 class Distiller:
     def __init__(self, args):
         self.args = args
@@ -77,11 +104,17 @@ class Distiller:
         self.teacher.to(self.device).requires_grad_(False)
         self.generator = copy.deepcopy(self.teacher).train().requires_grad_(True)
         self.fake = copy.deepcopy(self.teacher).train().requires_grad_(True)
+        self.head = GanHead(self.teacher.ch).to(self.device) if args.gan_weight > 0 else None
         if args.init:
             init = common.load(args.init)
             self.generator.load_state_dict(common.float_state_dict(init["unet"]))
             self.fake.load_state_dict(common.float_state_dict(init["fake"]))
+            if self.head is not None and "gan_head" in init:
+                self.head.load_state_dict(common.float_state_dict(init["gan_head"]))
         betas = (args.beta1, 0.999)
+        # The head has its own optimizer so that states written without it still load.
+        self.opt_d = (torch.optim.AdamW(self.head.parameters(), lr=args.lr, betas=betas,
+                                        weight_decay=0.01) if self.head is not None else None)
         self.opt_g = torch.optim.AdamW(self.generator.parameters(), lr=args.lr, betas=betas,
                                        weight_decay=0.01)
         self.opt_f = torch.optim.AdamW(self.fake.parameters(), lr=args.lr, betas=betas,
@@ -99,6 +132,10 @@ class Distiller:
         eps = self.generator(z, t, emb)
         return (z - (1 - self.a999).sqrt() * eps) / self.a999.sqrt()
 
+    def logit(self, xt, t, emb):
+        """The GAN head's real/fake logit of noised latents xt."""
+        return self.head(self.fake.encode(xt, t, emb)[3])
+
     def real_x0(self, xt, t, emb, uncond):
         eps_u, eps_c = self.teacher(torch.cat([xt, xt]), torch.cat([t, t]),
                                     torch.cat([uncond, emb])).chunk(2)
@@ -112,7 +149,10 @@ class Distiller:
         with torch.no_grad():
             uncond = self.text_encoder(empty).expand(a.batch_size, -1, -1)
         # Fake-score updates on fresh generator samples (denoising loss).
-        fake_loss = 0.0
+        # The GAN's real batches and noise come from their own stream, so that turning the head
+        # on leaves every other draw of the step as it was.
+        gan_gen = torch.Generator().manual_seed(GAN_SEED_OFFSET + a.seed * 1_000_003 + step)
+        fake_loss = d_loss = d_real = d_fake = 0.0
         for _ in range(a.fake_steps):
             _, ids, _ = dataset.batch(a.batch_size, gen, dropout=0.0)
             with torch.no_grad():
@@ -122,10 +162,20 @@ class Distiller:
             t = torch.randint(t2i.NUM_TRAIN_TIMESTEPS, (a.batch_size,), generator=gen).to(dev)
             noise = torch.randn(x0.shape, generator=gen).to(dev)
             loss_f = F.mse_loss(self.fake(self.schedule.add_noise(x0, noise, t), t, emb), noise)
+            if self.head is not None:
+                loss_d, real_logit, fake_logit = self.discriminator_loss(dataset, gan_gen, x0, emb)
+                loss_f = loss_f + a.gan_fake_weight * loss_d
+                self.opt_d.zero_grad(set_to_none=True)
+                d_loss += loss_d.item() / a.fake_steps
+                d_real += real_logit / a.fake_steps
+                d_fake += fake_logit / a.fake_steps
             self.opt_f.zero_grad(set_to_none=True)
             loss_f.backward()
             torch.nn.utils.clip_grad_norm_(self.fake.parameters(), 1.0)
             self.opt_f.step()
+            if self.head is not None:
+                torch.nn.utils.clip_grad_norm_(self.head.parameters(), 1.0)
+                self.opt_d.step()
             fake_loss += loss_f.item() / a.fake_steps
         # Generator update: distribution matching gradient (+ regression).
         _, ids, _ = dataset.batch(a.batch_size, gen, dropout=0.0)
@@ -150,14 +200,41 @@ class Distiller:
             pred = self.generate(self.pairs["noise"][idx].to(dev), pair_emb)
             loss_reg = F.mse_loss(pred, self.pairs["x0"][idx].to(dev))
             loss = loss + a.reg_weight * loss_reg
+        loss_gan = torch.zeros((), device=dev)
+        if self.head is not None:
+            # Gradients reach x0 through the fake score and the head, not their weights.
+            self.fake.requires_grad_(False)
+            self.head.requires_grad_(False)
+            loss_gan = F.softplus(-self.logit(self.schedule.add_noise(x0, noise, t), t, emb)).mean()
+            self.fake.requires_grad_(True)
+            self.head.requires_grad_(True)
+            loss = loss + a.gan_weight * loss_gan
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.generator.parameters(), 1.0)
         self.opt_g.step()
         if self.ema is not None:
             self.ema.update(self.generator)
-        return {"dmd": loss_dmd.item(), "reg": loss_reg.item(), "fake": fake_loss,
-                "x0_std": x0.detach().std().item(), "x0_mean": x0.detach().mean().item()}
+        metrics = {"dmd": loss_dmd.item(), "reg": loss_reg.item(), "fake": fake_loss,
+                   "x0_std": x0.detach().std().item(), "x0_mean": x0.detach().mean().item()}
+        if self.head is not None:
+            metrics.update({"gan_g": loss_gan.item(), "gan_d": d_loss, "logit_real": d_real,
+                            "logit_fake": d_fake})
+        return metrics
+
+    def discriminator_loss(self, dataset, gen, x0_fake, emb_fake):
+        """Real/fake classification loss of the fake score + head on noised real latents (with
+        captions of their class) and noised G outputs x0_fake; also the mean logits."""
+        a, dev = self.args, self.device
+        x0_real, ids, _ = dataset.batch(a.batch_size, gen, dropout=0.0)
+        with torch.no_grad():
+            emb_real = self.text_encoder(ids.to(dev))
+        t = torch.randint(a.min_t, a.max_t + 1, (2 * a.batch_size,), generator=gen).to(dev)
+        noise = torch.randn((2 * a.batch_size,) + tuple(x0_fake.shape[1:]), generator=gen).to(dev)
+        xt = self.schedule.add_noise(torch.cat([x0_real.to(dev), x0_fake]), noise, t)
+        real, fake = self.logit(xt, t, torch.cat([emb_real, emb_fake])).chunk(2)
+        loss = F.softplus(-real).mean() + F.softplus(fake).mean()
+        return loss, real.mean().item(), fake.mean().item()
 
     def exported(self):
         return self.ema.module if self.ema is not None else self.generator
@@ -182,6 +259,9 @@ def train(args):
         d.fake.load_state_dict(state["fake"])
         d.opt_g.load_state_dict(state["opt_g"])
         d.opt_f.load_state_dict(state["opt_f"])
+        if d.head is not None and "head" in state:  # a run that adds the head starts it fresh
+            d.head.load_state_dict(state["head"])
+            d.opt_d.load_state_dict(state["opt_d"])
         if d.ema is not None:
             # A run that turns --ema on when resuming starts its average at the loaded G.
             d.ema.module.load_state_dict(state.get("ema", state["generator"]))
@@ -222,6 +302,8 @@ def train(args):
                      "evals": evals, "window": window}
             if d.ema is not None:
                 state["ema"] = d.ema.module.state_dict()
+            if d.head is not None:
+                state.update(head=d.head.state_dict(), opt_d=d.opt_d.state_dict())
             common.save_state(args.state, state)
         if stop:
             print(deadline.stop_line(step, args.steps, args.state), flush=True)
@@ -229,9 +311,10 @@ def train(args):
 
     teacher = common.load(args.teacher)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    extra = {"gan_head": common.half_state_dict(d.head)} if d.head is not None else {}
     torch.save({"text_encoder": teacher["text_encoder"],
                 "unet": common.half_state_dict(d.exported()), "token_ids": teacher["token_ids"],
-                "fake": common.half_state_dict(d.fake),
+                "fake": common.half_state_dict(d.fake), **extra,
                 "channels": teacher["channels"],
                 "latent_scaling_factor": teacher["latent_scaling_factor"],
                 "steps": step, "seed": args.seed}, args.out)

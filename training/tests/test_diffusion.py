@@ -118,6 +118,67 @@ class TrainingStagesTest(unittest.TestCase):
             # The real score (teacher) is frozen.
             self.assertTrue(all(torch.equal(a, b) for a, b in zip(teacher, d.teacher.parameters())))
 
+    def test_gan_head_reaches_generator_and_learns_real_from_fake(self):
+        """--gan-weight adds DMD2's head: its loss changes G's update, the head and the fake score
+        learn, the teacher stays frozen, and the head survives --out / --init."""
+        with tempfile.TemporaryDirectory() as tmp:
+            train_teacher.train(_teacher_args(tmp, 1))
+            flags = ["--teacher", os.path.join(tmp, "teacher.pt"), "--subset", "200",
+                     "--batch-size", "4", "--fake-steps", "2", "--eval-every", "0"]
+            dataset = common.TrainingSet(200)
+
+            def one_step(*extra):
+                torch.manual_seed(0)
+                d = train_dmd.Distiller(train_dmd.parse_args(flags + list(extra)))
+                return d, d.step(dataset, 0)
+
+            plain, plain_metrics = one_step()
+            self.assertIsNone(plain.head)
+            self.assertNotIn("gan_g", plain_metrics)
+            # The GAN draws from its own random stream, so with --gan-fake-weight 0 the fake
+            # score's updates are the plain run's and G differs by the GAN loss alone.
+            g_only, _ = one_step("--gan-weight", "1", "--gan-fake-weight", "0")
+            self.assertTrue(all(torch.equal(a, b) for a, b in
+                                zip(plain.fake.parameters(), g_only.fake.parameters())))
+            self.assertTrue(any(not torch.equal(a, b) for a, b in
+                                zip(plain.generator.parameters(), g_only.generator.parameters())))
+            gan, metrics = one_step("--gan-weight", "1", "--gan-fake-weight", "1")
+            for key in ("gan_g", "gan_d", "logit_real", "logit_fake"):
+                self.assertTrue(torch.isfinite(torch.tensor(metrics[key])), key)
+            head_before = [p.detach().clone() for p in train_dmd.Distiller(
+                train_dmd.parse_args(flags + ["--gan-weight", "1"])).head.parameters()]
+            self.assertTrue(any(not torch.equal(a, b)
+                                for a, b in zip(head_before, gan.head.parameters())))
+            self.assertTrue(any(not torch.equal(a, b) for a, b in
+                                zip(plain.fake.parameters(), gan.fake.parameters())))
+            self.assertTrue(all(torch.equal(a, b) for a, b in
+                                zip(plain.teacher.parameters(), gan.teacher.parameters())))
+            # A few more head updates on the same real/fake batch separate the logits.
+            dev = gan.device
+            gen = torch.Generator().manual_seed(1)
+            x0_fake = torch.randn((4, 4, 8, 8), generator=gen) * 3
+            emb = gan.text_encoder(dataset.batch(4, gen, dropout=0.0)[1])
+            losses = []
+            for _ in range(30):
+                loss, _, _ = gan.discriminator_loss(dataset, torch.Generator().manual_seed(2),
+                                                    x0_fake.to(dev), emb)
+                gan.opt_d.zero_grad()
+                gan.opt_f.zero_grad()
+                loss.backward()
+                gan.opt_d.step()
+                losses.append(loss.item())
+            self.assertLess(losses[-1], 0.8 * losses[0])
+            # The exported checkpoint carries the head; --init restores it.
+            out = os.path.join(tmp, "dmd.pt")
+            train_dmd.train(train_dmd.parse_args(flags + [
+                "--gan-weight", "1", "--steps", "1", "--state", os.path.join(tmp, "s.pt"),
+                "--out", out]))
+            saved = torch.load(out)["gan_head"]
+            restored = train_dmd.Distiller(train_dmd.parse_args(
+                flags + ["--gan-weight", "1", "--init", out]))
+            for key, value in restored.head.state_dict().items():
+                self.assertTrue(torch.equal(value, saved[key].float()), key)
+
     def test_sampling_loop_matches_reference_pipeline(self):
         """common.sample (used for ODE pairs and monitoring) is the loop the server runs: compare
         with scripts/reference_pipeline.py on an exported 3-step CFG bundle."""
