@@ -24,6 +24,8 @@ import sys
 import time
 import urllib.request
 
+from dmdserve_process import DmdserveProcess
+
 def raw_pipeline(build, bundle, repetitions, flags):
     out = subprocess.run(
         [os.path.join(build, "worker", "pipeline_benchmark"), f"--bundle={bundle}",
@@ -74,21 +76,14 @@ def main():
 
     raw = raw_pipeline(args.build, args.bundle, args.repetitions, shlex.split(args.raw_flags))
 
-    server = subprocess.Popen(
-        [os.path.join(args.build, "server", "dmdserve"), "--listen_host=127.0.0.1", "--port=0",
-         "--metrics_port=0", f"--model_dirs={args.bundle}", *args.server_flags],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    port = metrics_port = None
-    for line in server.stdout:
-        m = re.search(r"serving port=(\d+) metrics_port=(\d+)", line)
-        if m:
-            port, metrics_port = int(m.group(1)), int(m.group(2))
-            break
-    if port is None:
-        sys.exit("dmdserve did not start")
-    # Keep draining the log (one line per request) so the pipe never blocks the server.
-    devnull = open(os.devnull, "w")
-    drain = subprocess.Popen(["cat"], stdin=server.stdout, stdout=devnull)
+    server = DmdserveProcess(os.path.join(args.build, "server", "dmdserve"), [args.bundle],
+                             args.server_flags)
+    try:
+        server.wait_ready(300)
+    except RuntimeError as e:
+        server.stop()
+        sys.exit(str(e))
+    port, metrics_port = server.port, server.metrics_port
 
     # Distinct prompts, like the raw benchmark's batches: the pipeline encodes identical prompts
     # of a batch once, so repeated prompts would flatter the service.
@@ -113,9 +108,7 @@ def main():
             report["mean_batch"] = (batches_seen[1] - before[1]) / batches if batches else 0
             rows.append((c, report))
     finally:
-        server.terminate()
-        server.wait(60)
-        drain.wait(10)
+        server.stop()
 
     best_raw_batch = max(raw, key=raw.get)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}")

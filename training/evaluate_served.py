@@ -15,7 +15,6 @@ import argparse
 import concurrent.futures
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -31,6 +30,8 @@ from training.eval import evaluate_images, fashion_data
 from training.eval.classifier import load_classifier
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+from dmdserve_process import DmdserveProcess  # noqa: E402  (scripts/ is not a package)
 IMAGES_PER_REQUEST = 16
 TEACHER_VARIANT_STEPS = (20, 4, 1)
 
@@ -65,38 +66,6 @@ def teacher_variant(teacher_dir, steps, root):
     with open(os.path.join(out, "model.json"), "w") as f:
         json.dump(manifest, f, indent=2)
     return out
-
-
-class Server:
-    """dmdserve on free loopback ports; the target is parsed from its start-up log."""
-
-    def __init__(self, binary, model_dirs, log_path):
-        self.log = open(log_path, "w", buffering=1)
-        self.proc = subprocess.Popen(
-            [binary, "--listen_host=127.0.0.1", "--port=0", "--metrics_port=0",
-             "--model_dirs=" + ",".join(model_dirs), "--default_model=fashion-dmd"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        deadline = time.time() + 300
-        for line in self.proc.stdout:
-            self.log.write(line)
-            m = re.search(r"serving port=(\d+)", line)
-            if m:
-                self.target = f"127.0.0.1:{m.group(1)}"
-                break
-            if time.time() > deadline:
-                break
-        else:
-            raise RuntimeError(f"dmdserve exited during start-up, see {log_path}")
-        self._drain = concurrent.futures.ThreadPoolExecutor(1).submit(self._copy_log)
-
-    def _copy_log(self):
-        for line in self.proc.stdout:
-            self.log.write(line)
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(60)
-        self.log.close()
 
 
 def dmdctl(build_dir, target, *args):
@@ -157,10 +126,12 @@ def main(args):
         for steps in TEACHER_VARIANT_STEPS:
             models[f"fashion-teacher-{steps}"] = teacher_variant(args.teacher, steps,
                                                                  os.path.join(args.out, "bundles"))
-    server = Server(os.path.join(args.build_dir, "server", "dmdserve"), list(models.values()),
-                    os.path.join(args.out, "server.log"))
+    server = DmdserveProcess(os.path.join(args.build_dir, "server", "dmdserve"),
+                             list(models.values()), ["--default_model=fashion-dmd"],
+                             log_path=os.path.join(args.out, "server.log"))
     results = {"models": {}}
     try:
+        server.wait_ready(300)
         classifier = load_classifier(evaluate_images.DEFAULT_CHECKPOINT)
         test_images, test_labels = fashion_data.load_split("test")
         for model in models:
