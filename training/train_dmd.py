@@ -262,6 +262,11 @@ def train(args):
         if d.head is not None and "head" in state:  # a run that adds the head starts it fresh
             d.head.load_state_dict(state["head"])
             d.opt_d.load_state_dict(state["opt_d"])
+        # Optimizer states carry their lr and betas; the flags of the resuming run win, like
+        # every other flag (a continuation may change the recipe).
+        for opt in (d.opt_g, d.opt_f, d.opt_d):
+            for group in (opt.param_groups if opt is not None else []):
+                group["lr"], group["betas"] = args.lr, (args.beta1, 0.999)
         if d.ema is not None:
             # A run that turns --ema on when resuming starts its average at the loaded G.
             d.ema.module.load_state_dict(state.get("ema", state["generator"]))

@@ -179,6 +179,26 @@ class TrainingStagesTest(unittest.TestCase):
             for key, value in restored.head.state_dict().items():
                 self.assertTrue(torch.equal(value, saved[key].float()), key)
 
+    def test_resume_takes_the_new_learning_rate(self):
+        """A continuation may change the recipe: --lr and --beta1 of the resuming run replace
+        the values stored in the optimizer states."""
+        with tempfile.TemporaryDirectory() as tmp:
+            train_teacher.train(_teacher_args(tmp, 1))
+            state = os.path.join(tmp, "dmd_state.pt")
+
+            def run(steps, *extra):
+                train_dmd.train(train_dmd.parse_args([
+                    "--teacher", os.path.join(tmp, "teacher.pt"), "--subset", "200",
+                    "--batch-size", "4", "--fake-steps", "1", "--eval-every", "0",
+                    "--steps", str(steps), "--state", state, "--save-every", "1",
+                    "--out", os.path.join(tmp, "dmd.pt"), "--resume", *extra]))
+                saved = torch.load(state)
+                return [(g["lr"], g["betas"][0]) for opt in ("opt_g", "opt_f")
+                        for g in saved[opt]["param_groups"]]
+
+            self.assertEqual(run(1, "--lr", "1e-4"), [(1e-4, 0.9)] * 2)
+            self.assertEqual(run(2, "--lr", "3e-4", "--beta1", "0.5"), [(3e-4, 0.5)] * 2)
+
     def test_sampling_loop_matches_reference_pipeline(self):
         """common.sample (used for ODE pairs and monitoring) is the loop the server runs: compare
         with scripts/reference_pipeline.py on an exported 3-step CFG bundle."""
