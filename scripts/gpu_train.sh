@@ -25,8 +25,9 @@
 #   TEACHER_STEPS (auto), TEACHER_BATCH (512), TEACHER_SHARE (60 if dmd runs too, else 90),
 #   TEACHER_FLAGS (more train_teacher flags, e.g. "--lr 1e-3 --channels 64")
 #   PAIRS_COUNT (2048), GUIDANCE (3): make_ode_pairs, and the real score's CFG scale in dmd
-#   DMD_STEPS (auto), DMD_BATCH (128), DMD_FLAGS (the recipe of training/checkpoints/dmd.pt:
-#     --fake-steps 2 --lr 1e-4 --reg-weight 1 --ema 0.995 --eval-every 250 --eval-per-class 50)
+#   DMD_STEPS (auto), DMD_BATCH (128), DMD_FLAGS (the last phase of training/checkpoints/dmd.pt's
+#     recipe, see train_all.sh: --fake-steps 2 --lr 1e-4 --reg-weight 16 --ema 0.995
+#     --eval-every 250 --eval-per-class 50)
 # Inputs: .gpu-data/fashion-mnist/*.xz (carried; unpacked to gzip'd idx files in /tmp and read
 # through DMDSERVE_FASHION_MNIST_DIR); .gpu-state/ (carried, optional): teacher.pt for a call
 # without the teacher stage (else training/checkpoints/teacher.pt), <stage>_state.pt to --resume
@@ -48,7 +49,7 @@ PAIRS_COUNT=${PAIRS_COUNT:-2048}
 GUIDANCE=${GUIDANCE:-3}
 DMD_STEPS=${DMD_STEPS:-auto}
 DMD_BATCH=${DMD_BATCH:-128}
-DMD_FLAGS=${DMD_FLAGS:---fake-steps 2 --lr 1e-4 --reg-weight 1 --ema 0.995 --eval-every 250 \
+DMD_FLAGS=${DMD_FLAGS:---fake-steps 2 --lr 1e-4 --reg-weight 16 --ema 0.995 --eval-every 250 \
 --eval-per-class 50}
 W=.gpu-state
 BENCH=/tmp/gpu_train_bench

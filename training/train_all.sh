@@ -50,16 +50,30 @@ stage teacher $CK/teacher.pt \
 stage ode-pairs "$STATE_DIR/ode_pairs.pt" \
   $PY -m training.make_ode_pairs --count 2048 --guidance "$TEACHER_GUIDANCE" \
     --threads "$THREADS" --out "$STATE_DIR/ode_pairs.pt"
-stage dmd $CK/dmd.pt \
-  $PY -m training.train_dmd --guidance "$TEACHER_GUIDANCE" --steps 6000 --batch-size 32 \
-    --fake-steps 2 --lr 1e-4 --reg-weight 1 --ema 0.995 --eval-every 100 --eval-per-class 50 \
-    ${DMD_FLAGS:-} --threads "$THREADS" \
-    --pairs "$STATE_DIR/ode_pairs.pt" --state "$STATE_DIR/dmd_state.pt" --resume
+# DMD ran in phases, its recipe changed as the in-process FID asked for it (docs/FASHION.md
+# "Training"); each phase resumes the previous one's state and stops at the step where the
+# committed run changed (10603: where its last phase was stopped for the session's clock).
+dmd_phase() {  # dmd_phase STEPS OUT FLAGS...: continues the DMD state to STEPS generator steps
+  local steps=$1 out=$2
+  shift 2
+  # shellcheck disable=SC2086 # DMD_FLAGS is split into words
+  $PY -m training.train_dmd --guidance "$TEACHER_GUIDANCE" --batch-size 32 --fake-steps 2 \
+    --lr 1e-4 --eval-every 100 --eval-per-class 50 "$@" ${DMD_FLAGS:-} --threads "$THREADS" \
+    --pairs "$STATE_DIR/ode_pairs.pt" --state "$STATE_DIR/dmd_state.pt" --resume \
+    --steps "$steps" --out "$out"
+}
+dmd() {
+  dmd_phase 1600 "$STATE_DIR/dmd_1600.pt" --reg-weight 1
+  dmd_phase 7600 "$STATE_DIR/dmd_7600.pt" --reg-weight 1 --ema 0.995
+  dmd_phase 8250 "$STATE_DIR/dmd_8250.pt" --reg-weight 4 --ema 0.995
+  dmd_phase 10603 $CK/dmd.pt --reg-weight 16 --ema 0.995
+}
+stage dmd $CK/dmd.pt dmd
 $PY -m training.export_bundle --checkpoint $CK/dmd.pt --name fashion-dmd --steps 1 \
   --description "Fashion-MNIST one-step DMD generator (distilled here from fashion-teacher), 32x32 grey" \
   --out models/fashion-dmd
 $PY -m training.export_bundle --checkpoint $CK/teacher.pt --name fashion-teacher --steps 50 \
   --guidance "$TEACHER_GUIDANCE" \
-  --description "Fashion-MNIST teacher: 50-step DDIM with classifier-free guidance, 32x32 grey" \
+  --description "Fashion-MNIST teacher: 50-step DDIM with classifier-free guidance $TEACHER_GUIDANCE, 32x32 grey (trained here)" \
   --out models/fashion-teacher
 echo "== bundles: models/fashion-dmd models/fashion-teacher"
