@@ -19,7 +19,8 @@ Recipe (DMD2's SD1.5 one-step, at our scale):
   tells noised real training latents from noised G outputs (same t range, prompts of their
   class). The fake score and the head learn it with weight --gan-fake-weight beside their
   denoising loss; G gets the non-saturating loss softplus(-logit) through the (frozen) fake
-  score with weight --gan-weight. Real data is what lets a student beat its teacher.
+  score with weight --gan-weight. In DMD2 real data is what lets a student beat its teacher;
+  here, from the 6000-step state, it did not help (docs/FASHION.md, ablation).
 The text encoder is the teacher's, frozen. Every --eval-every steps a quick in-process evaluation
 (FID of classifier features, class accuracy, diversity, mean pixel) is logged; resumable as the
 other stages. --out gets G's weights as float16 (EMA if --ema > 0) with the text encoder.
