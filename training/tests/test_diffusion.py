@@ -127,9 +127,12 @@ class TrainingStagesTest(unittest.TestCase):
                      "--batch-size", "4", "--fake-steps", "2", "--eval-every", "0"]
             dataset = common.TrainingSet(200)
 
-            def one_step(*extra):
+            def distiller(*extra):  # same seed: same initial weights (the head's included)
                 torch.manual_seed(0)
-                d = train_dmd.Distiller(train_dmd.parse_args(flags + list(extra)))
+                return train_dmd.Distiller(train_dmd.parse_args(flags + list(extra)))
+
+            def one_step(*extra):
+                d = distiller(*extra)
                 return d, d.step(dataset, 0)
 
             plain, plain_metrics = one_step()
@@ -145,8 +148,8 @@ class TrainingStagesTest(unittest.TestCase):
             gan, metrics = one_step("--gan-weight", "1", "--gan-fake-weight", "1")
             for key in ("gan_g", "gan_d", "logit_real", "logit_fake"):
                 self.assertTrue(torch.isfinite(torch.tensor(metrics[key])), key)
-            head_before = [p.detach().clone() for p in train_dmd.Distiller(
-                train_dmd.parse_args(flags + ["--gan-weight", "1"])).head.parameters()]
+            head_before = [p.detach().clone()
+                           for p in distiller("--gan-weight", "1").head.parameters()]
             self.assertTrue(any(not torch.equal(a, b)
                                 for a, b in zip(head_before, gan.head.parameters())))
             self.assertTrue(any(not torch.equal(a, b) for a, b in
