@@ -38,7 +38,14 @@ class Server(DmdserveProcess):
         super().__init__(DMDSERVE_BIN, model_dirs, flags, env=env)
         self.channel = None
         if wait_ready:
-            self.wait_ready(timeout_s)
+            try:
+                self.wait_ready(timeout_s)
+            except BaseException:
+                # The caller never gets this object to stop it: no server outlives the failure.
+                self.proc.kill()
+                self.proc.wait()
+                self.close()
+                raise
 
     def wait_listening(self, timeout_s=120):
         super().wait_listening(timeout_s)

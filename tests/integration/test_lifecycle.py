@@ -21,6 +21,24 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE = "dmdserve.v1.ImageGeneration"
 
 
+def _child_pids():
+    """Process ids of this process's living (or unreaped) children."""
+    pids = set()
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/children") as f:
+            pids.update(int(p) for p in f.read().split())
+    return pids
+
+
+class HarnessTest(unittest.TestCase):
+    def test_a_server_not_ready_in_time_is_not_left_running(self):
+        before = _child_pids()
+        # Many warm-up passes: the server is still warming up when the wait gives up.
+        with self.assertRaises(RuntimeError):
+            Server("--warmup_runs=300", timeout_s=0.5)
+        self.assertEqual(_child_pids(), before)
+
+
 class HealthTest(unittest.TestCase):
     def test_not_serving_while_warming_up_then_serving(self):
         # Many warm-up passes keep the server in warm-up long enough to observe it.
