@@ -26,6 +26,7 @@ import urllib.request
 
 from dmdserve_process import DmdserveProcess
 
+
 def raw_pipeline(build, bundle, repetitions, flags):
     out = subprocess.run(
         [os.path.join(build, "worker", "pipeline_benchmark"), f"--bundle={bundle}",
