@@ -6,6 +6,7 @@
 #include <string>
 #include <utility>
 
+#include "absl/functional/function_ref.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "server/status_util.h"
@@ -127,7 +128,10 @@ grpc::ServerUnaryReactor* ImageGenerationService::Generate(grpc::CallbackServerC
 
 // Streams each image as soon as the engine hands it over. One write is outstanding at a time;
 // images arriving meanwhile wait in `pending_`. Finish() follows the last write. StartWrite and
-// Finish are called without `mu_` held, since gRPC may run reactions inline.
+// Finish are called without `mu_` held, since gRPC may run reactions inline. Every state change
+// goes through Pump(update), which applies it and decides under one lock: once the engine's
+// on_done has released `mu_`, a gRPC thread may finish the RPC and delete the reactor, so the
+// engine thread must not touch it again.
 class ImageGenerationService::StreamReactor final
     : public grpc::ServerWriteReactor<v1::GeneratedImage> {
  public:
@@ -148,18 +152,10 @@ class ImageGenerationService::StreamReactor final
       out.set_request_id(request_id_);
       out.set_model(model_);
       out.set_truncated_tokens(so_far.truncated_tokens);
-      {
-        absl::MutexLock lock(&mu_);
-        pending_.push_back(std::move(out));
-      }
-      Pump();
+      Pump([&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { pending_.push_back(std::move(out)); });
     };
     callbacks.on_done = [this](absl::Status status, GenerateResult) {
-      {
-        absl::MutexLock lock(&mu_);
-        final_status_ = ToGrpcStatus(status);
-      }
-      Pump();
+      Pump([&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { final_status_ = ToGrpcStatus(status); });
     };
     if (absl::Status s = service_->Submit(*std::move(params), std::move(callbacks), context_);
         !s.ok()) {
@@ -168,8 +164,7 @@ class ImageGenerationService::StreamReactor final
   }
 
   void OnWriteDone(bool ok) override {
-    {
-      absl::MutexLock lock(&mu_);
+    Pump([&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
       writing_ = false;
       pending_.pop_front();
       if (ok) ++images_;  // only images the client was sent count
@@ -179,8 +174,7 @@ class ImageGenerationService::StreamReactor final
         pending_.clear();
         broken_ = true;
       }
-    }
-    Pump();
+    });
   }
 
   void OnDone() override { delete this; }
@@ -192,13 +186,16 @@ class ImageGenerationService::StreamReactor final
     Finish(status);
   }
 
-  // Starts the next write, or finishes once everything is written and the engine is done.
-  void Pump() {
+  // Applies `update` to the state, then starts the next write, or finishes once everything is
+  // written and the engine is done; both under one hold of `mu_`. After it returns, the caller
+  // must not touch the reactor (it may have been deleted).
+  void Pump(absl::FunctionRef<void()> update) {
     const v1::GeneratedImage* to_write = nullptr;
     std::optional<grpc::Status> to_finish;
     int images = 0;
     {
       absl::MutexLock lock(&mu_);
+      update();
       if (writing_ || finish_called_) return;
       if (!pending_.empty() && !broken_) {
         writing_ = true;
