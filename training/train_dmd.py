@@ -14,7 +14,9 @@ Recipe (DMD2's SD1.5 one-step, at our scale):
 - DMD gradient (x0_fake - x0_real) / mean|x0 - x0_real| (per image), applied through
   0.5 * mse(x0, stopgrad(x0 - grad)).
 - optional regression loss (--reg-weight): mse between G(z) and the teacher's 50-step DDIM+CFG
-  output for the same z and prompt (training/make_ode_pairs.py), as in the first DMD paper.
+  output for the same z and prompt (training/make_ode_pairs.py; several files with different
+  seeds concatenate), as in the first DMD paper; --heldout-pairs logs the same loss on pairs G
+  never trains on, so over-fitting to a small pair set shows in the evaluations.
 - optional GAN head (--gan-weight, DMD2): a small classifier on the fake score's bottleneck
   tells noised real training latents from noised G outputs (same t range, prompts of their
   class). The fake score and the head learn it with weight --gan-fake-weight beside their
@@ -55,7 +57,12 @@ def parse_args(argv=None):
     p.add_argument("--min-t", type=int, default=20)
     p.add_argument("--max-t", type=int, default=980)
     p.add_argument("--reg-weight", type=float, default=0.0, help="regression loss weight")
-    p.add_argument("--pairs", default="", help="ODE pairs file (make_ode_pairs.py)")
+    p.add_argument("--pairs", default="",
+                   help="ODE pairs file(s) (make_ode_pairs.py), comma-separated: concatenated; "
+                        "they must share the teacher's steps and guidance and not repeat noise")
+    p.add_argument("--heldout-pairs", default="",
+                   help="ODE pairs file(s) never trained on: each evaluation also logs G's "
+                        "regression loss on them (reg_heldout), to see over-fitting to --pairs")
     p.add_argument("--gan-weight", type=float, default=0.0,
                    help="G's GAN loss weight (0 = no GAN head)")
     p.add_argument("--gan-fake-weight", type=float, default=0.01,
@@ -80,6 +87,38 @@ def parse_args(argv=None):
 
 
 GAN_SEED_OFFSET = 1 << 40
+
+
+def check_disjoint(a, b, name_a, name_b):
+    """SystemExit if two pair sets share a noise sample (the same seed made both)."""
+    shared = set(map(tuple, a["noise"].flatten(1)[:, :8].tolist())) & set(
+        map(tuple, b["noise"].flatten(1)[:, :8].tolist()))
+    if shared:
+        raise SystemExit(f"{name_a} and {name_b} share {len(shared)} noise samples: make the "
+                         f"pair files with different --seed values")
+
+
+def load_pairs(paths):
+    """The ODE pairs of comma-separated files, concatenated ({noise, ids, labels, x0, steps,
+    guidance}, CPU tensors). SystemExit if the files were made with different teacher steps or
+    guidance, or repeat each other's noise."""
+    sets = []
+    for path in [p for p in paths.split(",") if p]:
+        pairs = common.load(path)
+        for previous_path, previous in sets:
+            for key in ("steps", "guidance"):
+                if pairs[key] != previous[key]:
+                    raise SystemExit(f"pairs {path} have {key} {pairs[key]}, {previous_path} "
+                                     f"{previous[key]}: regression targets must come from one "
+                                     f"teacher sampler")
+            check_disjoint(previous, pairs, previous_path, path)
+        sets.append((path, pairs))
+    if not sets:
+        raise SystemExit(f"--pairs {paths!r} names no file")
+    first = sets[0][1]
+    out = {key: torch.cat([s[key] for _, s in sets]) for key in ("noise", "ids", "labels", "x0")}
+    out.update(steps=first["steps"], guidance=first["guidance"])
+    return out
 
 
 class GanHead(nn.Module):
@@ -123,14 +162,18 @@ class Distiller:
         self.ema = common.Ema(self.generator, args.ema) if args.ema > 0 else None
         self.schedule = t2i.Schedule(device=self.device)
         self.a999 = self.schedule.alphas_cumprod[999]
-        self.pairs = common.load(args.pairs) if args.pairs else None  # indexed on the CPU
+        self.pairs = load_pairs(args.pairs) if args.pairs else None  # indexed on the CPU
+        self.heldout = load_pairs(args.heldout_pairs) if args.heldout_pairs else None
+        if self.pairs is not None and self.heldout is not None:
+            check_disjoint(self.pairs, self.heldout, "--pairs", "--heldout-pairs")
         if args.reg_weight > 0 and self.pairs is None:
             raise SystemExit("--reg-weight needs --pairs")
 
-    def generate(self, z, emb):
-        """One-step G: x0 from its epsilon at t = 999 (what the server computes)."""
+    def generate(self, z, emb, generator=None):
+        """One-step G (default: the trained one): x0 from its epsilon at t = 999 (what the server
+        computes)."""
         t = torch.full((len(z),), 999, dtype=torch.int64, device=z.device)
-        eps = self.generator(z, t, emb)
+        eps = (self.generator if generator is None else generator)(z, t, emb)
         return (z - (1 - self.a999).sqrt() * eps) / self.a999.sqrt()
 
     def logit(self, xt, t, emb):
@@ -240,6 +283,22 @@ class Distiller:
     def exported(self):
         return self.ema.module if self.ema is not None else self.generator
 
+    @torch.no_grad()
+    def heldout_loss(self, batch_size=256):
+        """Regression loss (mse) of the exported G on the held-out pairs."""
+        exported, total = self.exported(), 0.0
+        was_training = exported.training
+        exported.eval()
+        n = len(self.heldout["noise"])
+        for i in range(0, n, batch_size):
+            emb = self.text_encoder(self.heldout["ids"][i:i + batch_size].to(self.device))
+            x0 = self.generate(self.heldout["noise"][i:i + batch_size].to(self.device), emb,
+                               exported)
+            total += F.mse_loss(x0, self.heldout["x0"][i:i + batch_size].to(self.device),
+                                reduction="sum").item()
+        exported.train(was_training)
+        return total / self.heldout["x0"].numel()
+
 
 def train(args):
     """Runs (or resumes) the distillation; returns the summary, or None if --stop-after-s stopped
@@ -282,6 +341,8 @@ def train(args):
         d.exported().eval()
         result = evaluator.evaluate(d.exported(), d.text_encoder, steps=1, guidance=1.0)
         d.generator.train()
+        if d.heldout is not None:
+            result["reg_heldout"] = d.heldout_loss()
         result["step"] = step
         evals.append(result)
         print("eval " + json.dumps(result), flush=True)

@@ -202,6 +202,42 @@ class TrainingStagesTest(unittest.TestCase):
             self.assertEqual(run(1, "--lr", "1e-4"), [(1e-4, 0.9)] * 2)
             self.assertEqual(run(2, "--lr", "3e-4", "--beta1", "0.5"), [(3e-4, 0.5)] * 2)
 
+    def test_pairs_files_concatenate_and_heldout_loss(self):
+        """--pairs takes several files (refusing ones from another sampler or with the same
+        noise); --heldout-pairs gives G's regression loss on pairs it never trained on."""
+        with tempfile.TemporaryDirectory() as tmp:
+            train_teacher.train(_teacher_args(tmp, 1))
+
+            def pairs(name, seed, count=6, steps=2):
+                path = os.path.join(tmp, name)
+                subprocess.run([sys.executable, "-m", "training.make_ode_pairs", "--teacher",
+                                os.path.join(tmp, "teacher.pt"), "--count", str(count),
+                                "--steps", str(steps), "--seed", str(seed), "--out", path],
+                               check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+                return path
+
+            a, b, c = pairs("a.pt", 1), pairs("b.pt", 2, count=4), pairs("c.pt", 3)
+            merged = train_dmd.load_pairs(f"{a},{b}")
+            first, second = torch.load(a), torch.load(b)
+            for key in ("noise", "ids", "labels", "x0"):
+                self.assertTrue(torch.equal(merged[key], torch.cat([first[key], second[key]])))
+            with self.assertRaisesRegex(SystemExit, "share 6 noise samples"):
+                train_dmd.load_pairs(f"{a},{a}")
+            with self.assertRaisesRegex(SystemExit, "steps 3"):
+                train_dmd.load_pairs(f"{a},{pairs('d.pt', 4, steps=3)}")
+            flags = ["--teacher", os.path.join(tmp, "teacher.pt"), "--subset", "200",
+                     "--batch-size", "4", "--eval-every", "0", "--pairs", f"{a},{b}"]
+            with self.assertRaisesRegex(SystemExit, "share 4 noise samples"):
+                train_dmd.Distiller(train_dmd.parse_args(flags + ["--heldout-pairs", b]))
+            d = train_dmd.Distiller(train_dmd.parse_args(flags + ["--heldout-pairs", c]))
+            # Targets made by G itself: zero loss; shifted by 0.1: 0.01.
+            with torch.no_grad():
+                own = d.generate(d.heldout["noise"], d.text_encoder(d.heldout["ids"]))
+            d.heldout["x0"] = own
+            self.assertLess(d.heldout_loss(batch_size=4), 1e-10)
+            d.heldout["x0"] = own + 0.1
+            self.assertAlmostEqual(d.heldout_loss(batch_size=4), 0.01, places=5)
+
     def test_sampling_loop_matches_reference_pipeline(self):
         """common.sample (used for ODE pairs and monitoring) is the loop the server runs: compare
         with scripts/reference_pipeline.py on an exported 3-step CFG bundle."""
