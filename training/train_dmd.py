@@ -51,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--fake-steps", type=int, default=4, help="fake-score updates per G update")
     p.add_argument("--lr", type=float, default=5e-5, help="AdamW lr of G and the fake score")
+    p.add_argument("--warmup", type=int, default=0,
+                   help="generator steps of linear lr warm-up (0 = none); for --init, whose "
+                        "optimizers start without moments, so Adam's first steps are full-size")
     p.add_argument("--beta1", type=float, default=0.9,
                    help="Adam beta1 of both optimizers (DMD2 uses 0 with its GAN head)")
     p.add_argument("--guidance", type=float, default=3.0, help="real score CFG scale")
@@ -280,6 +283,12 @@ class Distiller:
         loss = F.softplus(-real).mean() + F.softplus(fake).mean()
         return loss, real.mean().item(), fake.mean().item()
 
+    def set_lr(self, lr):
+        """Sets the lr (and --beta1) of every optimizer."""
+        for opt in (self.opt_g, self.opt_f, self.opt_d):
+            for group in (opt.param_groups if opt is not None else []):
+                group["lr"], group["betas"] = lr, (self.args.beta1, 0.999)
+
     def exported(self):
         return self.ema.module if self.ema is not None else self.generator
 
@@ -324,9 +333,7 @@ def train(args):
             d.opt_d.load_state_dict(state["opt_d"])
         # Optimizer states carry their lr and betas; the flags of the resuming run win, like
         # every other flag (a continuation may change the recipe).
-        for opt in (d.opt_g, d.opt_f, d.opt_d):
-            for group in (opt.param_groups if opt is not None else []):
-                group["lr"], group["betas"] = args.lr, (args.beta1, 0.999)
+        d.set_lr(args.lr)
         if d.ema is not None:
             # A run that turns --ema on when resuming starts its average at the loaded G.
             d.ema.module.load_state_dict(state.get("ema", state["generator"]))
@@ -351,6 +358,8 @@ def train(args):
         evaluate(0)
     progress = common.Progress(args.steps, step, elapsed)
     while step < args.steps:
+        if args.warmup:
+            d.set_lr(args.lr * min(1.0, (step + 1) / args.warmup))
         window.append(d.step(dataset, step))
         step += 1
         progress.tick()

@@ -201,6 +201,12 @@ class TrainingStagesTest(unittest.TestCase):
 
             self.assertEqual(run(1, "--lr", "1e-4"), [(1e-4, 0.9)] * 2)
             self.assertEqual(run(2, "--lr", "3e-4", "--beta1", "0.5"), [(3e-4, 0.5)] * 2)
+            # --warmup: step k (from 0) of the run trains at lr * (k + 1) / warmup.
+            warm = run(3, "--lr", "4e-4", "--warmup", "8")
+            self.assertEqual(len(warm), 2)
+            for lr, beta1 in warm:
+                self.assertAlmostEqual(lr, 1.5e-4, places=12)
+                self.assertEqual(beta1, 0.9)
 
     def test_pairs_files_concatenate_and_heldout_loss(self):
         """--pairs takes several files (refusing ones from another sampler or with the same
