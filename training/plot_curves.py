@@ -35,14 +35,16 @@ def main(argv=None):
     axes[0].plot(steps, loss)
     axes[0].set(title="teacher: denoising loss (eps MSE)", xlabel="step", yscale="log")
     for label, run in runs:
-        steps = [c[0] for c in run["curve"]]
+        # A run started from another's checkpoint (--init) continues its steps.
+        offset = run.get("init_steps", 0)
+        steps = [offset + c[0] for c in run["curve"]]
         axes[1].plot(steps, [c[1]["fake"] for c in run["curve"]], label=f"{label}: fake score")
         if any(c[1]["reg"] for c in run["curve"]):
             axes[1].plot(steps, [c[1]["reg"] for c in run["curve"]], label=f"{label}: regression")
         ev = run["evals"]
-        axes[2].plot([e["step"] for e in ev], [e["fid"] for e in ev], marker="o", label=label)
-        axes[3].plot([e["step"] for e in ev], [e["class_accuracy"] for e in ev], marker="o",
-                     label=label)
+        ev_steps = [offset + e["step"] for e in ev]
+        axes[2].plot(ev_steps, [e["fid"] for e in ev], marker="o", label=label)
+        axes[3].plot(ev_steps, [e["class_accuracy"] for e in ev], marker="o", label=label)
     axes[1].set(title="DMD: fake-score and regression losses", xlabel="generator step",
                 yscale="log")
     axes[2].set(title="DMD one-step FID (500 images, in-process)", xlabel="generator step",

@@ -47,9 +47,16 @@ stage classifier $CK/classifier.pt \
 stage teacher $CK/teacher.pt \
   $PY -m training.train_teacher --steps 2400 --threads "$THREADS" \
     --state "$STATE_DIR/teacher_state.pt" --resume
-stage ode-pairs "$STATE_DIR/ode_pairs.pt" \
-  $PY -m training.make_ode_pairs --count 2048 --guidance "$TEACHER_GUIDANCE" \
-    --threads "$THREADS" --out "$STATE_DIR/ode_pairs.pt"
+pairs() {  # pairs NAME COUNT SEED: teacher ODE pairs for the regression loss
+  stage "ode-pairs $1" "$STATE_DIR/$1.pt" \
+    $PY -m training.make_ode_pairs --count "$2" --seed "$3" --guidance "$TEACHER_GUIDANCE" \
+      --threads "$THREADS" --out "$STATE_DIR/$1.pt"
+}
+pairs ode_pairs 2048 1             # the first DMD phases trained on these alone
+pairs ode_pairs_s2 6144 2          # 8x as many for the last phase (over-fitting, docs/FASHION.md)
+pairs ode_pairs_s3 8192 3
+pairs ode_pairs_heldout 512 4      # never trained on: the evaluations' reg_heldout
+MORE_PAIRS=$STATE_DIR/ode_pairs.pt,$STATE_DIR/ode_pairs_s2.pt,$STATE_DIR/ode_pairs_s3.pt
 # DMD ran in phases, its recipe changed as the in-process FID asked for it (docs/FASHION.md
 # "Training"); each phase resumes the previous one's state and stops at the step where the
 # committed run changed (10603: where its last phase was stopped for the session's clock).
@@ -58,15 +65,20 @@ dmd_phase() {  # dmd_phase STEPS OUT FLAGS...: continues the DMD state to STEPS 
   shift 2
   # shellcheck disable=SC2086 # DMD_FLAGS is split into words
   $PY -m training.train_dmd --guidance "$TEACHER_GUIDANCE" --batch-size 32 --fake-steps 2 \
-    --lr 1e-4 --eval-every 100 --eval-per-class 50 "$@" ${DMD_FLAGS:-} --threads "$THREADS" \
-    --pairs "$STATE_DIR/ode_pairs.pt" --state "$STATE_DIR/dmd_state.pt" --resume \
+    --lr 1e-4 --eval-every 100 --eval-per-class 50 --pairs "$STATE_DIR/ode_pairs.pt" \
+    --state "$STATE_DIR/dmd_state.pt" "$@" ${DMD_FLAGS:-} --threads "$THREADS" --resume \
     --steps "$steps" --out "$out"
 }
 dmd() {
   dmd_phase 1600 "$STATE_DIR/dmd_1600.pt" --reg-weight 1
   dmd_phase 7600 "$STATE_DIR/dmd_7600.pt" --reg-weight 1 --ema 0.995
   dmd_phase 8250 "$STATE_DIR/dmd_8250.pt" --reg-weight 4 --ema 0.995
-  dmd_phase 10603 $CK/dmd.pt --reg-weight 16 --ema 0.995
+  dmd_phase 10603 "$STATE_DIR/dmd_10603.pt" --reg-weight 16 --ema 0.995
+  # A new run from that checkpoint (as a later session continued the committed one: fresh
+  # optimizers, warmed up; new draws with seed 1) on 8x as many pairs.
+  dmd_phase DMD_MORE_STEPS $CK/dmd.pt --reg-weight 16 --ema 0.995 --seed 1 --warmup 100 \
+    --init "$STATE_DIR/dmd_10603.pt" --pairs "$MORE_PAIRS" \
+    --heldout-pairs "$STATE_DIR/ode_pairs_heldout.pt" --state "$STATE_DIR/dmd_more_state.pt"
 }
 stage dmd $CK/dmd.pt dmd
 $PY -m training.export_bundle --checkpoint $CK/dmd.pt --name fashion-dmd --steps 1 \

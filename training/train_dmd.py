@@ -148,8 +148,10 @@ class Distiller:
         self.generator = copy.deepcopy(self.teacher).train().requires_grad_(True)
         self.fake = copy.deepcopy(self.teacher).train().requires_grad_(True)
         self.head = GanHead(self.teacher.ch).to(self.device) if args.gan_weight > 0 else None
+        self.init_steps = 0  # generator steps behind --init's checkpoint
         if args.init:
             init = common.load(args.init)
+            self.init_steps = int(init.get("steps", 0))
             self.generator.load_state_dict(common.float_state_dict(init["unet"]))
             self.fake.load_state_dict(common.float_state_dict(init["fake"]))
             if self.head is not None and "gan_head" in init:
@@ -393,9 +395,10 @@ def train(args):
                 "fake": common.half_state_dict(d.fake), **extra,
                 "channels": teacher["channels"],
                 "latent_scaling_factor": teacher["latent_scaling_factor"],
-                "steps": step, "seed": args.seed}, args.out)
+                "steps": d.init_steps + step, "seed": args.seed}, args.out)
     summary = {k: v for k, v in vars(args).items() if k not in ("state", "resume")}
-    summary.update({"train_wall_s": round(progress.elapsed(), 1),
+    # init_steps: where this run's curve continues the --init checkpoint's (its step 0).
+    summary.update({"init_steps": d.init_steps, "train_wall_s": round(progress.elapsed(), 1),
                     "checkpoint_bytes": os.path.getsize(args.out), "curve": curve,
                     "evals": evals})
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:

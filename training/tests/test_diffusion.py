@@ -208,6 +208,27 @@ class TrainingStagesTest(unittest.TestCase):
                 self.assertAlmostEqual(lr, 1.5e-4, places=12)
                 self.assertEqual(beta1, 0.9)
 
+    def test_init_continues_the_step_count(self):
+        """A run from --init counts its steps after the checkpoint's: dmd.pt's steps are the
+        total, and the summary's init_steps places its curve after the first run's."""
+        with tempfile.TemporaryDirectory() as tmp:
+            train_teacher.train(_teacher_args(tmp, 1))
+
+            def run(name, steps, *extra):
+                train_dmd.train(train_dmd.parse_args([
+                    "--teacher", os.path.join(tmp, "teacher.pt"), "--subset", "200",
+                    "--batch-size", "4", "--fake-steps", "1", "--eval-every", "0",
+                    "--steps", str(steps), "--state", os.path.join(tmp, name + "_state.pt"),
+                    "--out", os.path.join(tmp, name + ".pt"), *extra]))
+                with open(os.path.join(tmp, name + ".json")) as f:
+                    return torch.load(os.path.join(tmp, name + ".pt"))["steps"], json.load(f)
+
+            steps, summary = run("first", 2)
+            self.assertEqual((steps, summary["init_steps"]), (2, 0))
+            steps, summary = run("second", 3, "--init", os.path.join(tmp, "first.pt"))
+            self.assertEqual((steps, summary["init_steps"]), (5, 2))
+            self.assertEqual(summary["curve"][-1][0], 3)
+
     def test_pairs_files_concatenate_and_heldout_loss(self):
         """--pairs takes several files (refusing ones from another sampler or with the same
         noise); --heldout-pairs gives G's regression loss on pairs it never trained on."""
