@@ -1,7 +1,9 @@
 """Plots the training curves of the teacher and the DMD runs (needs python3-matplotlib).
 
   /usr/bin/python3 -m training.plot_curves --teacher training/checkpoints/teacher.json \
-      --dmd "DMD + regression=training/checkpoints/dmd.json" \
+      --dmd "DMD + regression, 2048 pairs=training/checkpoints/ablation/dmd_first_10603.json" \
+      --dmd "continued on 16384 pairs=training/checkpoints/dmd.json" \
+      --dmd "continued on 2048 pairs (control)=training/checkpoints/ablation/dmd_pairs_2048_control.json" \
       --dmd "DMD (TTUR only)=training/checkpoints/ablation/dmd_ttur.json" \
       --out docs/images/training-curves.png
 """
@@ -30,7 +32,7 @@ def main(argv=None):
         with open(path) as f:
             runs.append((label, json.load(f)))
 
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 6.5))
     steps, loss = zip(*teacher["loss_curve"])
     axes[0].plot(steps, loss)
     axes[0].set(title="teacher: denoising loss (eps MSE)", xlabel="step", yscale="log")
@@ -42,6 +44,11 @@ def main(argv=None):
         if any(c[1]["reg"] for c in run["curve"]):
             axes[1].plot(steps, [c[1]["reg"] for c in run["curve"]], label=f"{label}: regression")
         ev = run["evals"]
+        heldout = [e for e in ev if "reg_heldout" in e]
+        if heldout:
+            axes[1].plot([offset + e["step"] for e in heldout],
+                         [e["reg_heldout"] for e in heldout], linestyle="--",
+                         label=f"{label}: regression, held-out pairs (EMA G)")
         ev_steps = [offset + e["step"] for e in ev]
         axes[2].plot(ev_steps, [e["fid"] for e in ev], marker="o", label=label)
         axes[3].plot(ev_steps, [e["class_accuracy"] for e in ev], marker="o", label=label)
@@ -50,10 +57,13 @@ def main(argv=None):
     axes[2].set(title="DMD one-step FID (500 images, in-process)", xlabel="generator step",
                 yscale="log")
     axes[3].set(title="DMD one-step class accuracy", xlabel="generator step", ylim=(0, 1))
-    for ax in axes[1:]:
+    # Many runs share the loss panel: its legend goes below the plots.
+    axes[1].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=1)
+    for ax in axes[2:]:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     axes[0].grid(alpha=0.3)
+    axes[1].grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(args.out, dpi=90)
 

@@ -76,7 +76,7 @@ dmd() {
   dmd_phase 10603 "$STATE_DIR/dmd_10603.pt" --reg-weight 16 --ema 0.995
   # A new run from that checkpoint (as a later session continued the committed one: fresh
   # optimizers, warmed up; new draws with seed 1) on 8x as many pairs.
-  dmd_phase DMD_MORE_STEPS $CK/dmd.pt --reg-weight 16 --ema 0.995 --seed 1 --warmup 100 \
+  dmd_phase 4000 $CK/dmd.pt --reg-weight 16 --ema 0.995 --seed 1 --warmup 100 \
     --init "$STATE_DIR/dmd_10603.pt" --pairs "$MORE_PAIRS" \
     --heldout-pairs "$STATE_DIR/ode_pairs_heldout.pt" --state "$STATE_DIR/dmd_more_state.pt"
 }
