@@ -296,18 +296,15 @@ class Distiller:
 
     @torch.no_grad()
     def heldout_loss(self, batch_size=256):
-        """Regression loss (mse) of the exported G on the held-out pairs."""
-        exported, total = self.exported(), 0.0
-        was_training = exported.training
-        exported.eval()
-        n = len(self.heldout["noise"])
-        for i in range(0, n, batch_size):
+        """Regression loss (mse) of the exported G on the held-out pairs (in the mode it is in:
+        evaluate() calls it with the evaluation's eval mode)."""
+        total = 0.0
+        for i in range(0, len(self.heldout["noise"]), batch_size):
             emb = self.text_encoder(self.heldout["ids"][i:i + batch_size].to(self.device))
             x0 = self.generate(self.heldout["noise"][i:i + batch_size].to(self.device), emb,
-                               exported)
+                               self.exported())
             total += F.mse_loss(x0, self.heldout["x0"][i:i + batch_size].to(self.device),
                                 reduction="sum").item()
-        exported.train(was_training)
         return total / self.heldout["x0"].numel()
 
 
@@ -349,9 +346,9 @@ def train(args):
             return
         d.exported().eval()
         result = evaluator.evaluate(d.exported(), d.text_encoder, steps=1, guidance=1.0)
-        d.generator.train()
         if d.heldout is not None:
             result["reg_heldout"] = d.heldout_loss()
+        d.generator.train()
         result["step"] = step
         evals.append(result)
         print("eval " + json.dumps(result), flush=True)
@@ -360,8 +357,8 @@ def train(args):
         evaluate(0)
     progress = common.Progress(args.steps, step, elapsed)
     while step < args.steps:
-        if args.warmup:
-            d.set_lr(args.lr * min(1.0, (step + 1) / args.warmup))
+        if step < args.warmup:  # the last warm-up step sets args.lr itself
+            d.set_lr(args.lr * (step + 1) / args.warmup)
         window.append(d.step(dataset, step))
         step += 1
         progress.tick()
