@@ -85,9 +85,9 @@ dmd() {
   # A third run from that one on 8192 pairs it has not seen (seed 2 draws), with a longer
   # average (EMA 0.999: measured against 0.995 and weight 64, docs/FASHION.md); the committed
   # run was stopped at 2720 steps for one session's clock (exported as 17323 steps) and resumed
-  # from its state in the next two sessions, to 7000 (21603 in all) and then to 10000 (24603),
-  # where the sessions' clocks ended it.
-  dmd_phase 10000 $CK/dmd.pt --reg-weight 16 --ema 0.999 --seed 2 --warmup 100 \
+  # from its state in the next three sessions, to 7000 (21603 in all), 10000 (24603) and 15000
+  # (29603), where it had plateaued (docs/FASHION.md).
+  dmd_phase 15000 $CK/dmd.pt --reg-weight 16 --ema 0.999 --seed 2 --warmup 100 \
     --init "$STATE_DIR/dmd_14603.pt" --pairs "$FRESH_PAIRS" \
     --heldout-pairs "$STATE_DIR/ode_pairs_heldout.pt" --state "$STATE_DIR/dmd_fresh_state.pt"
 }
