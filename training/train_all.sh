@@ -87,9 +87,17 @@ dmd() {
   # run was stopped at 2720 steps for one session's clock (exported as 17323 steps) and resumed
   # from its state in the next three sessions, to 7000 (21603 in all), 10000 (24603) and 15000
   # (29603), where it had plateaued (docs/FASHION.md).
-  dmd_phase 15000 $CK/dmd.pt --reg-weight 16 --ema 0.999 --seed 2 --warmup 100 \
+  dmd_phase 15000 "$STATE_DIR/dmd_29603.pt" --reg-weight 16 --ema 0.999 --seed 2 --warmup 100 \
     --init "$STATE_DIR/dmd_14603.pt" --pairs "$FRESH_PAIRS" \
     --heldout-pairs "$STATE_DIR/ode_pairs_heldout.pt" --state "$STATE_DIR/dmd_fresh_state.pt"
+  # Two restarts from the exported average, the recipe unchanged (fresh optimizers from the EMA
+  # G, warmed up; new draws with seeds 3, 4): each broke the plateau its run had reached.
+  dmd_phase 3000 "$STATE_DIR/dmd_32603.pt" --reg-weight 16 --ema 0.999 --seed 3 --warmup 100 \
+    --init "$STATE_DIR/dmd_29603.pt" --pairs "$FRESH_PAIRS" \
+    --heldout-pairs "$STATE_DIR/ode_pairs_heldout.pt" --state "$STATE_DIR/dmd_restart1_state.pt"
+  dmd_phase 5000 $CK/dmd.pt --reg-weight 16 --ema 0.999 --seed 4 --warmup 100 \
+    --init "$STATE_DIR/dmd_32603.pt" --pairs "$FRESH_PAIRS" \
+    --heldout-pairs "$STATE_DIR/ode_pairs_heldout.pt" --state "$STATE_DIR/dmd_restart2_state.pt"
 }
 stage dmd $CK/dmd.pt dmd
 $PY -m training.export_bundle --checkpoint $CK/dmd.pt --name fashion-dmd --steps 1 \
