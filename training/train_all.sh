@@ -72,6 +72,13 @@ dmd_phase() {  # dmd_phase STEPS OUT FLAGS...: continues the DMD state to STEPS 
     --state "$STATE_DIR/dmd_state.pt" "$@" ${DMD_FLAGS:-} --threads "$THREADS" --resume \
     --steps "$steps" --out "$out"
 }
+# fresh_phase STEPS OUT SEED INIT STATE: the third run's recipe on the seed-5/6 pairs, from
+# $STATE_DIR/INIT.pt with its own state $STATE_DIR/STATE.pt (the run and its restarts).
+fresh_phase() {
+  dmd_phase "$1" "$2" --reg-weight 16 --ema 0.999 --seed "$3" --warmup 100 \
+    --init "$STATE_DIR/$4.pt" --pairs "$FRESH_PAIRS" \
+    --heldout-pairs "$STATE_DIR/ode_pairs_heldout.pt" --state "$STATE_DIR/$5.pt"
+}
 dmd() {
   dmd_phase 1600 "$STATE_DIR/dmd_1600.pt" --reg-weight 1
   dmd_phase 7600 "$STATE_DIR/dmd_7600.pt" --reg-weight 1 --ema 0.995
@@ -87,17 +94,11 @@ dmd() {
   # run was stopped at 2720 steps for one session's clock (exported as 17323 steps) and resumed
   # from its state in the next three sessions, to 7000 (21603 in all), 10000 (24603) and 15000
   # (29603), where it had plateaued (docs/FASHION.md).
-  dmd_phase 15000 "$STATE_DIR/dmd_29603.pt" --reg-weight 16 --ema 0.999 --seed 2 --warmup 100 \
-    --init "$STATE_DIR/dmd_14603.pt" --pairs "$FRESH_PAIRS" \
-    --heldout-pairs "$STATE_DIR/ode_pairs_heldout.pt" --state "$STATE_DIR/dmd_fresh_state.pt"
+  fresh_phase 15000 "$STATE_DIR/dmd_29603.pt" 2 dmd_14603 dmd_fresh_state
   # Two restarts from the exported average, the recipe unchanged (fresh optimizers from the EMA
   # G, warmed up; new draws with seeds 3, 4): each broke the plateau its run had reached.
-  dmd_phase 3000 "$STATE_DIR/dmd_32603.pt" --reg-weight 16 --ema 0.999 --seed 3 --warmup 100 \
-    --init "$STATE_DIR/dmd_29603.pt" --pairs "$FRESH_PAIRS" \
-    --heldout-pairs "$STATE_DIR/ode_pairs_heldout.pt" --state "$STATE_DIR/dmd_restart1_state.pt"
-  dmd_phase 5000 $CK/dmd.pt --reg-weight 16 --ema 0.999 --seed 4 --warmup 100 \
-    --init "$STATE_DIR/dmd_32603.pt" --pairs "$FRESH_PAIRS" \
-    --heldout-pairs "$STATE_DIR/ode_pairs_heldout.pt" --state "$STATE_DIR/dmd_restart2_state.pt"
+  fresh_phase 3000 "$STATE_DIR/dmd_32603.pt" 3 dmd_29603 dmd_restart1_state
+  fresh_phase 5000 $CK/dmd.pt 4 dmd_32603 dmd_restart2_state
 }
 stage dmd $CK/dmd.pt dmd
 $PY -m training.export_bundle --checkpoint $CK/dmd.pt --name fashion-dmd --steps 1 \
