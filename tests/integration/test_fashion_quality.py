@@ -22,10 +22,10 @@ IMAGES_PER_PROMPT = 16
 # with these prompts and seeds (docs/FASHION.md): accuracy 0.838 (268 / 320; 0.831 on the first
 # 8 seeds of each phrasing, the bundles before it 0.819, 0.838, 0.831, 0.831, 0.838 and 0.812 on
 # those), the weakest classes Shirt at 0.406 (13 / 32; 0.52 over the served evaluation's 208),
-# Pullover 0.594 and Coat 0.719 (taken for each other). The per-class floor, 8 / 32, fails a class
+# Pullover 0.594 and Coat 0.719 (taken for each other). The per-class floor, 10 / 32, fails a class
 # that has collapsed into another.
 MIN_CLASS_ACCURACY = 0.78
-MIN_PER_CLASS_ACCURACY = 0.25
+MIN_PER_CLASS_ACCURACY = 0.3
 # Real 32x32 (padded) test images have a mean pixel of 56.0 (the teacher's images 62, the committed
 # bundle 63.8 on these prompts: it follows the teacher's guided brightness); drift beyond that
 # shows here.
