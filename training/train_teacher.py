@@ -9,6 +9,19 @@ Every --save-every steps the full state (models, EMA, optimizer, step, curve) go
 --out: the EMA weights as float16 plus the token id table, and <out>.json: a summary with the
 loss curve. --device cuda trains on a GPU (same batches and initial weights as on the CPU);
 --stop-after-s saves the state and exits early so that a run fits a time-limited command.
+
+A longer run from a finished teacher (the committed one had 2400 steps):
+
+  /usr/bin/python3 -m training.train_teacher --init training/checkpoints/teacher.pt \
+      --steps 4000 --lr 2e-4 --warmup 100 --freeze-text-encoder --out /tmp/teacher_longer.pt
+
+--init starts both the trained and the averaged weights from the checkpoint (its float16 EMA
+weights) with fresh AdamW moments, so give it a --warmup; --steps counts this run's steps, the
+checkpoint's "steps" is the total, and batches carry on the checkpoint's sequence (same --seed:
+the batch of total step k is the one an uninterrupted run would have drawn). With
+--freeze-text-encoder only the UNet trains: the text encoder, and so every embedding, stays
+bit-identical to the --init one, and a DMD generator distilled from the --init teacher reads the
+same embeddings as the new teacher (train_dmd --init ... --teacher NEW).
 """
 
 import argparse
@@ -37,6 +50,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--warmup", type=int, default=200,
+                   help="steps of linear lr warm-up at the start of this run (at most --steps/10)")
+    p.add_argument("--init", default="",
+                   help="continue from this teacher checkpoint (--out of an earlier run): its "
+                        "weights, width and token table; fresh optimizer moments")
+    p.add_argument("--freeze-text-encoder", action="store_true",
+                   help="train the UNet only; the text encoder keeps its initial weights")
     common.add_device_argument(p)
     common.add_stop_argument(p)
     return p.parse_args(argv)
@@ -55,11 +75,24 @@ def train(args):
     dev = common.device(args.device)
     dataset = common.TrainingSet(args.subset, args.autoencoder, device=dev)
     schedule = t2i.Schedule(device=dev)
-    token_ids = t2i.known_token_ids()
-    text_encoder, unet = build(args.channels, token_ids)
+    init_steps, channels = 0, args.channels
+    if args.init:
+        init = common.load(args.init)
+        init_steps, channels, token_ids = init["steps"], init["channels"], init["token_ids"]
+        text_encoder, unet = build(channels, token_ids)
+        text_encoder.load_state_dict(common.float_state_dict(init["text_encoder"]))
+        unet.load_state_dict(common.float_state_dict(init["unet"]))
+        print(f"init from {args.init} ({init_steps} steps, width {channels})", flush=True)
+    else:
+        token_ids = t2i.known_token_ids()
+        text_encoder, unet = build(channels, token_ids)
     text_encoder.to(dev)
     unet.to(dev)
-    params = list(text_encoder.parameters()) + list(unet.parameters())
+    if args.freeze_text_encoder:
+        text_encoder.eval().requires_grad_(False)
+        params = list(unet.parameters())
+    else:
+        params = list(text_encoder.parameters()) + list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     ema_text, ema_unet = common.Ema(text_encoder, args.ema), common.Ema(unet, args.ema)
     step, elapsed, curve, window = 0, 0.0, [], []
@@ -76,22 +109,26 @@ def train(args):
 
     progress = common.Progress(args.steps, step, elapsed)
     while step < args.steps:
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + init_steps + step)
         x0, ids, _ = dataset.batch(args.batch_size, gen)
         t = torch.randint(t2i.NUM_TRAIN_TIMESTEPS, (args.batch_size,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         x0, ids, t, noise = x0.to(dev), ids.to(dev), t.to(dev), noise.to(dev)
-        pred = unet(schedule.add_noise(x0, noise, t), t, text_encoder(ids))
+        with torch.set_grad_enabled(not args.freeze_text_encoder):
+            context = text_encoder(ids)
+        pred = unet(schedule.add_noise(x0, noise, t), t, context)
         loss = F.mse_loss(pred, noise)
         for group in opt.param_groups:
-            group["lr"] = common.lr_at(step, args.steps, args.lr)
+            group["lr"] = common.lr_at(step, args.steps, args.lr, args.warmup)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        # Short warm-up of the average so that early checkpoints are usable.
-        decay = min(args.ema, (1 + step) / (10 + step))
-        ema_text.update(text_encoder, decay)
+        # Short warm-up of the average so that early checkpoints are usable (a run from --init
+        # starts its average at the checkpoint's, so it needs none).
+        decay = args.ema if args.init else min(args.ema, (1 + step) / (10 + step))
+        if not args.freeze_text_encoder:  # e*d + e*(1-d) need not round back to e
+            ema_text.update(text_encoder, decay)
         ema_unet.update(unet, decay)
         step += 1
         progress.tick()
@@ -116,10 +153,14 @@ def train(args):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     torch.save({"text_encoder": common.half_state_dict(ema_text.module),
                 "unet": common.half_state_dict(ema_unet.module), "token_ids": token_ids,
-                "channels": args.channels, "latent_scaling_factor": dataset.scaling_factor,
-                "steps": step, "seed": args.seed}, args.out)
-    summary = {"steps": step, "batch_size": args.batch_size, "lr": args.lr, "ema": args.ema,
-               "channels": args.channels, "subset": args.subset, "threads": args.threads,
+                "channels": channels, "latent_scaling_factor": dataset.scaling_factor,
+                "steps": init_steps + step, "seed": args.seed}, args.out)
+    # steps: the total; the curve's steps are this run's (init_steps places them after --init's).
+    summary = {"steps": init_steps + step, "init": args.init, "init_steps": init_steps,
+               "run_steps": step, "warmup": args.warmup,
+               "freeze_text_encoder": args.freeze_text_encoder,
+               "batch_size": args.batch_size, "lr": args.lr, "ema": args.ema,
+               "channels": channels, "subset": args.subset, "threads": args.threads,
                "device": args.device,
                "train_wall_s": round(progress.elapsed(), 1),
                "unet_parameters": t2i.count_parameters(unet),

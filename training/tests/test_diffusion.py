@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tempfile
 import unittest
+from unittest import mock
 
 import torch
 
@@ -97,6 +98,48 @@ class TrainingStagesTest(unittest.TestCase):
             for part in ("unet", "text_encoder"):
                 for key, value in full[part].items():
                     self.assertTrue(torch.equal(value, resumed[part][key]), key)
+
+    def test_teacher_init_continues_and_freezes_the_text_encoder(self):
+        """--init carries on from a checkpoint: steps add up, the batches are those an
+        uninterrupted run draws next, and --freeze-text-encoder leaves every text encoder weight
+        bit-identical while the UNet moves."""
+        with tempfile.TemporaryDirectory() as tmp:
+            train_teacher.train(_teacher_args(tmp, 2))
+            first = torch.load(os.path.join(tmp, "teacher.pt"))
+
+            def continued(name, *extra):
+                out = os.path.join(tmp, name + ".pt")
+                train_teacher.train(train_teacher.parse_args([
+                    "--init", os.path.join(tmp, "teacher.pt"), "--steps", "3", "--subset",
+                    "200", "--batch-size", "8", "--warmup", "1", "--out", out, "--state",
+                    os.path.join(tmp, name + "_state.pt"), "--log-every", "1", *extra]))
+                with open(os.path.join(tmp, name + ".json")) as f:
+                    return torch.load(out), json.load(f)
+
+            frozen, summary = continued("frozen", "--freeze-text-encoder")
+            self.assertEqual(frozen["steps"], 5)
+            self.assertEqual((summary["init_steps"], summary["run_steps"]), (2, 3))
+            self.assertEqual(frozen["channels"], 16)  # the checkpoint's width, not the default
+            for key, value in first["text_encoder"].items():
+                self.assertTrue(torch.equal(value, frozen["text_encoder"][key]), key)
+            self.assertTrue(any(not torch.equal(v, frozen["unet"][k])
+                                for k, v in first["unet"].items()))
+            trained, _ = continued("trained")
+            self.assertTrue(any(not torch.equal(v, trained["text_encoder"][k])
+                                for k, v in first["text_encoder"].items()))
+            # Without the freeze the same run trains the text encoder too, so the UNets differ.
+            self.assertTrue(any(not torch.equal(v, trained["unet"][k])
+                                for k, v in frozen["unet"].items()))
+            # The batches are those of total steps 2..4, as an uninterrupted run draws them.
+            seeds, batch = [], common.TrainingSet.batch
+
+            def recording(dataset, size, gen):
+                seeds.append(gen.initial_seed())
+                return batch(dataset, size, gen)
+
+            with mock.patch.object(common.TrainingSet, "batch", recording):
+                continued("seeds", "--seed", "7")
+            self.assertEqual(seeds, [7 * 1_000_003 + step for step in (2, 3, 4)])
 
     def test_dmd_step_moves_generator_and_fake_score(self):
         with tempfile.TemporaryDirectory() as tmp:
