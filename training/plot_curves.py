@@ -5,7 +5,8 @@
       --dmd "continued on 16384 pairs=training/checkpoints/ablation/dmd_second_14603.json" \
       --dmd "continued on 8192 fresh pairs, EMA 0.999=training/checkpoints/ablation/dmd_third_29603.json" \
       --dmd "restarted from its average (seed 3)=training/checkpoints/ablation/dmd_restart_32603.json" \
-      --dmd "restarted again (seed 4)=training/checkpoints/dmd.json" \
+      --dmd "restarted again (seed 4)=training/checkpoints/ablation/dmd_restart2_37603.json" \
+      --dmd "re-distilled from the 8400-step teacher=training/checkpoints/dmd.json" \
       --dmd "continued on 2048 pairs (control)=training/checkpoints/ablation/dmd_pairs_2048_control.json" \
       --dmd "DMD (TTUR only)=training/checkpoints/ablation/dmd_ttur.json" \
       --out docs/images/training-curves.png
