@@ -10,10 +10,11 @@ Every --save-every steps the full state (models, EMA, optimizer, step, curve) go
 loss curve. --device cuda trains on a GPU (same batches and initial weights as on the CPU);
 --stop-after-s saves the state and exits early so that a run fits a time-limited command.
 
-A longer run from a finished teacher (the committed one had 2400 steps):
+A longer run from a finished teacher (how teacher_8400.pt was made from the 2400-step one):
 
   /usr/bin/python3 -m training.train_teacher --init training/checkpoints/teacher.pt \
-      --steps 4000 --lr 2e-4 --warmup 100 --freeze-text-encoder --out /tmp/teacher_longer.pt
+      --steps 6000 --lr 5e-4 --warmup 100 --freeze-text-encoder \
+      --out training/checkpoints/teacher_8400.pt
 
 --init starts both the trained and the averaged weights from the checkpoint (its float16 EMA
 weights) with fresh AdamW moments, so give it a --warmup; --steps counts this run's steps, the
@@ -79,9 +80,7 @@ def train(args):
     if args.init:
         init = common.load(args.init)
         init_steps, channels, token_ids = init["steps"], init["channels"], init["token_ids"]
-        text_encoder, unet = build(channels, token_ids)
-        text_encoder.load_state_dict(common.float_state_dict(init["text_encoder"]))
-        unet.load_state_dict(common.float_state_dict(init["unet"]))
+        text_encoder, unet = modules_from_checkpoint(init)
         print(f"init from {args.init} ({init_steps} steps, width {channels})", flush=True)
     else:
         token_ids = t2i.known_token_ids()
@@ -172,12 +171,18 @@ def train(args):
     return summary
 
 
-def load_checkpoint(path):
-    """(text encoder, UNet) from a --out checkpoint, float32, eval mode, on the CPU."""
-    ckpt = common.load(path)
+def modules_from_checkpoint(ckpt):
+    """(text encoder, UNet) built from a loaded --out checkpoint dict: float32, on the CPU, in
+    training mode as built."""
     text_encoder, unet = build(ckpt["channels"], ckpt["token_ids"])
     text_encoder.load_state_dict(common.float_state_dict(ckpt["text_encoder"]))
     unet.load_state_dict(common.float_state_dict(ckpt["unet"]))
+    return text_encoder, unet
+
+
+def load_checkpoint(path):
+    """(text encoder, UNet) from a --out checkpoint, float32, eval mode, on the CPU."""
+    text_encoder, unet = modules_from_checkpoint(common.load(path))
     return text_encoder.eval(), unet.eval()
 
 

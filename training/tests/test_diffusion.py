@@ -137,9 +137,18 @@ class TrainingStagesTest(unittest.TestCase):
                 seeds.append(gen.initial_seed())
                 return batch(dataset, size, gen)
 
-            with mock.patch.object(common.TrainingSet, "batch", recording):
+            with mock.patch.object(common.TrainingSet, "batch", recording), \
+                    mock.patch.object(common, "lr_at", wraps=common.lr_at) as lr_at:
                 continued("seeds", "--seed", "7")
             self.assertEqual(seeds, [7 * 1_000_003 + step for step in (2, 3, 4)])
+            # --warmup reaches the schedule (lr_at caps it at steps/10 itself).
+            self.assertEqual([c.args[3] for c in lr_at.call_args_list], [1, 1, 1])
+            # The average starts at the checkpoint's with the full decay, no warm-up of its own:
+            # at --ema 1 it never leaves the --init weights.
+            kept, _ = continued("kept", "--ema", "1.0")
+            for part in ("text_encoder", "unet"):
+                for key, value in first[part].items():
+                    self.assertTrue(torch.equal(value, kept[part][key]), key)
 
     def test_dmd_step_moves_generator_and_fake_score(self):
         with tempfile.TemporaryDirectory() as tmp:
