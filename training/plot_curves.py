@@ -1,6 +1,8 @@
 """Plots the training curves of the teacher and the DMD runs (needs python3-matplotlib).
 
-  /usr/bin/python3 -m training.plot_curves --teacher training/checkpoints/teacher.json \
+  /usr/bin/python3 -m training.plot_curves \
+      --teacher "2400 steps=training/checkpoints/teacher.json" \
+      --teacher "continued, text encoder frozen=training/checkpoints/teacher_8400.json" \
       --dmd "DMD + regression, 2048 pairs=training/checkpoints/ablation/dmd_first_10603.json" \
       --dmd "continued on 16384 pairs=training/checkpoints/ablation/dmd_second_14603.json" \
       --dmd "continued on 8192 fresh pairs, EMA 0.999=training/checkpoints/ablation/dmd_third_29603.json" \
@@ -21,25 +23,34 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def load_labelled(item):
+    """"LABEL=path.json" -> (LABEL, the parsed summary)."""
+    if "=" not in item:
+        raise SystemExit(f"expected LABEL=summary.json, got {item!r}")
+    label, path = item.split("=", 1)
+    with open(path) as f:
+        return label, json.load(f)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--teacher", required=True, help="train_teacher summary (.json)")
+    p.add_argument("--teacher", action="append", required=True,
+                   help="LABEL=train_teacher summary (.json); a continuation (--init) is drawn "
+                        "from its checkpoint's step (init_steps)")
     p.add_argument("--dmd", action="append", default=[], help="LABEL=train_dmd summary (.json)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
-    with open(args.teacher) as f:
-        teacher = json.load(f)
-    runs = []
-    for item in args.dmd:
-        label, path = item.split("=", 1)
-        with open(path) as f:
-            runs.append((label, json.load(f)))
+    teachers = [load_labelled(item) for item in args.teacher]
+    runs = [load_labelled(item) for item in args.dmd]
 
     fig, axes = plt.subplots(1, 4, figsize=(20, 6.5))
-    steps, loss = zip(*teacher["loss_curve"])
-    axes[0].plot(steps, loss)
+    for label, teacher in teachers:
+        offset = teacher.get("init_steps", 0)
+        steps, loss = zip(*teacher["loss_curve"])
+        axes[0].plot([offset + s for s in steps], loss, label=label)
     axes[0].set(title="teacher: denoising loss (eps MSE)", xlabel="step", yscale="log")
+    axes[0].legend(fontsize=8)
     for label, run in runs:
         # A run started from another's checkpoint (--init) continues its steps.
         offset = run.get("init_steps", 0)
