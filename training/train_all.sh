@@ -115,11 +115,17 @@ dmd() {
   fresh_phase 3000 "$STATE_DIR/dmd_32603.pt" 3 dmd_29603 dmd_restart1_state
   fresh_phase 5000 "$STATE_DIR/dmd_37603.pt" 4 dmd_32603 dmd_restart2_state
   # Re-distilled against the 8400-step teacher (its CFG 2 as the real score, its own pairs),
-  # restarted from that average the same way (seed 7 draws); stopped at 4500 for the clock.
-  dmd_phase 4500 $CK/dmd.pt --reg-weight 16 --ema 0.999 --seed 7 --warmup 100 \
-    --init "$STATE_DIR/dmd_37603.pt" --teacher $FINAL_TEACHER --guidance "$FINAL_GUIDANCE" \
-    --pairs "$STATE_DIR/ode_pairs_t8400_s7.pt,$STATE_DIR/ode_pairs_t8400_s8.pt" \
-    --heldout-pairs "$STATE_DIR/ode_pairs_t8400_heldout.pt" --state "$STATE_DIR/dmd_t8400_state.pt"
+  # restarted from that average the same way (seed 7 draws); stopped at 4500 for the clock
+  # (exported as 42103 steps), then resumed from its state in the next session to 10522 (48125).
+  redistill() {
+    dmd_phase "$1" "$2" --reg-weight 16 --ema 0.999 --seed 7 --warmup 100 \
+      --init "$STATE_DIR/dmd_37603.pt" --teacher $FINAL_TEACHER --guidance "$FINAL_GUIDANCE" \
+      --pairs "$STATE_DIR/ode_pairs_t8400_s7.pt,$STATE_DIR/ode_pairs_t8400_s8.pt" \
+      --heldout-pairs "$STATE_DIR/ode_pairs_t8400_heldout.pt" \
+      --state "$STATE_DIR/dmd_t8400_state.pt" "${@:3}"
+  }
+  redistill 4500 "$STATE_DIR/dmd_42103.pt"
+  redistill 10522 $CK/dmd.pt --eval-every 250
 }
 stage dmd $CK/dmd.pt dmd
 $PY -m training.export_bundle --checkpoint $CK/dmd.pt --name fashion-dmd --steps 1 \
