@@ -87,12 +87,13 @@ dmd_phase() {  # dmd_phase STEPS OUT FLAGS...: continues the DMD state to STEPS 
     --state "$STATE_DIR/dmd_state.pt" "$@" ${DMD_FLAGS:-} --threads "$THREADS" --resume \
     --steps "$steps" --out "$out"
 }
-# fresh_phase STEPS OUT SEED INIT STATE: the third run's recipe on the seed-5/6 pairs, from
-# $STATE_DIR/INIT.pt with its own state $STATE_DIR/STATE.pt (the run and its restarts).
+# fresh_phase STEPS OUT SEED INIT STATE [FLAGS...]: the third run's recipe on the seed-5/6 pairs,
+# from $STATE_DIR/INIT.pt with its own state $STATE_DIR/STATE.pt (the run and its restarts);
+# FLAGS come last, so they override it (the last of a repeated flag wins).
 fresh_phase() {
   dmd_phase "$1" "$2" --reg-weight 16 --ema 0.999 --seed "$3" --warmup 100 \
     --init "$STATE_DIR/$4.pt" --pairs "$FRESH_PAIRS" \
-    --heldout-pairs "$STATE_DIR/ode_pairs_heldout.pt" --state "$STATE_DIR/$5.pt"
+    --heldout-pairs "$STATE_DIR/ode_pairs_heldout.pt" --state "$STATE_DIR/$5.pt" "${@:6}"
 }
 dmd() {
   dmd_phase 1600 "$STATE_DIR/dmd_1600.pt" --reg-weight 1
@@ -117,12 +118,11 @@ dmd() {
   # Re-distilled against the 8400-step teacher (its CFG 2 as the real score, its own pairs),
   # restarted from that average the same way (seed 7 draws); stopped at 4500 for the clock
   # (exported as 42103 steps), then resumed from its state in the next session to 10522 (48125).
-  redistill() {
-    dmd_phase "$1" "$2" --reg-weight 16 --ema 0.999 --seed 7 --warmup 100 \
-      --init "$STATE_DIR/dmd_37603.pt" --teacher $FINAL_TEACHER --guidance "$FINAL_GUIDANCE" \
+  redistill() {  # redistill STEPS OUT [FLAGS...]
+    fresh_phase "$1" "$2" 7 dmd_37603 dmd_t8400_state --teacher $FINAL_TEACHER \
+      --guidance "$FINAL_GUIDANCE" \
       --pairs "$STATE_DIR/ode_pairs_t8400_s7.pt,$STATE_DIR/ode_pairs_t8400_s8.pt" \
-      --heldout-pairs "$STATE_DIR/ode_pairs_t8400_heldout.pt" \
-      --state "$STATE_DIR/dmd_t8400_state.pt" "${@:3}"
+      --heldout-pairs "$STATE_DIR/ode_pairs_t8400_heldout.pt" "${@:3}"
   }
   redistill 4500 "$STATE_DIR/dmd_42103.pt"
   redistill 10522 $CK/dmd.pt --eval-every 250
