@@ -24,7 +24,8 @@
 #   BUDGET_S (480), BENCH_S (25), AUTO_FRACTION (0.8)
 #   TEACHER_STEPS (auto), TEACHER_BATCH (512), TEACHER_SHARE (60 if dmd runs too, else 90),
 #   TEACHER_FLAGS (more train_teacher flags, e.g. "--lr 1e-3 --channels 64")
-#   PAIRS_COUNT (2048), GUIDANCE (3): make_ode_pairs, and the real score's CFG scale in dmd
+#   PAIRS_COUNT (20480: on 4096 the student over-fits them, docs/FASHION.md "More ODE pairs,
+#     again"), GUIDANCE (3): make_ode_pairs, and the real score's CFG scale in dmd
 #   DMD_STEPS (auto), DMD_BATCH (128), DMD_FLAGS (the last phase of training/checkpoints/dmd.pt's
 #     recipe, see train_all.sh: --fake-steps 2 --lr 1e-4 --reg-weight 16 --ema 0.995
 #     --eval-every 250 --eval-per-class 50)
@@ -45,7 +46,7 @@ AUTO_FRACTION=${AUTO_FRACTION:-0.8}
 TEACHER_STEPS=${TEACHER_STEPS:-auto}
 TEACHER_BATCH=${TEACHER_BATCH:-512}
 TEACHER_FLAGS=${TEACHER_FLAGS:-}
-PAIRS_COUNT=${PAIRS_COUNT:-2048}
+PAIRS_COUNT=${PAIRS_COUNT:-20480}
 GUIDANCE=${GUIDANCE:-3}
 DMD_STEPS=${DMD_STEPS:-auto}
 DMD_BATCH=${DMD_BATCH:-128}
