@@ -74,8 +74,10 @@ pairs ode_pairs_t8400_s7 2048 7 $FINAL_TEACHER "$FINAL_GUIDANCE"  # the last run
 pairs ode_pairs_t8400_s8 2048 8 $FINAL_TEACHER "$FINAL_GUIDANCE"
 pairs ode_pairs_t8400_heldout 512 9 $FINAL_TEACHER "$FINAL_GUIDANCE"
 # 8 x 2048 more for the last phase: on 4096 pairs G had fitted them (regression loss 0.017 on
-# them, 0.031 held out); on 20480 the held-out loss fell again (docs/FASHION.md "More pairs").
-T8400_PAIRS=$STATE_DIR/ode_pairs_t8400_s7.pt,$STATE_DIR/ode_pairs_t8400_s8.pt
+# them, 0.031 held out); on 20480 the held-out loss fell again (docs/FASHION.md "More ODE pairs,
+# again").
+FIRST_T8400_PAIRS=$STATE_DIR/ode_pairs_t8400_s7.pt,$STATE_DIR/ode_pairs_t8400_s8.pt
+T8400_PAIRS=$FIRST_T8400_PAIRS
 for seed in 10 11 12 13 14 15 16 17; do
   pairs "ode_pairs_t8400_s$seed" 2048 "$seed" $FINAL_TEACHER "$FINAL_GUIDANCE"
   T8400_PAIRS+=,$STATE_DIR/ode_pairs_t8400_s$seed.pt
@@ -127,8 +129,7 @@ dmd() {
   # (exported as 42103 steps), then resumed from its state in the next session to 10522 (48125).
   redistill() {  # redistill STEPS OUT [FLAGS...]
     fresh_phase "$1" "$2" 7 dmd_37603 dmd_t8400_state --teacher $FINAL_TEACHER \
-      --guidance "$FINAL_GUIDANCE" \
-      --pairs "$STATE_DIR/ode_pairs_t8400_s7.pt,$STATE_DIR/ode_pairs_t8400_s8.pt" \
+      --guidance "$FINAL_GUIDANCE" --pairs "$FIRST_T8400_PAIRS" \
       --heldout-pairs "$STATE_DIR/ode_pairs_t8400_heldout.pt" "${@:3}"
   }
   redistill 4500 "$STATE_DIR/dmd_42103.pt"

@@ -21,9 +21,9 @@ IMAGES_PER_PROMPT = 16
 # coin toss between bundles (Shirt 4-7 / 16). Measured on the committed bundle (58236 DMD steps,
 # distilled from the 8400-step teacher; docs/FASHION.md) with these prompts and seeds: accuracy
 # 0.919 (294 / 320), the weakest classes Shirt 0.688 (22 / 32), Coat 0.781 and Pullover 0.875
-# (at 48125 steps: 0.925, Coat 0.812; at 42103: 0.916, Shirt 0.656). The bundle distilled from the 2400-step teacher (37603
-# steps) measured 0.838 and Shirt 0.406: these bars fail it. The per-class floor, 16 / 32, also
-# fails a class that has collapsed into another.
+# (at 48125 steps: 0.925, Coat 0.812; at 42103: 0.916, Shirt 0.656). The bundle distilled from
+# the 2400-step teacher (37603 steps) measured 0.838 and Shirt 0.406: these bars fail it. The
+# per-class floor, 16 / 32, also fails a class that has collapsed into another.
 MIN_CLASS_ACCURACY = 0.88
 MIN_PER_CLASS_ACCURACY = 0.5
 # Real 32x32 (padded) test images have a mean pixel of 56.0, the committed bundle 57.9 on these
