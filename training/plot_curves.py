@@ -8,7 +8,7 @@
       --dmd "continued on 8192 fresh pairs, EMA 0.999=training/checkpoints/ablation/dmd_third_29603.json" \
       --dmd "restarted from its average (seed 3)=training/checkpoints/ablation/dmd_restart_32603.json" \
       --dmd "restarted again (seed 4)=training/checkpoints/ablation/dmd_restart2_37603.json" \
-      --dmd "re-distilled from the 8400-step teacher=training/checkpoints/dmd.json" \
+      --dmd "re-distilled, 8400-step teacher (CFG 1.75 from 61203)=training/checkpoints/dmd.json" \
       --dmd "continued on 2048 pairs (control)=training/checkpoints/ablation/dmd_pairs_2048_control.json" \
       --dmd "DMD (TTUR only)=training/checkpoints/ablation/dmd_ttur.json" \
       --out docs/images/training-curves.png
