@@ -76,7 +76,7 @@ pairs ode_pairs_s6 4096 6
 pairs ode_pairs_t8400_s7 2048 7 $FINAL_TEACHER "$FINAL_GUIDANCE"  # the last run's, from its teacher
 pairs ode_pairs_t8400_s8 2048 8 $FINAL_TEACHER "$FINAL_GUIDANCE"
 pairs ode_pairs_t8400_heldout 512 9 $FINAL_TEACHER "$FINAL_GUIDANCE"
-# 8 x 2048 more for the last phase: on 4096 pairs G had fitted them (regression loss 0.017 on
+# 8 x 2048 more for the 58236-step phase: on 4096 pairs G had fitted them (regression loss 0.017 on
 # them, 0.031 held out); on 20480 the held-out loss fell again (docs/FASHION.md "More ODE pairs,
 # again").
 FIRST_T8400_PAIRS=$STATE_DIR/ode_pairs_t8400_s7.pt,$STATE_DIR/ode_pairs_t8400_s8.pt
