@@ -3,13 +3,16 @@ the Python sampling loop, classify them with the committed classifier and compar
 test set. The reported numbers of the finished models come from images made by the server
 (training/evaluate_served.py); this is for monitoring and for choices made before export.
 
-As a command it makes two measurements docs/FASHION.md quotes:
+As a command it makes three measurements docs/FASHION.md quotes:
   # the teacher's guidance scale (and step count) chosen by FID, e.g. g = 3 vs 5 at 20 steps
   /usr/bin/python3 -m training.quick_eval --checkpoint training/checkpoints/teacher.pt \
       --steps 20 --guidance 3 5 --per-class 30
   # the autoencoder's own floor: real test images through encoder + decoder, scored against the
   # rest of the test set, next to the real-vs-real floor of the same images
   /usr/bin/python3 -m training.quick_eval --reconstruction 320
+  # the teacher images an ODE-pair file holds (make_ode_pairs --out), the regression targets:
+  # their diversity bounds what the regression loss teaches the student
+  /usr/bin/python3 -m training.quick_eval --pairs ode_pairs_s30.pt ode_pairs_s10.pt
 """
 
 import argparse
@@ -60,13 +63,22 @@ class QuickEval:
             x0 = common.sample(unet, text_encoder, self.ids[i:i + batch_size].to(self.device),
                                self.noise[i:i + batch_size].to(self.device), steps, guidance,
                                self.schedule, self.empty_ids)
-            out.append(common.to_uint8(self.decoder(x0 / self.scaling_factor))[:, 0].cpu())
+            out.append(self.decode(x0))
         return torch.cat(out)
 
     def evaluate(self, unet, text_encoder, steps=1, guidance=1.0):
-        images = self.images(unet, text_encoder, steps, guidance)
+        return self.score(self.images(unet, text_encoder, steps, guidance), self.labels.numpy())
+
+    @torch.no_grad()
+    def decode(self, latents):
+        """uint8 [N, 32, 32] CPU tensor of the images of scaled latents float[N, 4, 8, 8]."""
+        x = self.decoder(latents.to(self.device) / self.scaling_factor)
+        return common.to_uint8(x)[:, 0].cpu()
+
+    def score(self, images, labels):
+        """FID, class accuracy and diversity of uint8 images [N, 32, 32] prompted with integer
+        labels [N], against the real test set, and their mean pixel."""
         logits, features = clf.embed_images(self.classifier, images)
-        labels = self.labels.numpy()
         return {
             "fid": metrics.frechet_distance(features, self.real_features),
             "class_accuracy": metrics.class_accuracy(logits.argmax(1), labels),
@@ -97,6 +109,15 @@ def reconstruction(count, autoencoder=common.AUTOENCODER_CHECKPOINT, seed=0):
     return results
 
 
+def pair_targets(evaluator, path):
+    """Scores the teacher images an ODE-pair file holds (make_ode_pairs --out: its x0 latents,
+    decoded, prompted with its labels) with `evaluator` (a QuickEval); adds the file's sampler."""
+    pairs = common.load(path)
+    result = evaluator.score(evaluator.decode(pairs["x0"].float()), pairs["labels"].numpy())
+    result.update(steps=pairs["steps"], guidance=pairs["guidance"], num_images=len(pairs["x0"]))
+    return result
+
+
 def _row(name, r):
     return (f"| {name} | {r['fid']:.2f} | {r['class_accuracy']:.3f} | "
             f"{r['diversity_ratio']:.3f} | {r['mean_pixel']:.1f} |")
@@ -114,11 +135,13 @@ def main(argv=None):
     p.add_argument("--per-class", type=int, default=30, help="images per class")
     p.add_argument("--reconstruction", type=int, default=0, metavar="N",
                    help="score N real test images through the autoencoder instead")
+    p.add_argument("--pairs", nargs="+", default=[], metavar="FILE",
+                   help="score the teacher images of these ODE-pair files instead")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default="", help="also write the results here")
     args = p.parse_args(argv)
-    if bool(args.checkpoint) == bool(args.reconstruction):
-        p.error("give exactly one of --checkpoint and --reconstruction")
+    if sum(map(bool, (args.checkpoint, args.reconstruction, args.pairs))) != 1:
+        p.error("give exactly one of --checkpoint, --reconstruction and --pairs")
     torch.set_num_threads(args.threads)
     print("| images | FID | class accuracy | diversity / real | mean pixel |\n|---|---|---|---|---|")
     results = {}
@@ -126,6 +149,12 @@ def main(argv=None):
         results = reconstruction(args.reconstruction)
         for name, r in results.items():
             print(_row(f"{name} test images ({args.reconstruction})", r), flush=True)
+    elif args.pairs:
+        model, scaling_factor = common.load_autoencoder(common.AUTOENCODER_CHECKPOINT)
+        evaluator = QuickEval(model.decoder, scaling_factor, per_class=1)
+        for path in args.pairs:
+            results[path] = r = pair_targets(evaluator, path)
+            print(_row(f"{path} ({r['num_images']}, CFG {r['guidance']:g})", r), flush=True)
     else:
         # teacher.pt and dmd.pt hold the text encoder and UNet under the same keys.
         text_encoder, unet = train_teacher.load_checkpoint(args.checkpoint)
