@@ -73,33 +73,33 @@ pairs ode_pairs_s3 8192 3
 pairs ode_pairs_heldout 512 4      # never trained on: the evaluations' reg_heldout
 pairs ode_pairs_s5 4096 5          # fresh pairs for the third run (G had fitted seeds 1-3)
 pairs ode_pairs_s6 4096 6
-pairs ode_pairs_t8400_s7 2048 7 $FINAL_TEACHER "$FINAL_GUIDANCE"  # the last run's, from its teacher
-pairs ode_pairs_t8400_s8 2048 8 $FINAL_TEACHER "$FINAL_GUIDANCE"
+# pair_files PREFIX GUIDANCE SEED...: 2048 pairs per seed from the served teacher at GUIDANCE,
+# in $STATE_DIR/PREFIX_sSEED.pt; sets PAIR_FILES to the files, comma-separated
+pair_files() {
+  local prefix=$1 guidance=$2 seed
+  shift 2
+  PAIR_FILES=
+  for seed in "$@"; do
+    pairs "${prefix}_s$seed" 2048 "$seed" $FINAL_TEACHER "$guidance"
+    PAIR_FILES+=${PAIR_FILES:+,}$STATE_DIR/${prefix}_s$seed.pt
+  done
+}
+pair_files ode_pairs_t8400 "$FINAL_GUIDANCE" 7 8  # the last runs', from their teacher
+FIRST_T8400_PAIRS=$PAIR_FILES
 pairs ode_pairs_t8400_heldout 512 9 $FINAL_TEACHER "$FINAL_GUIDANCE"
-# 8 x 2048 more for the 58236-step phase: on 4096 pairs G had fitted them (regression loss 0.017 on
-# them, 0.031 held out); on 20480 the held-out loss fell again (docs/FASHION.md "More ODE pairs,
-# again").
-FIRST_T8400_PAIRS=$STATE_DIR/ode_pairs_t8400_s7.pt,$STATE_DIR/ode_pairs_t8400_s8.pt
-T8400_PAIRS=$FIRST_T8400_PAIRS
-for seed in 10 11 12 13 14 15 16 17; do
-  pairs "ode_pairs_t8400_s$seed" 2048 "$seed" $FINAL_TEACHER "$FINAL_GUIDANCE"
-  T8400_PAIRS+=,$STATE_DIR/ode_pairs_t8400_s$seed.pt
-done
+# 8 x 2048 more for the 58236-step phase: on 4096 pairs G had fitted them (regression loss 0.017
+# on them, 0.031 held out); on 20480 the held-out loss fell again (docs/FASHION.md "More ODE
+# pairs, again").
+pair_files ode_pairs_t8400 "$FINAL_GUIDANCE" 10 11 12 13 14 15 16 17
+T8400_PAIRS=$FIRST_T8400_PAIRS,$PAIR_FILES
 # 4 x 2048 more again (28672 in all) for the phase after that one, which levelled off on them.
-MORE_T8400_PAIRS=$T8400_PAIRS
-for seed in 18 19 20 21; do
-  pairs "ode_pairs_t8400_s$seed" 2048 "$seed" $FINAL_TEACHER "$FINAL_GUIDANCE"
-  MORE_T8400_PAIRS+=,$STATE_DIR/ode_pairs_t8400_s$seed.pt
-done
+pair_files ode_pairs_t8400 "$FINAL_GUIDANCE" 18 19 20 21
+MORE_T8400_PAIRS=$T8400_PAIRS,$PAIR_FILES
 # The last phase's targets: the same teacher at CFG $STUDENT_GUIDANCE, whose samples are more
 # diverse (0.854 of real against 0.827 at CFG 2; docs/FASHION.md "Lower guidance in the
 # targets: diversity past 0.8").
-STUDENT_PAIRS=
-for seed in 30 31 32 33; do
-  name=ode_pairs_t8400_g${STUDENT_GUIDANCE}_s$seed
-  pairs "$name" 2048 "$seed" $FINAL_TEACHER "$STUDENT_GUIDANCE"
-  STUDENT_PAIRS+=${STUDENT_PAIRS:+,}$STATE_DIR/$name.pt
-done
+pair_files "ode_pairs_t8400_g$STUDENT_GUIDANCE" "$STUDENT_GUIDANCE" 30 31 32 33
+STUDENT_PAIRS=$PAIR_FILES
 MORE_PAIRS=$STATE_DIR/ode_pairs.pt,$STATE_DIR/ode_pairs_s2.pt,$STATE_DIR/ode_pairs_s3.pt
 FRESH_PAIRS=$STATE_DIR/ode_pairs_s5.pt,$STATE_DIR/ode_pairs_s6.pt
 # DMD ran in phases, its recipe changed as the in-process FID asked for it (docs/FASHION.md
