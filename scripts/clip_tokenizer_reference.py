@@ -2,7 +2,7 @@
 """Independent Python reference for OpenAI CLIP's BPE tokenizer (simple_tokenizer.py).
 
 It follows CLIP's algorithm with its ftfy.fix_text step replaced by the identity (ftfy is not
-installed here; shared/clip-tokenizer/test_vectors.jsonl was produced the same way):
+installed here; worker/testdata/clip_tokenizer_reference_vectors.jsonl was produced the same way):
 
   text -> html.unescape(html.unescape(text)).strip()
        -> every run of regex-\\s characters becomes one ' ', .strip(), .lower()
@@ -14,7 +14,8 @@ character classes built from `unicodedata` (Unicode 14 in Python 3.11). `check-r
 the emulation with the real module when it is installed (`apt-get install python3-regex`).
 
 Commands (default paths are relative to the repository root):
-  check        reproduce shared/clip-tokenizer/test_vectors.jsonl exactly (exit 1 otherwise)
+  check        reproduce worker/testdata/clip_tokenizer_reference_vectors.jsonl exactly
+               (exit 1 otherwise)
   check-regex  compare the pre-tokenizer emulation with the `regex` module
   generate     write worker/testdata/clip_tokenizer_extra_vectors.jsonl from EXTRA_CASES
   encode       read one JSON string per stdin line, write one JSON line per input:
@@ -34,7 +35,7 @@ import unicodedata
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_VOCAB_DIR = os.path.join(REPO, "models", "tokenizers", "openai-clip")
-DEFAULT_VECTORS = os.path.join(REPO, "..", "shared", "clip-tokenizer", "test_vectors.jsonl")
+DEFAULT_VECTORS = os.path.join(REPO, "worker", "testdata", "clip_tokenizer_reference_vectors.jsonl")
 DEFAULT_EXTRA = os.path.join(REPO, "worker", "testdata", "clip_tokenizer_extra_vectors.jsonl")
 
 # CLIP's pattern, as written in simple_tokenizer.py; used only by check-regex.
@@ -156,7 +157,7 @@ def _long_prompt(words):
     return " ".join(base[i % len(base)] for i in range(words))
 
 
-# (name, text): cases beyond shared/clip-tokenizer/test_vectors.jsonl.
+# (name, text): cases beyond worker/testdata/clip_tokenizer_reference_vectors.jsonl.
 EXTRA_CASES = [
     ("emoji", "a cat 🐱 wearing a top hat 🎩✨"),
     ("emoji_zwj_flag_skin", "👩‍🚀 astronaut, 🇯🇵 flag, 👍🏽 thumbs"),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the CPU image and runs it with podman/buildah (no Docker engine on our machines; see
-# ../shared/docs/CONTAINERS.md), then checks it from outside through its ports: health, a
+# Builds the CPU image and runs it with podman/buildah (`podman build --isolation=chroot` where no
+# Docker engine runs), then checks it from outside through its ports: health, a
 # generated PNG, /metrics, and a clean exit 0 on SIGTERM. Needs a host build of dmdctl
 # (scripts/build.sh). Takes ~15 min the first time (the image compiles dmdserve).
 #   scripts/test_container.sh [image-tag]

@@ -20,10 +20,11 @@ using ::testing::ElementsAreArray;
 using ::testing::HasSubstr;
 
 const char kVocabDir[] = DMDSERVE_SOURCE_DIR "/models/tokenizers/openai-clip";
-// Produced by OpenAI CLIP's reference tokenizer (see shared/README.md).
-const char kSharedVectors[] = DMDSERVE_SHARED_DIR "/clip-tokenizer/test_vectors.jsonl";
+// Produced by OpenAI CLIP's reference tokenizer (see tools/tests/testdata/README.md).
+const char kReferenceVectors[] =
+    DMDSERVE_SOURCE_DIR "/worker/testdata/clip_tokenizer_reference_vectors.jsonl";
 // Produced by scripts/clip_tokenizer_reference.py (an independent Python implementation that
-// first reproduces kSharedVectors).
+// first reproduces kReferenceVectors).
 const char kExtraVectors[] =
     DMDSERVE_SOURCE_DIR "/worker/testdata/clip_tokenizer_extra_vectors.jsonl";
 
@@ -83,7 +84,7 @@ void ExpectMatchesVectors(const ClipTokenizer& tokenizer, const std::vector<Vect
 }
 
 TEST(ClipTokenizerTest, ReproducesReferenceTestVectors) {
-  const std::vector<Vector> vectors = ReadVectors(kSharedVectors);
+  const std::vector<Vector> vectors = ReadVectors(kReferenceVectors);
   ASSERT_GE(vectors.size(), 10u);
   auto tokenizer = MakeTokenizer(DefaultOptions());
   ASSERT_NE(tokenizer, nullptr);
@@ -107,7 +108,7 @@ TEST(ClipTokenizerTest, ExtraVectorsCoverTruncation) {
 }
 
 TEST(ClipTokenizerTest, SameIdsWithoutCacheAndWithATinyCache) {
-  std::vector<Vector> vectors = ReadVectors(kSharedVectors);
+  std::vector<Vector> vectors = ReadVectors(kReferenceVectors);
   const std::vector<Vector> extra = ReadVectors(kExtraVectors);
   vectors.insert(vectors.end(), extra.begin(), extra.end());
   for (size_t capacity : {0, 1, 7}) {
@@ -121,7 +122,7 @@ TEST(ClipTokenizerTest, SameIdsWithoutCacheAndWithATinyCache) {
 }
 
 TEST(ClipTokenizerTest, ConcurrentEncodeGivesIdenticalResults) {
-  std::vector<Vector> vectors = ReadVectors(kSharedVectors);
+  std::vector<Vector> vectors = ReadVectors(kReferenceVectors);
   const std::vector<Vector> extra = ReadVectors(kExtraVectors);
   vectors.insert(vectors.end(), extra.begin(), extra.end());
   for (size_t capacity : {size_t{1} << 16, size_t{32}}) {  // the small one evicts constantly

@@ -1,5 +1,5 @@
 """Numerical parity of tools/sd15's UNet, VAE decoder and CLIP text encoder with the reference
-implementations (diffusers / transformers), on the fixtures of ../shared/sd-parity."""
+implementations (diffusers / transformers), on the fixtures of tools/tests/testdata/sd-parity."""
 
 import json
 import os

@@ -1,7 +1,7 @@
 """Shared helpers of the tools/ tests: fixture paths and an independent DMD2 reference.
 
-The fixtures live in ../shared/sd-parity next to the repository (override with
-DMDSERVE_SHARED_DIR); see its README.md for what each file is and how it was produced.
+The fixtures live in tools/tests/testdata (its README.md says what each file is and where it
+comes from) and worker/testdata (the CLIP tokenizer reference vectors).
 """
 
 import contextlib
@@ -14,13 +14,13 @@ import os
 import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SHARED = os.environ.get("DMDSERVE_SHARED_DIR", os.path.join(REPO_ROOT, "..", "shared"))
-PARITY = os.path.join(SHARED, "sd-parity")
+PARITY = os.path.join(REPO_ROOT, "tools", "tests", "testdata", "sd-parity")
 TINY_FOLDER = os.path.join(PARITY, "tiny-sd15-diffusers")
 DMD_REPLACEMENT = os.path.join(TINY_FOLDER, "unet_dmd_replacement.bin")
-TOKENIZER_VECTORS = os.path.join(SHARED, "clip-tokenizer", "test_vectors.jsonl")
+TOKENIZER_VECTORS = os.path.join(REPO_ROOT, "worker", "testdata",
+                                 "clip_tokenizer_reference_vectors.jsonl")
 
-# From sd-parity/tiny-sd15-diffusers/README.md: alphas_cumprod[999] of SD1.5's scheduler in
+# From the tiny folder's scheduler config (SD1.5's): alphas_cumprod[999] of SD1.5's scheduler in
 # float32, and the VAE's scaling factor.
 SD15_ALPHA_999 = 0.0046600960195064545
 SD15_SCALING = 0.18215
