@@ -18,6 +18,8 @@ PKGS=(
   libutf8proc-dev
   # tests and benchmarks
   libgtest-dev libgmock-dev libbenchmark-dev prometheus yamllint
+  # code-size lint (tests/lint): function extents
+  universal-ctags
   # fuzzing (libFuzzer + sanitizers)
   clang-14 libfuzzer-14-dev libclang-rt-14-dev
   # python tooling (Debian's interpreter at /usr/bin/python3)
