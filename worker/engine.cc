@@ -123,9 +123,9 @@ namespace {
 absl::Status ValidateOptions(const Engine::Options& o) {
   if (o.model_dirs.empty()) return absl::InvalidArgumentError("model_dirs: at least one bundle");
   if (o.devices.empty()) return absl::InvalidArgumentError("devices: at least one device");
-  if (o.workers_per_model < 1) {
+  if (o.instances_per_device < 1) {
     return absl::InvalidArgumentError(
-        absl::StrCat("workers_per_model must be >= 1, got ", o.workers_per_model));
+        absl::StrCat("instances_per_device must be >= 1, got ", o.instances_per_device));
   }
   if (o.intra_op_threads < 0) return absl::InvalidArgumentError("intra_op_threads must be >= 0");
   if (o.max_batch_size < 0) return absl::InvalidArgumentError("max_batch_size must be >= 0");
@@ -200,7 +200,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(Options options) {
       popts.device = device->name;
       popts.intra_op_threads = o.intra_op_threads;
       popts.uncond_input_ids = uncond->input_ids;
-      popts.instances = o.workers_per_model;
+      popts.instances = o.instances_per_device;
       popts.cuda_graphs = o.cuda_graphs;
       popts.postprocess = *postprocess;
       absl::StatusOr<std::unique_ptr<Pipeline>> pipeline = Pipeline::Create(m, popts);
@@ -293,7 +293,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(Options options) {
     Model* m = model.get();
     for (auto& replica : m->replicas) {
       Replica* r = replica.get();
-      for (int i = 0; i < o.workers_per_model; ++i) {
+      for (int i = 0; i < o.instances_per_device; ++i) {
         r->workers.emplace_back([self, m, r] { self->WorkerLoop(m, r); });
       }
     }

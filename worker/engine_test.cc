@@ -304,8 +304,8 @@ TEST(EngineTest, TokenizeMatchesTheTokenizer) {
 
 TEST(EngineTest, RejectsBadOptionsAndBundles) {
   EXPECT_EQ(Engine::Create({}).status().code(), absl::StatusCode::kInvalidArgument);
-  auto s = Engine::Create({.model_dirs = {kTinyBundle}, .workers_per_model = 0}).status();
-  EXPECT_THAT(std::string(s.message()), HasSubstr("workers_per_model"));
+  auto s = Engine::Create({.model_dirs = {kTinyBundle}, .instances_per_device = 0}).status();
+  EXPECT_THAT(std::string(s.message()), HasSubstr("instances_per_device"));
   s = Engine::Create({.model_dirs = {"/nonexistent/bundle"}}).status();
   EXPECT_FALSE(s.ok());
   EXPECT_THAT(std::string(s.message()), HasSubstr("/nonexistent/bundle"));
@@ -423,7 +423,7 @@ class DeviceListener : public EngineListener {
 };
 
 TEST(EngineTest, ReportsTheCpuBusyTimeAndNoMemory) {
-  auto engine = MakeEngine({.workers_per_model = 2});
+  auto engine = MakeEngine({.instances_per_device = 2});
   ASSERT_NE(engine, nullptr);
   EXPECT_EQ(engine->Devices(), (std::vector<std::string>{"cpu"}));
   DeviceListener listener;
