@@ -15,8 +15,8 @@
 #include "gtest/gtest.h"
 #include "worker/clip_tokenizer.h"
 #include "worker/device.h"
-#include "worker/image_codec.h"
 #include "worker/test_util.h"
+#include "worker/testing/png_decode.h"
 
 namespace dmdserve {
 namespace {
