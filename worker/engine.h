@@ -270,10 +270,22 @@ class Engine {
 
   explicit Engine(Options options);
   absl::StatusOr<Model*> FindModel(std::string_view name) const;
+  // Starts Options.instances_per_device WorkerLoop threads per model and device (end of Create).
+  void StartWorkers();
+  // A model-worker thread: runs the model's batches on `replica` until the batcher shuts down.
   void WorkerLoop(Model* model, Replica* replica);
+  // Runs one batch of `items` at supported size `size_index` (padded to `padded_size` images) on
+  // `replica`, then schedules EncodeImage for each image on the encoder pool. A failed batch
+  // fails its requests.
   void RunBatch(Model* model, Replica* replica, int size_index, std::vector<WorkItem> items,
                 int padded_size);
+  // The encode stage, on an encoder thread: turns `item`'s uint8 HWC `pixels` into a PNG (or
+  // keeps them raw, as the request asked) and hands the image to FinishImage.
+  void EncodeImage(const Model& model, ImageSize size, WorkItem item, std::string pixels);
+  // Delivers one finished image to its request (on_image or the result) and, for its last image,
+  // completes the request (on_done). Dropped when the request already finished.
   void FinishImage(const std::shared_ptr<Request>& request, GeneratedImage image);
+  // Completes `request` with `status` unless it already finished.
   static void FailRequest(const std::shared_ptr<Request>& request, absl::Status status);
 
   struct State;
