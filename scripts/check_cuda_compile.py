@@ -7,7 +7,8 @@ stops compiling. This script takes the compile commands of the CPU build (compil
 turns DMDSERVE_WITH_CUDA on, adds the CUDA toolkit's headers, and compiles each source that has
 CUDA paths with -fsyntax-only against the same libtorch headers (Debian's CPU libtorch ships the
 c10/cuda and ATen/cuda headers; only the generated cuda_cmake_macros.h is missing, and a stand-in
-is provided). The kernel is compiled with nvcc for sm_90. Nothing is linked or run.
+is provided). Sources only a CUDA build compiles (CUDA_ONLY_SOURCES) borrow the compile command of
+a source of their target. The kernel is compiled with nvcc for sm_90. Nothing is linked or run.
 
 What it cannot catch: API differences between this libtorch's headers and the one the GPU build
 uses (torch 2.x on the device); the GPU build itself checks those.
@@ -24,6 +25,9 @@ import sys
 import tempfile
 
 SOURCES = ["worker/pipeline.cc", "worker/device.cc", "worker/postprocess.cc", "worker/gpu_test.cc"]
+# Sources that only a CUDA build compiles, so the CPU build has no compile command for them: each
+# is compiled with the command of a source of the same target.
+CUDA_ONLY_SOURCES = {"worker/pipeline_cuda_graphs.cc": "worker/pipeline.cc"}
 KERNEL = "worker/postprocess_kernel.cu"
 
 
@@ -50,10 +54,11 @@ def main() -> int:
         os.makedirs(os.path.join(shim, "c10", "cuda", "impl"))
         with open(os.path.join(shim, "c10", "cuda", "impl", "cuda_cmake_macros.h"), "w") as f:
             f.write("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
-        for source in SOURCES:
-            entry = commands.get(source)
+        for source in SOURCES + list(CUDA_ONLY_SOURCES):
+            sibling = CUDA_ONLY_SOURCES.get(source, source)
+            entry = commands.get(sibling)
             if entry is None:
-                failures.append(f"{source}: not in compile_commands.json (build it first?)")
+                failures.append(f"{sibling}: not in compile_commands.json (build it first?)")
                 continue
             words = shlex.split(entry["command"])
             command, skip = [], False
@@ -66,8 +71,13 @@ def main() -> int:
                     pass
                 elif word == "-DDMDSERVE_WITH_CUDA=0":
                     command.append("-DDMDSERVE_WITH_CUDA=1")
+                elif word == entry["file"] and source != sibling:
+                    command.append(os.path.join(source_dir, source))
                 else:
                     command.append(word)
+            if source != sibling and os.path.join(source_dir, source) not in command:
+                failures.append(f"{source}: {sibling}'s compile command does not name its file")
+                continue
             command += ["-isystem", cuda_include, "-isystem", shim, "-fsyntax-only"]
             print(f"compile (DMDSERVE_WITH_CUDA=1): {source}", flush=True)
             if subprocess.run(command, cwd=entry["directory"]).returncode != 0:

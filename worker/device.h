@@ -1,5 +1,5 @@
-// Devices: naming the libtorch devices dmdserve runs on, their memory, and how libtorch's errors
-// say that memory ran out.
+// Devices: naming the libtorch devices dmdserve runs on, their busy time and memory, and how
+// libtorch's errors say that memory ran out.
 //
 // CUDA support is a build option (CMake -DDMDSERVE_CUDA=ON against a CUDA libtorch, which defines
 // DMDSERVE_WITH_CUDA=1); the CPU build compiles every CUDA path away, and these functions then
@@ -16,6 +16,8 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 
 namespace dmdserve {
 
@@ -25,12 +27,46 @@ bool CudaBuild();
 // Number of CUDA devices libtorch sees; 0 in a CPU build or without a GPU.
 int CudaDeviceCount();
 
-// Turns a device list as given on the command line into canonical device names, one worker group
-// each: "cpu", "cuda:N"; "cuda" and a bare index "N" mean "cuda:N" (index 0 for "cuda"); "all"
-// (alone) means every visible CUDA device. Errors: INVALID_ARGUMENT for an empty list, an
-// unknown name, a duplicate or "all" mixed with others; FAILED_PRECONDITION for "all" without
-// CUDA. Whether a named cuda:N exists is checked when a pipeline is created on it.
+// A device dmdserve runs on: the CPU or one CUDA device. A value type.
+struct DeviceId {
+  bool cuda = false;  // false: the CPU
+  int index = 0;      // the CUDA device's index (>= 0); 0 for the CPU
+
+  // The canonical name: "cpu" or "cuda:N".
+  std::string name() const;
+};
+
+// The one parser of device names in worker/: "cpu", "cuda" (= "cuda:0"), "cuda:N" or a bare
+// index "N" (= "cuda:N"), in any letter case, surrounding whitespace ignored. Whether cuda:N
+// exists is not checked (see CudaDeviceCount). INVALID_ARGUMENT otherwise, quoting `name`:
+// '"meta" is not supported (only cpu and cuda)' for another libtorch device type, '"gpu0" is not
+// a libtorch device ("cpu", "cuda:N")' for the rest.
+absl::StatusOr<DeviceId> ParseDevice(absl::string_view name);
+
+// Turns a device list (Engine::Options::devices) into canonical device names, one worker group
+// each: every entry as ParseDevice reads it, or "all" (alone): every visible CUDA device.
+// Errors: INVALID_ARGUMENT for an empty list, an unknown name, a duplicate or "all" mixed with
+// others; FAILED_PRECONDITION for "all" without CUDA. Whether a named cuda:N exists is checked
+// when a pipeline is created on it.
 absl::StatusOr<std::vector<std::string>> ResolveDevices(const std::vector<std::string>& devices);
+
+// Busy-time accounting of one device that several workers run batches on: the device is busy
+// while at least one batch runs on it, so its busy time is the union of the batches' run times,
+// not their sum. Thread-safe.
+class DeviceBusyTime {
+ public:
+  // A batch started on the device at `now`.
+  void BatchStarted(absl::Time now);
+  // A batch finished at `now`. Returns the busy time not returned before (including that of
+  // batches still running, up to `now`).
+  absl::Duration BatchFinished(absl::Time now);
+
+ private:
+  absl::Mutex mu_;
+  int running_ ABSL_GUARDED_BY(mu_) = 0;            // batches running now
+  absl::Time since_ ABSL_GUARDED_BY(mu_);           // when `running_` last changed
+  absl::Duration unreported_ ABSL_GUARDED_BY(mu_);  // busy time not returned yet
+};
 
 // Device-wide memory of a CUDA device, all processes counted (what nvidia-smi shows).
 struct DeviceMemory {

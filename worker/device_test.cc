@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/time/time.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -48,6 +49,45 @@ TEST(IsOutOfMemoryErrorTest, OtherErrorsAreNot) {
   }
 }
 
+TEST(ParseDeviceTest, ReadsEverySpellingOfCpuAndCuda) {
+  struct Case {
+    std::string name;
+    bool cuda;
+    int index;
+    std::string canonical;
+  };
+  for (const Case& c : std::vector<Case>{{"cpu", false, 0, "cpu"},
+                                         {" CPU ", false, 0, "cpu"},
+                                         {"cuda", true, 0, "cuda:0"},
+                                         {"cuda:3", true, 3, "cuda:3"},
+                                         {"Cuda:12", true, 12, "cuda:12"},
+                                         {"2", true, 2, "cuda:2"}}) {
+    absl::StatusOr<DeviceId> device = ParseDevice(c.name);
+    ASSERT_TRUE(device.ok()) << c.name << ": " << device.status();
+    EXPECT_EQ(device->cuda, c.cuda) << c.name;
+    EXPECT_EQ(device->index, c.index) << c.name;
+    EXPECT_EQ(device->name(), c.canonical) << c.name;
+  }
+}
+
+TEST(ParseDeviceTest, RejectsOtherNamesQuotingThem) {
+  struct Case {
+    std::string name;
+    std::string message;
+  };
+  for (const Case& c : std::vector<Case>{
+           {"gpu0", "\"gpu0\" is not a libtorch device"},
+           {"cuda:-1", "\"cuda:-1\" is not a libtorch device"},
+           {"", "\"\" is not a libtorch device"},
+           {"all", "\"all\" is not a libtorch device"},
+           {"meta", "\"meta\" is not supported (only cpu and cuda)"},
+       }) {
+    const absl::Status status = ParseDevice(c.name).status();
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << c.name;
+    EXPECT_THAT(status.message(), HasSubstr(c.message));
+  }
+}
+
 TEST(ResolveDevicesTest, GivesCanonicalNames) {
   absl::StatusOr<std::vector<std::string>> devices = ResolveDevices({"cpu"});
   ASSERT_TRUE(devices.ok()) << devices.status();
@@ -88,6 +128,19 @@ TEST(ResolveDevicesTest, AllIsEveryVisibleCudaDevice) {
   ASSERT_EQ(devices->size(), static_cast<size_t>(count));
   EXPECT_EQ(devices->front(), "cuda:0");
   EXPECT_EQ(devices->back(), "cuda:" + std::to_string(count - 1));
+}
+
+TEST(DeviceBusyTimeTest, CountsOverlappingBatchesOnce) {
+  const absl::Time t0 = absl::UnixEpoch();
+  DeviceBusyTime busy;
+  busy.BatchStarted(t0);
+  busy.BatchStarted(t0 + absl::Seconds(1));
+  EXPECT_EQ(busy.BatchFinished(t0 + absl::Seconds(3)), absl::Seconds(3));
+  // Busy time already returned is not returned again; the running batch counts up to `now`.
+  EXPECT_EQ(busy.BatchFinished(t0 + absl::Seconds(4)), absl::Seconds(1));
+  // Idle time does not count.
+  busy.BatchStarted(t0 + absl::Seconds(10));
+  EXPECT_EQ(busy.BatchFinished(t0 + absl::Seconds(12)), absl::Seconds(2));
 }
 
 TEST(QueryDeviceMemoryTest, CpuMemoryIsNotTracked) {

@@ -40,38 +40,64 @@ struct Engine::Request {
   bool started ABSL_GUARDED_BY(mu) = false;  // first image entered a batch
   std::vector<GeneratedImage> images ABSL_GUARDED_BY(mu);
   RequestTimings timings ABSL_GUARDED_BY(mu);
+
+  // Its result without images: the request-level fields, `total` timed up to now.
+  GenerateResult ResultSoFar() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    GenerateResult result;
+    result.model = model;
+    result.timings = timings;
+    result.timings.total = clock->Now() - accepted;
+    result.truncated_tokens = truncated_tokens;
+    return result;
+  }
+  // The batcher's validator: OK while the request's images may still enter a batch at `now`;
+  // else why not (it finished, its deadline passed, or the client cancelled).
+  absl::Status CheckRunnable(absl::Time now) {
+    // Held across is_cancelled(): whatever it refers to (the RPC's context) lives until on_done,
+    // which runs only after `finished` is set under this lock.
+    absl::MutexLock lock(&mu);
+    if (finished) return absl::CancelledError("request already finished");
+    if (now >= params.deadline) {
+      return absl::DeadlineExceededError(
+          "the request's deadline passed while it waited in the queue");
+    }
+    if (callbacks.is_cancelled && callbacks.is_cancelled()) {
+      return absl::CancelledError("the client cancelled the request");
+    }
+    return absl::OkStatus();
+  }
+  // One of its images entered a batch of `batch_size` images at `now`.
+  void EnterBatch(absl::Time now, int batch_size) {
+    absl::MutexLock lock(&mu);
+    if (!started) {
+      started = true;
+      timings.queue = now - accepted;
+    }
+    timings.batch_size = std::max(timings.batch_size, batch_size);
+  }
+  // The stage times of the latest batch one of its images rode in.
+  void SetStageTimes(const Pipeline::Timings& stages) {
+    absl::MutexLock lock(&mu);
+    timings.text_encoder = stages.text_encoder;
+    timings.generator = stages.generator;
+    timings.decoder = stages.decoder;
+  }
 };
 
 // One image of a request: the batching unit.
 struct Engine::WorkItem {
   std::shared_ptr<Request> request;
   int index = 0;
+
+  // What the pipeline needs to make this image.
+  Pipeline::Input input() const { return {request->input_ids, request->seed + index}; }
 };
 
-// Busy-time accounting of one device, shared by the worker groups of every model on it: the
-// device is busy while at least one batch runs on it.
+// One device of Options.devices, shared by the worker groups of every model on it.
 struct Engine::DeviceState {
   std::string name;  // "cpu", "cuda:N"
   bool cuda = false;
-  absl::Mutex mu;
-  int running ABSL_GUARDED_BY(mu) = 0;            // batches running now
-  absl::Time since ABSL_GUARDED_BY(mu);           // when `running` last changed
-  absl::Duration unreported ABSL_GUARDED_BY(mu);  // busy time not reported yet
-
-  void BatchStarted(absl::Time now) {
-    absl::MutexLock lock(&mu);
-    if (running > 0) unreported += now - since;
-    since = now;
-    ++running;
-  }
-  // The busy time to report now (including that of batches still running).
-  absl::Duration BatchFinished(absl::Time now) {
-    absl::MutexLock lock(&mu);
-    unreported += now - since;
-    since = now;
-    --running;
-    return std::exchange(unreported, absl::ZeroDuration());
-  }
+  DeviceBusyTime busy;
 };
 
 // A model's worker group on one device: its pipeline there (one execution instance per worker)
@@ -109,6 +135,28 @@ struct Engine::State {
     EngineListener* l = listener.load();
     return l != nullptr ? l : kIgnore;
   }
+
+  // Create's steps: resolve Options.devices into `devices`; load the bundle in `dir` (errors name
+  // it) into `models` and `by_name`, in LoadModel's steps: the manifest (Options.dtype applied;
+  // its model name must be new), the tokenizer (returning the empty prompt's input_ids), a replica
+  // per device and the batcher; set `default_model` (Options.default_model; empty: the first).
+  absl::Status AddDevices();
+  absl::Status LoadModel(const std::string& dir, Pipeline::Postprocess postprocess);
+  absl::Status LoadManifest(const std::string& dir, const std::string& where, Model& model) const;
+  absl::StatusOr<std::vector<int32_t>> LoadTokenizer(Model& model) const;
+  absl::Status AddReplicas(Model& model, const std::vector<int32_t>& uncond_input_ids,
+                           Pipeline::Postprocess postprocess) const;
+  absl::Status AddBatcher(Model& model);
+  absl::Status ChooseDefaultModel();
+
+  // RunBatch's steps. Runs `items` (padded to `padded_size` by repeating the last image) on
+  // `replica`'s device at `size`, then reports the batch's and the device's stats.
+  absl::StatusOr<Pipeline::Output> RunOnDevice(const Model& model, Replica& replica,
+                                               const std::vector<WorkItem>& items,
+                                               int padded_size, ImageSize size);
+  // Reports a batch that ran (or failed: !output.ok()) on `device`, which was busy for `busy`.
+  void ReportBatch(const Model& model, const DeviceState& device, int images, int padded_size,
+                   const absl::StatusOr<Pipeline::Output>& output, absl::Duration busy);
 };
 
 Engine::Engine(Options options) : state_(std::make_unique<State>()) {
@@ -123,9 +171,9 @@ namespace {
 absl::Status ValidateOptions(const Engine::Options& o) {
   if (o.model_dirs.empty()) return absl::InvalidArgumentError("model_dirs: at least one bundle");
   if (o.devices.empty()) return absl::InvalidArgumentError("devices: at least one device");
-  if (o.workers_per_model < 1) {
+  if (o.instances_per_device < 1) {
     return absl::InvalidArgumentError(
-        absl::StrCat("workers_per_model must be >= 1, got ", o.workers_per_model));
+        absl::StrCat("instances_per_device must be >= 1, got ", o.instances_per_device));
   }
   if (o.intra_op_threads < 0) return absl::InvalidArgumentError("intra_op_threads must be >= 0");
   if (o.max_batch_size < 0) return absl::InvalidArgumentError("max_batch_size must be >= 0");
@@ -145,6 +193,48 @@ absl::Status WithContext(const absl::Status& s, absl::string_view context) {
   return absl::Status(s.code(), absl::StrCat(context, ": ", s.message()));
 }
 
+// The largest batch the engine forms for model `m`.
+int MaxBatchSize(const ModelManifest& m, const Engine::Options& o) {
+  const int model_max_batch = m.max_batch_size();
+  return o.max_batch_size == 0 ? model_max_batch : std::min(o.max_batch_size, model_max_batch);
+}
+
+// The static part of model `m`'s ModelInfo under the limits of `o`.
+ModelInfo MakeModelInfo(const ModelManifest& m, const Engine::Options& o) {
+  ModelInfo info;
+  info.name = m.name;
+  info.description = m.description;
+  info.width = m.width;
+  info.height = m.height;
+  info.channels = m.channels;
+  info.steps = static_cast<int>(m.schedule.timesteps.size());
+  info.max_images_per_request = o.max_images_per_request == 0
+                                    ? m.max_images_per_request
+                                    : std::min(o.max_images_per_request, m.max_images_per_request);
+  if (info.max_images_per_request > o.max_queued_images) {
+    // A request that can never fit the queue must be INVALID_ARGUMENT, not a retryable
+    // RESOURCE_EXHAUSTED that clients would retry forever.
+    spdlog::warn("model '{}': max images per request capped from {} to max_queued_images {}",
+                 m.name, info.max_images_per_request, o.max_queued_images);
+    info.max_images_per_request = o.max_queued_images;
+  }
+  info.max_tokens = m.tokenizer.max_length;
+  for (const auto& size : m.supported_sizes) {
+    info.supported_sizes.push_back({size.width, size.height});
+  }
+  return info;
+}
+
+// What the requests of a batch that failed with `error` (from Pipeline::Run) are told.
+absl::Status BatchFailure(const std::string& model, int images, const absl::Status& error) {
+  if (error.code() == absl::StatusCode::kResourceExhausted) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("model '", model, "' ran out of device memory on a batch of ", images,
+                     " image(s); retry later or ask for fewer images"));
+  }
+  return absl::InternalError(absl::StrCat("model '", model, "' failed to generate the image"));
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(Options options) {
@@ -153,159 +243,157 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(Options options) {
   State& st = *engine->state_;
   const Options& o = st.options;
   torch::jit::setGraphExecutorOptimize(o.jit_optimize);
-  absl::StatusOr<std::vector<std::string>> devices = ResolveDevices(o.devices);
-  if (!devices.ok()) return devices.status();
-  for (const std::string& name : *devices) {
-    auto device = std::make_unique<DeviceState>();
-    device->name = name;
-    device->cuda = name != "cpu";
-    st.devices.push_back(std::move(device));
-  }
+  if (absl::Status s = st.AddDevices(); !s.ok()) return s;
   absl::StatusOr<Pipeline::Postprocess> postprocess = Pipeline::ParsePostprocess(o.postprocess);
   if (!postprocess.ok()) return postprocess.status();
-
   absl::StatusOr<std::unique_ptr<ThreadPool>> encoders =
       ThreadPool::Create({.num_threads = o.encode_threads});
   if (!encoders.ok()) return encoders.status();
   st.encoders = *std::move(encoders);
-
   for (const std::string& dir : o.model_dirs) {
-    const std::string where = absl::StrCat("model bundle ", dir);
-    auto model = std::make_unique<Model>();
-    absl::StatusOr<ModelManifest> manifest = ModelManifest::Load(dir);
-    if (!manifest.ok()) return WithContext(manifest.status(), where);
-    model->manifest = *std::move(manifest);
-    if (absl::Status s = ApplyDTypeOverride(o.dtype, model->manifest.dtypes); !s.ok()) return s;
-    const ModelManifest& m = model->manifest;
-    if (st.by_name.count(m.name) > 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(where, ": model name '", m.name, "' is already served by another bundle"));
-    }
-
-    ClipTokenizer::Options tok;
-    tok.vocab_path = m.tokenizer.vocab_path;
-    tok.merges_path = m.tokenizer.merges_path;
-    tok.bos_token = m.tokenizer.bos_token;
-    tok.eos_token = m.tokenizer.eos_token;
-    tok.pad_token = m.tokenizer.pad_token;
-    absl::StatusOr<std::unique_ptr<ClipTokenizer>> tokenizer = ClipTokenizer::Create(tok);
-    if (!tokenizer.ok()) return WithContext(tokenizer.status(), where);
-    model->tokenizer = *std::move(tokenizer);
-    absl::StatusOr<ClipTokenizer::ModelInput> uncond =
-        model->tokenizer->EncodeForModel("", m.tokenizer.max_length);
-    if (!uncond.ok()) return WithContext(uncond.status(), where);
-
-    for (const std::unique_ptr<DeviceState>& device : st.devices) {
-      Pipeline::Options popts;
-      popts.device = device->name;
-      popts.intra_op_threads = o.intra_op_threads;
-      popts.uncond_input_ids = uncond->input_ids;
-      popts.instances = o.workers_per_model;
-      popts.cuda_graphs = o.cuda_graphs;
-      popts.postprocess = *postprocess;
-      absl::StatusOr<std::unique_ptr<Pipeline>> pipeline = Pipeline::Create(m, popts);
-      if (!pipeline.ok()) return WithContext(pipeline.status(), where);
-      auto replica = std::make_unique<Replica>();
-      replica->pipeline = *std::move(pipeline);
-      replica->device = device.get();
-      model->replicas.push_back(std::move(replica));
-    }
-
-    const int model_max_batch = m.max_batch_size();
-    BatcherOptions bopts;
-    bopts.max_batch_size =
-        o.max_batch_size == 0 ? model_max_batch : std::min(o.max_batch_size, model_max_batch);
-    bopts.max_queue_delay = o.max_queue_delay;
-    bopts.max_queued_images = o.max_queued_images;
-    bopts.allowed_batch_sizes = o.allowed_batch_sizes;
-    bopts.clock = st.clock;
-    Model* raw = model.get();
-    absl::StatusOr<std::unique_ptr<DynamicBatcher<WorkItem>>> batcher =
-        DynamicBatcher<WorkItem>::Create(
-            bopts,
-            [](const WorkItem& item, absl::Time now) -> absl::Status {
-              Request& r = *item.request;
-              // Held across is_cancelled(): whatever it refers to (the RPC's context) lives until
-              // on_done, which runs only after `finished` is set under this lock.
-              absl::MutexLock lock(&r.mu);
-              if (r.finished) return absl::CancelledError("request already finished");
-              if (now >= r.params.deadline) {
-                return absl::DeadlineExceededError(
-                    "the request's deadline passed while it waited in the queue");
-              }
-              if (r.callbacks.is_cancelled && r.callbacks.is_cancelled()) {
-                return absl::CancelledError("the client cancelled the request");
-              }
-              return absl::OkStatus();
-            },
-            [&st, raw](WorkItem item, absl::Status status) {
-              FailRequest(item.request, status);
-              st.events()->OnQueueDepth(raw->info.name, raw->batcher->queued_images());
-            });
-    if (!batcher.ok()) return WithContext(batcher.status(), "batcher options");
-    model->batcher = *std::move(batcher);
-
-    ModelInfo& info = model->info;
-    info.name = m.name;
-    info.description = m.description;
-    info.width = m.width;
-    info.height = m.height;
-    info.channels = m.channels;
-    info.steps = static_cast<int>(m.schedule.timesteps.size());
-    info.max_images_per_request =
-        o.max_images_per_request == 0
-            ? m.max_images_per_request
-            : std::min(o.max_images_per_request, m.max_images_per_request);
-    if (info.max_images_per_request > o.max_queued_images) {
-      // A request that can never fit the queue must be INVALID_ARGUMENT, not a retryable
-      // RESOURCE_EXHAUSTED that clients would retry forever.
-      spdlog::warn("model '{}': max images per request capped from {} to max_queued_images {}",
-                   m.name, info.max_images_per_request, o.max_queued_images);
-      info.max_images_per_request = o.max_queued_images;
-    }
-    info.max_tokens = m.tokenizer.max_length;
-    for (const auto& size : m.supported_sizes) {
-      info.supported_sizes.push_back({size.width, size.height});
-    }
-    st.by_name.emplace(m.name, raw);
-    st.models.push_back(std::move(model));
-    spdlog::info(
-        "loaded model '{}' from {} ({}x{}x{}, {} step(s), max batch {}, dtypes {}/{}/{}) on {}",
-        info.name, dir, info.width, info.height, info.channels, info.steps, bopts.max_batch_size,
-        DTypeName(m.dtypes.text_encoder), DTypeName(m.dtypes.generator),
-        DTypeName(m.dtypes.decoder), absl::StrJoin(*devices, ", "));
+    if (absl::Status s = st.LoadModel(dir, *postprocess); !s.ok()) return s;
   }
+  if (absl::Status s = st.ChooseDefaultModel(); !s.ok()) return s;
+  engine->StartWorkers();
+  return engine;
+}
 
-  if (o.default_model.empty()) {
-    st.default_model = st.models.front().get();
+absl::Status Engine::State::AddDevices() {
+  absl::StatusOr<std::vector<std::string>> names = ResolveDevices(options.devices);
+  if (!names.ok()) return names.status();
+  for (const std::string& name : *names) {
+    auto device = std::make_unique<DeviceState>();
+    device->name = name;
+    const absl::StatusOr<DeviceId> id = ParseDevice(name);
+    device->cuda = id.ok() && id->cuda;
+    devices.push_back(std::move(device));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Engine::State::LoadModel(const std::string& dir, Pipeline::Postprocess postprocess) {
+  const std::string where = absl::StrCat("model bundle ", dir);
+  auto model = std::make_unique<Model>();
+  if (absl::Status s = LoadManifest(dir, where, *model); !s.ok()) return s;
+  absl::StatusOr<std::vector<int32_t>> uncond_input_ids = LoadTokenizer(*model);
+  if (!uncond_input_ids.ok()) return WithContext(uncond_input_ids.status(), where);
+  if (absl::Status s = AddReplicas(*model, *uncond_input_ids, postprocess); !s.ok()) {
+    return WithContext(s, where);
+  }
+  if (absl::Status s = AddBatcher(*model); !s.ok()) return WithContext(s, "batcher options");
+  const ModelManifest& m = model->manifest;
+  const ModelInfo& info = model->info = MakeModelInfo(m, options);
+  const auto append_name = [](std::string* out, const auto& device) { out->append(device->name); };
+  spdlog::info(
+      "loaded model '{}' from {} ({}x{}x{}, {} step(s), max batch {}, dtypes {}/{}/{}) on {}",
+      info.name, dir, info.width, info.height, info.channels, info.steps, MaxBatchSize(m, options),
+      DTypeName(m.dtypes.text_encoder), DTypeName(m.dtypes.generator),
+      DTypeName(m.dtypes.decoder), absl::StrJoin(devices, ", ", append_name));
+  by_name.emplace(m.name, model.get());
+  models.push_back(std::move(model));
+  return absl::OkStatus();
+}
+
+absl::Status Engine::State::LoadManifest(const std::string& dir, const std::string& where,
+                                         Model& model) const {
+  absl::StatusOr<ModelManifest> manifest = ModelManifest::Load(dir);
+  if (!manifest.ok()) return WithContext(manifest.status(), where);
+  model.manifest = *std::move(manifest);
+  if (absl::Status s = ApplyDTypeOverride(options.dtype, model.manifest.dtypes); !s.ok()) return s;
+  if (by_name.count(model.manifest.name) > 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        where, ": model name '", model.manifest.name, "' is already served by another bundle"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<int32_t>> Engine::State::LoadTokenizer(Model& model) const {
+  const ModelManifest::Tokenizer& t = model.manifest.tokenizer;
+  absl::StatusOr<std::unique_ptr<ClipTokenizer>> tokenizer =
+      ClipTokenizer::Create({.vocab_path = t.vocab_path,
+                             .merges_path = t.merges_path,
+                             .bos_token = t.bos_token,
+                             .eos_token = t.eos_token,
+                             .pad_token = t.pad_token});
+  if (!tokenizer.ok()) return tokenizer.status();
+  model.tokenizer = *std::move(tokenizer);
+  absl::StatusOr<ClipTokenizer::ModelInput> uncond =
+      model.tokenizer->EncodeForModel("", t.max_length);
+  if (!uncond.ok()) return uncond.status();
+  return std::move(uncond->input_ids);
+}
+
+absl::Status Engine::State::AddReplicas(Model& model, const std::vector<int32_t>& uncond_input_ids,
+                                        Pipeline::Postprocess postprocess) const {
+  for (const std::unique_ptr<DeviceState>& device : devices) {
+    absl::StatusOr<std::unique_ptr<Pipeline>> pipeline =
+        Pipeline::Create(model.manifest, {.device = device->name,
+                                          .intra_op_threads = options.intra_op_threads,
+                                          .uncond_input_ids = uncond_input_ids,
+                                          .instances = options.instances_per_device,
+                                          .cuda_graphs = options.cuda_graphs,
+                                          .postprocess = postprocess});
+    if (!pipeline.ok()) return pipeline.status();
+    auto replica = std::make_unique<Replica>();
+    replica->pipeline = *std::move(pipeline);
+    replica->device = device.get();
+    model.replicas.push_back(std::move(replica));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Engine::State::AddBatcher(Model& model) {
+  const BatcherOptions bopts{.max_batch_size = MaxBatchSize(model.manifest, options),
+                             .max_queue_delay = options.max_queue_delay,
+                             .max_queued_images = options.max_queued_images,
+                             .allowed_batch_sizes = options.allowed_batch_sizes,
+                             .clock = clock};
+  Model* raw = &model;
+  absl::StatusOr<std::unique_ptr<DynamicBatcher<WorkItem>>> batcher =
+      DynamicBatcher<WorkItem>::Create(
+          bopts,
+          [](const WorkItem& item, absl::Time now) { return item.request->CheckRunnable(now); },
+          [this, raw](WorkItem item, absl::Status status) {
+            FailRequest(item.request, status);
+            events()->OnQueueDepth(raw->info.name, raw->batcher->queued_images());
+          });
+  if (!batcher.ok()) return batcher.status();
+  model.batcher = *std::move(batcher);
+  return absl::OkStatus();
+}
+
+absl::Status Engine::State::ChooseDefaultModel() {
+  if (options.default_model.empty()) {
+    default_model = models.front().get();
   } else {
-    auto it = st.by_name.find(o.default_model);
-    if (it == st.by_name.end()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("default_model '", o.default_model, "' is not one of the loaded models"));
+    auto it = by_name.find(options.default_model);
+    if (it == by_name.end()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "default_model '", options.default_model, "' is not one of the loaded models"));
     }
-    st.default_model = it->second;
+    default_model = it->second;
   }
-  st.default_model->info.is_default = true;
+  default_model->info.is_default = true;
+  return absl::OkStatus();
+}
 
-  Engine* self = engine.get();
-  for (auto& model : st.models) {
+void Engine::StartWorkers() {
+  for (auto& model : state_->models) {
     Model* m = model.get();
     for (auto& replica : m->replicas) {
       Replica* r = replica.get();
-      for (int i = 0; i < o.workers_per_model; ++i) {
-        r->workers.emplace_back([self, m, r] { self->WorkerLoop(m, r); });
+      for (int i = 0; i < state_->options.instances_per_device; ++i) {
+        r->workers.emplace_back([this, m, r] { WorkerLoop(m, r); });
       }
     }
   }
-  return engine;
 }
 
 void Engine::SetListener(EngineListener* listener) { state_->listener.store(listener); }
 
 absl::Status Engine::Warmup() {
   for (auto& model : state_->models) {
-    const absl::Time start = absl::Now();
+    const absl::Time start = state_->clock->Now();
     const std::string context = absl::StrCat("warm-up of model '", model->info.name, "'");
     for (auto& replica : model->replicas) {
       for (int run = 0; run < state_->options.warmup_runs; ++run) {
@@ -318,7 +406,7 @@ absl::Status Engine::Warmup() {
     model->ready.store(true);
     state_->events()->OnModelReady(model->info.name, true);
     spdlog::info("model '{}' warmed up in {}", model->info.name,
-                 absl::FormatDuration(absl::Now() - start));
+                 absl::FormatDuration(state_->clock->Now() - start));
   }
   return absl::OkStatus();
 }
@@ -446,29 +534,45 @@ void Engine::RunBatch(Model* model, Replica* replica, int size_index, std::vecto
   const ImageSize size = model->info.supported_sizes[size_index];
   const int n = static_cast<int>(items.size());
   const absl::Time start = st.clock->Now();
-  for (const WorkItem& item : items) {
-    Request& r = *item.request;
-    absl::MutexLock lock(&r.mu);
-    if (!r.started) {
-      r.started = true;
-      r.timings.queue = start - r.accepted;
-    }
-    r.timings.batch_size = std::max(r.timings.batch_size, n);
+  for (const WorkItem& item : items) item.request->EnterBatch(start, n);
+  absl::StatusOr<Pipeline::Output> output =
+      st.RunOnDevice(*model, *replica, items, padded_size, size);
+  if (!output.ok()) {
+    spdlog::error("model '{}' failed on a batch of {} on {}: {}", model->info.name, n,
+                  replica->device->name, std::string(output.status().message()));
+    const absl::Status status = BatchFailure(model->info.name, n, output.status());
+    for (WorkItem& item : items) FailRequest(item.request, status);
+    return;
   }
+  for (const WorkItem& item : items) item.request->SetStageTimes(output->timings);
+  for (int i = 0; i < n; ++i) {
+    st.encoders->Schedule([this, model, size, item = std::move(items[i]),
+                           pixels = std::move(output->images[i])]() mutable {
+      EncodeImage(*model, size, std::move(item), std::move(pixels));
+    });
+  }
+}
 
+absl::StatusOr<Pipeline::Output> Engine::State::RunOnDevice(const Model& model, Replica& replica,
+                                                            const std::vector<WorkItem>& items,
+                                                            int padded_size, ImageSize size) {
   std::vector<Pipeline::Input> inputs;
   inputs.reserve(padded_size);
-  for (const WorkItem& item : items) {
-    inputs.push_back({item.request->input_ids, item.request->seed + item.index});
-  }
+  for (const WorkItem& item : items) inputs.push_back(item.input());
   while (static_cast<int>(inputs.size()) < padded_size) inputs.push_back(inputs.back());
+  DeviceState& device = *replica.device;
+  device.busy.BatchStarted(clock->Now());
+  absl::StatusOr<Pipeline::Output> output = replica.pipeline->Run(inputs, size.width, size.height);
+  const absl::Duration busy = device.busy.BatchFinished(clock->Now());
+  ReportBatch(model, device, static_cast<int>(items.size()), padded_size, output, busy);
+  return output;
+}
 
-  DeviceState& device = *replica->device;
-  device.BatchStarted(absl::Now());
-  absl::StatusOr<Pipeline::Output> output = replica->pipeline->Run(inputs, size.width, size.height);
-  DeviceStats device_stats{.device = device.name, .busy = device.BatchFinished(absl::Now())};
-  BatchStats stats{.model = model->info.name,
-                   .images = n,
+void Engine::State::ReportBatch(const Model& model, const DeviceState& device, int images,
+                                int padded_size, const absl::StatusOr<Pipeline::Output>& output,
+                                absl::Duration busy) {
+  BatchStats stats{.model = model.info.name,
+                   .images = images,
                    .padded_size = padded_size,
                    .ok = output.ok(),
                    .device = device.name};
@@ -480,65 +584,43 @@ void Engine::RunBatch(Model* model, Replica* replica, int size_index, std::vecto
     stats.total = output->timings.total;
     stats.cuda_graph = output->cuda_graph;
   }
-  st.events()->OnBatchDone(stats);
+  events()->OnBatchDone(stats);
+  DeviceStats device_stats{.device = device.name, .busy = busy};
   if (device.cuda) {
     if (absl::StatusOr<DeviceMemory> memory = QueryDeviceMemory(device.name); memory.ok()) {
       device_stats.memory_used_bytes = memory->used_bytes;
       device_stats.memory_total_bytes = memory->total_bytes;
     }
   }
-  st.events()->OnDeviceStats(device_stats);
-  if (!output.ok()) {
-    spdlog::error("model '{}' failed on a batch of {} on {}: {}", model->info.name, n, device.name,
-                  std::string(output.status().message()));
-    const absl::Status status =
-        output.status().code() == absl::StatusCode::kResourceExhausted
-            ? absl::ResourceExhaustedError(absl::StrCat(
-                  "model '", model->info.name, "' ran out of device memory on a batch of ", n,
-                  " image(s); retry later or ask for fewer images"))
-            : absl::InternalError(
-                  absl::StrCat("model '", model->info.name, "' failed to generate the image"));
-    for (WorkItem& item : items) FailRequest(item.request, status);
-    return;
-  }
-  for (WorkItem& item : items) {
-    Request& r = *item.request;
-    absl::MutexLock lock(&r.mu);
-    r.timings.text_encoder = stats.text_encoder;
-    r.timings.generator = stats.generator;
-    r.timings.decoder = stats.decoder;
-  }
+  events()->OnDeviceStats(device_stats);
+}
 
-  const int channels = model->info.channels;
-  const int level = st.options.png_compression_level;
-  for (int i = 0; i < n; ++i) {
-    st.encoders->Schedule([this, model, size, channels, level, item = std::move(items[i]),
-                           pixels = std::move(output->images[i])]() mutable {
-      const absl::Time t0 = absl::Now();
-      GeneratedImage image;
-      image.index = item.index;
-      image.seed = item.request->seed + item.index;
-      image.width = size.width;
-      image.height = size.height;
-      image.channels = channels;
-      image.encoding = item.request->params.encoding;
-      if (image.encoding == ImageEncoding::kRaw) {
-        image.data = std::move(pixels);
-      } else {
-        absl::StatusOr<std::string> png = EncodePng(reinterpret_cast<const uint8_t*>(pixels.data()),
-                                                    size.width, size.height, channels, level);
-        if (!png.ok()) {
-          spdlog::error("PNG encoding failed: {}", std::string(png.status().message()));
-          FailRequest(item.request, absl::InternalError("PNG encoding failed"));
-          return;
-        }
-        image.data = *std::move(png);
-        image.encode_time = absl::Now() - t0;
-        state_->events()->OnImageEncoded(model->info.name, image.encode_time);
-      }
-      FinishImage(item.request, std::move(image));
-    });
+void Engine::EncodeImage(const Model& model, ImageSize size, WorkItem item, std::string pixels) {
+  State& st = *state_;
+  const absl::Time start = st.clock->Now();
+  GeneratedImage image;
+  image.index = item.index;
+  image.seed = item.request->seed + item.index;
+  image.width = size.width;
+  image.height = size.height;
+  image.channels = model.info.channels;
+  image.encoding = item.request->params.encoding;
+  if (image.encoding == ImageEncoding::kRaw) {
+    image.data = std::move(pixels);
+  } else {
+    absl::StatusOr<std::string> png =
+        EncodePng(reinterpret_cast<const uint8_t*>(pixels.data()), size.width, size.height,
+                  image.channels, st.options.png_compression_level);
+    if (!png.ok()) {
+      spdlog::error("PNG encoding failed: {}", std::string(png.status().message()));
+      FailRequest(item.request, absl::InternalError("PNG encoding failed"));
+      return;
+    }
+    image.data = *std::move(png);
+    image.encode_time = st.clock->Now() - start;
+    st.events()->OnImageEncoded(model.info.name, image.encode_time);
   }
+  FinishImage(item.request, std::move(image));
 }
 
 void Engine::FinishImage(const std::shared_ptr<Request>& request, GeneratedImage image) {
@@ -550,23 +632,15 @@ void Engine::FinishImage(const std::shared_ptr<Request>& request, GeneratedImage
     r.timings.encode += image.encode_time;
     --r.remaining;
     if (r.callbacks.on_image) {
-      GenerateResult so_far;
-      so_far.model = r.model;
-      so_far.truncated_tokens = r.truncated_tokens;
-      so_far.timings = r.timings;
-      so_far.timings.total = r.clock->Now() - r.accepted;
-      r.callbacks.on_image(std::move(image), so_far);
+      r.callbacks.on_image(std::move(image), r.ResultSoFar());
     } else {
       const int index = image.index;
       r.images[index] = std::move(image);
     }
     if (r.remaining > 0) return;
     r.finished = true;
-    r.timings.total = r.clock->Now() - r.accepted;
-    result.model = r.model;
+    result = r.ResultSoFar();
     result.images = std::move(r.images);
-    result.timings = r.timings;
-    result.truncated_tokens = r.truncated_tokens;
   }
   r.callbacks.on_done(absl::OkStatus(), std::move(result));
 }
@@ -578,10 +652,7 @@ void Engine::FailRequest(const std::shared_ptr<Request>& request, absl::Status s
     absl::MutexLock lock(&r.mu);
     if (r.finished) return;
     r.finished = true;
-    r.timings.total = r.clock->Now() - r.accepted;
-    result.model = r.model;
-    result.timings = r.timings;
-    result.truncated_tokens = r.truncated_tokens;
+    result = r.ResultSoFar();
   }
   r.callbacks.on_done(std::move(status), std::move(result));
 }

@@ -2,10 +2,10 @@
 //
 // The engine owns, per model bundle: its manifest, ClipTokenizer, one DynamicBatcher (batching
 // key = index of the output size) and, per device of Options.devices (a worker group), a Pipeline
-// on that device with `workers_per_model` model-worker threads that pull formed batches from the
-// model's one batcher and run them, each on its own execution instance of that pipeline (on a GPU:
-// its own CUDA stream and CUDA graphs); plus one PNG-encode ThreadPool shared by all models, so
-// encoding never runs on a model worker. A request's images are queued as independent work items
+// on that device with `instances_per_device` model-worker threads that pull formed batches from
+// the model's one batcher and run them, each on its own execution instance of that pipeline (on a
+// GPU: its own CUDA stream and CUDA graphs); plus one PNG-encode ThreadPool shared by all models,
+// so encoding never runs on a model worker. A request's images are queued as independent work items
 // (the batching unit is one image) and may ride in different batches, on different devices.
 //
 // Flow: Submit() validates the model-dependent parts of a request (model, num_images, size, prompt
@@ -175,9 +175,10 @@ class Engine {
     // libtorch devices, one worker group each: "cpu", "cuda:N" (CUDA builds), "N" for "cuda:N",
     // or {"all"}: every visible GPU (see ResolveDevices in worker/device.h). Default {"cpu"}.
     std::vector<std::string> devices = {"cpu"};
-    // Model-worker threads per model and device, each running one batch at a time on its own
-    // execution instance (a CUDA stream and its CUDA graphs on a GPU). >= 1. Default 1.
-    int workers_per_model = 1;
+    // Execution instances per model and device: that many model-worker threads, each running one
+    // batch at a time on its own instance of the device's Pipeline (Pipeline::Options::instances;
+    // a CUDA stream and its CUDA graphs on a GPU). >= 1. Default 1.
+    int instances_per_device = 1;
     // libtorch intra-op threads (process-wide). 0: libtorch's default (one per core).
     int intra_op_threads = 0;
     // TorchScript graph-executor optimisation (process-wide); libtorch's default is on. The
@@ -269,10 +270,22 @@ class Engine {
 
   explicit Engine(Options options);
   absl::StatusOr<Model*> FindModel(std::string_view name) const;
+  // Starts Options.instances_per_device WorkerLoop threads per model and device (end of Create).
+  void StartWorkers();
+  // A model-worker thread: runs the model's batches on `replica` until the batcher shuts down.
   void WorkerLoop(Model* model, Replica* replica);
+  // Runs one batch of `items` at supported size `size_index` (padded to `padded_size` images) on
+  // `replica`, then schedules EncodeImage for each image on the encoder pool. A failed batch
+  // fails its requests.
   void RunBatch(Model* model, Replica* replica, int size_index, std::vector<WorkItem> items,
                 int padded_size);
+  // The encode stage, on an encoder thread: turns `item`'s uint8 HWC `pixels` into a PNG (or
+  // keeps them raw, as the request asked) and hands the image to FinishImage.
+  void EncodeImage(const Model& model, ImageSize size, WorkItem item, std::string pixels);
+  // Delivers one finished image to its request (on_image or the result) and, for its last image,
+  // completes the request (on_done). Dropped when the request already finished.
   void FinishImage(const std::shared_ptr<Request>& request, GeneratedImage image);
+  // Completes `request` with `status` unless it already finished.
   static void FailRequest(const std::shared_ptr<Request>& request, absl::Status status);
 
   struct State;

@@ -15,8 +15,8 @@
 #include "gtest/gtest.h"
 #include "worker/clip_tokenizer.h"
 #include "worker/device.h"
-#include "worker/image_codec.h"
 #include "worker/test_util.h"
+#include "worker/testing/png_decode.h"
 
 namespace dmdserve {
 namespace {
@@ -304,8 +304,8 @@ TEST(EngineTest, TokenizeMatchesTheTokenizer) {
 
 TEST(EngineTest, RejectsBadOptionsAndBundles) {
   EXPECT_EQ(Engine::Create({}).status().code(), absl::StatusCode::kInvalidArgument);
-  auto s = Engine::Create({.model_dirs = {kTinyBundle}, .workers_per_model = 0}).status();
-  EXPECT_THAT(std::string(s.message()), HasSubstr("workers_per_model"));
+  auto s = Engine::Create({.model_dirs = {kTinyBundle}, .instances_per_device = 0}).status();
+  EXPECT_THAT(std::string(s.message()), HasSubstr("instances_per_device"));
   s = Engine::Create({.model_dirs = {"/nonexistent/bundle"}}).status();
   EXPECT_FALSE(s.ok());
   EXPECT_THAT(std::string(s.message()), HasSubstr("/nonexistent/bundle"));
@@ -423,7 +423,7 @@ class DeviceListener : public EngineListener {
 };
 
 TEST(EngineTest, ReportsTheCpuBusyTimeAndNoMemory) {
-  auto engine = MakeEngine({.workers_per_model = 2});
+  auto engine = MakeEngine({.instances_per_device = 2});
   ASSERT_NE(engine, nullptr);
   EXPECT_EQ(engine->Devices(), (std::vector<std::string>{"cpu"}));
   DeviceListener listener;

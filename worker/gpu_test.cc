@@ -264,7 +264,7 @@ class DeviceStatsRecorder : public EngineListener {
 TEST(GpuTest, EngineServesFromEveryGpuWithGraphsAndReportsDeviceStats) {
   SKIP_WITHOUT_CUDA();
   absl::StatusOr<std::unique_ptr<Engine>> engine =
-      Engine::Create({.model_dirs = {kTinyBundle}, .devices = {"all"}, .workers_per_model = 2});
+      Engine::Create({.model_dirs = {kTinyBundle}, .devices = {"all"}, .instances_per_device = 2});
   ASSERT_TRUE(engine.ok()) << engine.status();
   EXPECT_EQ((*engine)->Devices().size(), static_cast<size_t>(CudaDeviceCount()));
   DeviceStatsRecorder recorder;

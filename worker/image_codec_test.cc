@@ -11,6 +11,7 @@
 #include "absl/status/status.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "worker/testing/png_decode.h"
 
 namespace dmdserve {
 namespace {

@@ -112,10 +112,11 @@ struct ModelManifest {
   std::array<int64_t, 3> LatentShape(int width, int height) const;
 };
 
-// Applies a dtype override (dmdserve --dtype) on top of a manifest's dtypes: "" changes nothing;
-// one dtype name ("float16") sets every component; comma-separated component=dtype pairs
-// ("generator=float16,decoder=bfloat16") set the components they name. INVALID_ARGUMENT naming the
-// bad part, with `dtypes` unchanged. The sampling arithmetic stays float32 whatever the override.
+// Applies a dtype override (Engine::Options::dtype) on top of a manifest's dtypes: "" changes
+// nothing; one dtype name ("float16") sets every component; comma-separated component=dtype pairs
+// ("generator=float16,decoder=bfloat16") set the components they name. INVALID_ARGUMENT naming
+// the bad part, with `dtypes` unchanged. The sampling arithmetic stays float32 whatever the
+// override.
 absl::Status ApplyDTypeOverride(absl::string_view spec, ModelManifest::ComponentDTypes& dtypes);
 
 }  // namespace dmdserve

@@ -7,16 +7,13 @@
 #include <torch/script.h>
 
 #if DMDSERVE_WITH_CUDA
-#include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime_api.h>
 #endif
 
 #include <algorithm>
 #include <array>
 #include <cmath>
-#include <map>
 #include <optional>
 #include <utility>
 
@@ -26,9 +23,14 @@
 #include "absl/synchronization/mutex.h"
 #include "spdlog/spdlog.h"
 #include "worker/device.h"
+#include "worker/pipeline_internal.h"
 #include "worker/postprocess.h"
 
 namespace dmdserve {
+
+using pipeline_internal::FirstLine;
+using pipeline_internal::HostInputs;
+
 namespace {
 
 at::ScalarType ToScalarType(DType dtype) {
@@ -42,8 +44,6 @@ at::ScalarType ToScalarType(DType dtype) {
   }
   return at::kFloat;
 }
-
-absl::string_view FirstLine(absl::string_view text) { return text.substr(0, text.find('\n')); }
 
 // "[2, 77, ?]"; -1 stands for any size.
 std::string ShapeString(const std::vector<int64_t>& shape) {
@@ -66,31 +66,63 @@ absl::Status ValidateIds(absl::Span<const int32_t> ids, int max_length, absl::st
   return absl::OkStatus();
 }
 
-absl::StatusOr<c10::Device> ParseDevice(const std::string& name) {
-  std::optional<c10::Device> device;
-  try {
-    device.emplace(name);
-  } catch (const c10::Error&) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "Pipeline::Options.device: \"", name, "\" is not a libtorch device (\"cpu\", \"cuda:N\")"));
+// The libtorch device Options.device names, once it is known to exist.
+absl::StatusOr<c10::Device> TorchDevice(const std::string& name) {
+  const absl::StatusOr<DeviceId> id = ParseDevice(name);
+  if (!id.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Pipeline::Options.device: ", id.status().message()));
   }
-  if (device->is_cpu()) return c10::Device(c10::kCPU);
-  if (!device->is_cuda()) {
-    return absl::InvalidArgumentError(absl::StrCat("Pipeline::Options.device: \"", name,
-                                                   "\" is not supported (only cpu and cuda)"));
-  }
+  if (!id->cuda) return c10::Device(c10::kCPU);
   if (!torch::cuda::is_available()) {
     return absl::FailedPreconditionError(absl::StrCat(
         "Pipeline::Options.device: \"", name,
         "\" needs CUDA, which is not available (libtorch built without CUDA, or no GPU visible)"));
   }
-  if (!device->has_index()) device.emplace(c10::kCUDA, 0);
-  if (device->index() >= static_cast<int>(torch::cuda::device_count())) {
+  if (id->index >= static_cast<int>(torch::cuda::device_count())) {
     return absl::InvalidArgumentError(absl::StrCat(
         "Pipeline::Options.device: \"", name, "\" does not exist: ", torch::cuda::device_count(),
         " CUDA device(s) visible"));
   }
-  return *device;
+  return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(id->index));
+}
+
+// Create's checks of `postprocess` on `device`.
+absl::Status ValidatePostprocess(Pipeline::Postprocess postprocess, const c10::Device& device) {
+  if (postprocess != Pipeline::Postprocess::kCudaKernel) return absl::OkStatus();
+  if (!CudaBuild()) {
+    return absl::FailedPreconditionError(
+        "Pipeline::Options.postprocess: cuda_kernel needs a CUDA build (cmake "
+        "-DDMDSERVE_CUDA=ON)");
+  }
+  if (!device.is_cuda()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "Pipeline::Options.postprocess: cuda_kernel needs a CUDA device, got ", device.str()));
+  }
+  return absl::OkStatus();
+}
+
+// Create's checks of `options` for `manifest`, in order; the device they name.
+absl::StatusOr<c10::Device> ValidateOptions(const ModelManifest& manifest,
+                                            const Pipeline::Options& options) {
+  if (options.intra_op_threads < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "Pipeline::Options.intra_op_threads must be >= 0, got ", options.intra_op_threads));
+  }
+  if (options.instances < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Pipeline::Options.instances must be >= 1, got ", options.instances));
+  }
+  absl::StatusOr<c10::Device> device = TorchDevice(options.device);
+  if (!device.ok()) return device.status();
+  if (absl::Status s = ValidatePostprocess(options.postprocess, *device); !s.ok()) return s;
+  if (manifest.uses_guidance()) {
+    absl::Status valid = ValidateIds(options.uncond_input_ids, manifest.tokenizer.max_length,
+                                     "Pipeline::Options.uncond_input_ids (needed because "
+                                     "guidance_scale > 1)");
+    if (!valid.ok()) return valid;
+  }
+  return device;
 }
 
 absl::StatusOr<torch::jit::Module> LoadModule(const std::string& path, absl::string_view field,
@@ -116,105 +148,7 @@ at::Tensor ToDevice(const at::Tensor& host, const c10::Device& device) {
   return host.to(device, host.scalar_type(), /*non_blocking=*/true);
 }
 
-// A batch's inputs in host memory (pinned for a CUDA device), one copy each from the device.
-struct HostInputs {
-  at::Tensor ids;    // [rows, L] int64: one row per distinct prompt, or one per image
-  at::Tensor rows;   // [n] int64: each image's row in `ids`; undefined when one row per image
-  at::Tensor noise;  // [n, draws, C, h, w] float32: every draw of each image's noise generator
-};
-
-#if DMDSERVE_WITH_CUDA
-// A CUDA graph of the whole pipeline at one size and batch size, with its static tensors: Replay
-// copies a batch's inputs into `ids` and `noise` and reads the images from `pixels`.
-struct CapturedGraph {
-  int batch_size = 0;
-  at::cuda::CUDAGraph graph;
-  at::Tensor ids;     // [batch_size, L] int64, one row per image
-  at::Tensor noise;   // [batch_size, draws, C, h, w] float32
-  at::Tensor pixels;  // [batch_size, H, W, channels] uint8
-};
-#endif
-
 }  // namespace
-
-// What one Run() needs to itself (see the class comment). Taken from State::free_instances.
-struct Pipeline::Instance {
-#if DMDSERVE_WITH_CUDA
-  // CUDA devices only: the stream all of this instance's work runs on, the memory pool its graphs
-  // share (they never run concurrently), and the graphs by (size index, batch size).
-  std::optional<c10::cuda::CUDAStream> stream;
-  decltype(at::cuda::graph_pool_handle()) graph_pool{};
-  std::map<std::pair<int, int>, std::unique_ptr<CapturedGraph>> graphs;
-#endif
-};
-
-struct Pipeline::State {
-  ModelManifest manifest;
-  c10::Device device{c10::kCPU};
-  std::string device_name;  // "cpu", "cuda:N"
-  at::ScalarType generator_dtype = at::kFloat;
-  at::ScalarType decoder_dtype = at::kFloat;
-  Postprocess postprocess = Postprocess::kTorchOps;
-  bool cuda_graphs = false;
-  // TorchScript methods are safe to run concurrently; forward() is merely not marked const.
-  mutable torch::jit::Module text_encoder;
-  mutable torch::jit::Module generator;
-  mutable torch::jit::Module decoder;
-  // Text embedding of the empty prompt, [1, L, D] in the generator's dtype on `device`; set only
-  // when the manifest uses guidance.
-  at::Tensor uncond_embedding;
-  std::vector<std::unique_ptr<Instance>> instances;
-  mutable absl::Mutex instances_mu;
-  mutable std::vector<Instance*> free_instances ABSL_GUARDED_BY(instances_mu);
-
-  // Waits for a free instance and takes it; Release gives it back.
-  Instance* Acquire() const;
-  void Release(Instance* instance) const;
-  // Waits for the device work `instance` has queued (CUDA runs asynchronously). No-op on the CPU.
-  void Synchronize(const Instance& instance) const;
-
-  // Logs libtorch's `error` and returns a status that names `stage` but leaves the error out (it
-  // can hold file paths and code): RESOURCE_EXHAUSTED when memory ran out, else INTERNAL.
-  absl::Status Failed(absl::string_view stage, absl::string_view error) const;
-  // INTERNAL unless `tensor` (output of `component`) has the `expected` shape (-1: any size).
-  absl::Status CheckShape(absl::string_view component, const at::Tensor& tensor,
-                          const std::vector<int64_t>& expected) const;
-  // Runs `module` on `inputs` and returns its output (the first element of a tuple or list).
-  absl::StatusOr<at::Tensor> Call(torch::jit::Module& module, absl::string_view component,
-                                  std::vector<c10::IValue> inputs) const;
-
-  // The stages of Run(), after validation. They may throw c10::Error from tensor operations.
-  // `batch` padded to `run_size` images (repeating its last input) in host memory: with `dedup`,
-  // one ids row per distinct prompt in order of first appearance, else one per image. Noise
-  // contract: one CPU generator per image seeded with its seed, drawing the initial latents and
-  // then each re-noise step's noise, in step order.
-  HostInputs StageInputs(absl::Span<const Input> batch, int64_t run_size, bool dedup, int width,
-                         int height) const;
-  // The text encoder's output for `ids` ([rows, max_length] int64 on the device): [rows, L, D].
-  absl::StatusOr<at::Tensor> EncodeText(const at::Tensor& ids) const;
-  // The generator's text input: [n, L, D], or [2n, L, D] = [uncond; cond] with guidance. `rows`
-  // (on the device) picks each image's row of the encoded `ids`; undefined: row i for image i.
-  absl::StatusOr<at::Tensor> EmbedPrompts(const at::Tensor& ids, const at::Tensor& rows) const;
-  // The sampling loop on `noise` (HostInputs::noise on the device): x0, float32 [n, C, h, w].
-  absl::StatusOr<at::Tensor> Sample(const at::Tensor& noise, const at::Tensor& embedding) const;
-  // Decodes x0 into uint8 NHWC pixels on the device.
-  absl::StatusOr<at::Tensor> Decode(const at::Tensor& x0, int width, int height) const;
-  // The first `n` images of `pixels`, brought to host memory (one copy from a GPU).
-  std::vector<std::string> CopyOut(const Instance& instance, const at::Tensor& pixels,
-                                   int64_t n) const;
-  // Run() without a CUDA graph, on the current stream.
-  absl::StatusOr<Output> RunEager(const Instance& instance, absl::Span<const Input> batch,
-                                  int width, int height) const;
-#if DMDSERVE_WITH_CUDA
-  // The graph a batch of `n` images at `size_index` replays: the one captured for the smallest
-  // manifest batch size >= n, if its capture succeeded.
-  CapturedGraph* GraphFor(Instance& instance, int size_index, int n) const;
-  absl::StatusOr<Output> Replay(const Instance& instance, CapturedGraph& graph,
-                                absl::Span<const Input> batch) const;
-  // Captures `instance`'s graph for one shape; false (logged) when capture failed.
-  absl::StatusOr<bool> Capture(Instance& instance, int size_index, int batch_size);
-#endif
-};
 
 Pipeline::Instance* Pipeline::State::Acquire() const {
   absl::MutexLock lock(&instances_mu);
@@ -451,98 +385,6 @@ absl::StatusOr<Pipeline::Output> Pipeline::State::RunEager(const Instance& insta
   return output;
 }
 
-#if DMDSERVE_WITH_CUDA
-CapturedGraph* Pipeline::State::GraphFor(Instance& instance, int size_index, int n) const {
-  const std::vector<int>& sizes = manifest.batch_sizes;
-  const auto batch_size = std::lower_bound(sizes.begin(), sizes.end(), n);
-  if (batch_size == sizes.end()) return nullptr;
-  const auto it = instance.graphs.find({size_index, *batch_size});
-  return it == instance.graphs.end() ? nullptr : it->second.get();
-}
-
-absl::StatusOr<Pipeline::Output> Pipeline::State::Replay(const Instance& instance,
-                                                         CapturedGraph& graph,
-                                                         absl::Span<const Input> batch) const {
-  const absl::Time begin = absl::Now();
-  const HostInputs host =
-      StageInputs(batch, graph.batch_size, /*dedup=*/false, static_cast<int>(graph.pixels.size(2)),
-                  static_cast<int>(graph.pixels.size(1)));
-  graph.ids.copy_(host.ids, /*non_blocking=*/true);
-  graph.noise.copy_(host.noise, /*non_blocking=*/true);
-  graph.graph.replay();
-  Output output;
-  output.images = CopyOut(instance, graph.pixels, static_cast<int64_t>(batch.size()));
-  output.run_batch_size = graph.batch_size;
-  output.cuda_graph = true;
-  output.timings.total = absl::Now() - begin;
-  return output;
-}
-
-absl::StatusOr<bool> Pipeline::State::Capture(Instance& instance, int size_index, int batch_size) {
-  const ModelManifest::Size size = manifest.supported_sizes[size_index];
-  const std::string shape =
-      absl::StrCat(size.width, "x", size.height, ", batch size ", batch_size, " on ", device_name);
-  c10::InferenceMode inference_mode;
-  const c10::cuda::CUDAStreamGuard stream_guard(*instance.stream);
-  // Static inputs, allocated outside the graph's pool: distinct prompts and random noise.
-  const std::array<int64_t, 3> latent = manifest.LatentShape(size.width, size.height);
-  const int64_t draws =
-      manifest.schedule.step_mode == StepMode::kRenoise ? manifest.steps() : int64_t{1};
-  auto graph = std::make_unique<CapturedGraph>();
-  graph->batch_size = batch_size;
-  graph->ids = at::zeros({batch_size, manifest.tokenizer.max_length},
-                         at::TensorOptions(at::kLong).device(device));
-  graph->ids.select(1, 0).copy_(at::arange(batch_size, at::TensorOptions(at::kLong)));
-  graph->noise = at::randn({batch_size, draws, latent[0], latent[1], latent[2]},
-                           at::TensorOptions(at::kFloat).device(device));
-  auto forward = [&]() -> absl::StatusOr<at::Tensor> {
-    absl::StatusOr<at::Tensor> embedding = EmbedPrompts(graph->ids, at::Tensor());
-    if (!embedding.ok()) return embedding;
-    absl::StatusOr<at::Tensor> x0 = Sample(graph->noise, *embedding);
-    if (!x0.ok()) return x0;
-    return Decode(*x0, size.width, size.height);
-  };
-  // An eager run of this shape on this stream first, so that TorchScript, cuBLAS and cuDNN set
-  // up their state (workspaces, plans) outside the capture. Its errors are real errors.
-  try {
-    absl::StatusOr<at::Tensor> eager = forward();
-    if (!eager.ok()) return eager.status();
-    instance.stream->synchronize();
-  } catch (const c10::Error& e) {
-    return Failed(absl::StrCat("eager run before CUDA graph capture at ", shape),
-                  e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    return Failed(absl::StrCat("eager run before CUDA graph capture at ", shape), e.what());
-  }
-
-  std::string error;
-  absl::StatusOr<at::Tensor> pixels = absl::UnknownError("not captured");
-  try {
-    graph->graph.capture_begin(instance.graph_pool);
-    try {
-      pixels = forward();
-    } catch (const std::exception& e) {
-      error = e.what();
-    }
-    // Always end the capture, so that the stream leaves capture mode; this throws when the
-    // capture was invalidated (e.g. by an operation that synchronises with the host).
-    graph->graph.capture_end();
-  } catch (const std::exception& e) {
-    if (error.empty()) error = e.what();
-  }
-  if (error.empty() && !pixels.ok()) error = std::string(pixels.status().message());
-  if (!error.empty()) {
-    (void)cudaGetLastError();  // capture errors are not sticky; clear them
-    if (IsOutOfMemoryError(error)) ReleaseCachedMemory(device_name);
-    spdlog::warn("model {}: CUDA graph capture at {} failed; this shape runs eagerly: {}",
-                 manifest.name, shape, std::string(FirstLine(error)));
-    return false;
-  }
-  graph->pixels = *std::move(pixels);
-  instance.graphs[{size_index, batch_size}] = std::move(graph);
-  return true;
-}
-#endif
 
 Pipeline::Pipeline(std::unique_ptr<State> state) : state_(std::move(state)) {}
 
@@ -557,89 +399,71 @@ absl::StatusOr<Pipeline::Postprocess> Pipeline::ParsePostprocess(absl::string_vi
 
 absl::StatusOr<std::unique_ptr<Pipeline>> Pipeline::Create(const ModelManifest& manifest,
                                                            const Options& options) {
-  if (options.intra_op_threads < 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "Pipeline::Options.intra_op_threads must be >= 0, got ", options.intra_op_threads));
-  }
-  if (options.instances < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("Pipeline::Options.instances must be >= 1, got ", options.instances));
-  }
-  absl::StatusOr<c10::Device> device = ParseDevice(options.device);
+  absl::StatusOr<c10::Device> device = ValidateOptions(manifest, options);
   if (!device.ok()) return device.status();
-  if (options.postprocess == Postprocess::kCudaKernel) {
-    if (!CudaBuild()) {
-      return absl::FailedPreconditionError(
-          "Pipeline::Options.postprocess: cuda_kernel needs a CUDA build (cmake "
-          "-DDMDSERVE_CUDA=ON)");
-    }
-    if (!device->is_cuda()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "Pipeline::Options.postprocess: cuda_kernel needs a CUDA device, got ", device->str()));
-    }
-  }
-  if (manifest.uses_guidance()) {
-    absl::Status valid = ValidateIds(options.uncond_input_ids, manifest.tokenizer.max_length,
-                                     "Pipeline::Options.uncond_input_ids (needed because "
-                                     "guidance_scale > 1)");
-    if (!valid.ok()) return valid;
-  }
   if (options.intra_op_threads > 0) at::set_num_threads(options.intra_op_threads);
 
-  const ModelManifest::Components& files = manifest.components;
-  const ModelManifest::ComponentDTypes& dtypes = manifest.dtypes;
   auto state = std::make_unique<State>();
   state->manifest = manifest;
   state->device = *device;
   state->device_name = device->str();
-  state->generator_dtype = ToScalarType(dtypes.generator);
-  state->decoder_dtype = ToScalarType(dtypes.decoder);
+  state->generator_dtype = ToScalarType(manifest.dtypes.generator);
+  state->decoder_dtype = ToScalarType(manifest.dtypes.decoder);
   state->postprocess = options.postprocess;
   state->cuda_graphs = options.cuda_graphs && device->is_cuda();
-  absl::StatusOr<torch::jit::Module> text_encoder =
-      LoadModule(files.text_encoder, "text_encoder", *device, ToScalarType(dtypes.text_encoder));
-  if (!text_encoder.ok()) return text_encoder.status();
-  state->text_encoder = *std::move(text_encoder);
-  absl::StatusOr<torch::jit::Module> generator =
-      LoadModule(files.generator, "generator", *device, state->generator_dtype);
-  if (!generator.ok()) return generator.status();
-  state->generator = *std::move(generator);
-  absl::StatusOr<torch::jit::Module> decoder =
-      LoadModule(files.decoder, "decoder", *device, state->decoder_dtype);
-  if (!decoder.ok()) return decoder.status();
-  state->decoder = *std::move(decoder);
+  if (absl::Status s = state->LoadComponents(); !s.ok()) return s;
+  state->AddInstances(options.instances);
+  if (absl::Status s = state->EmbedEmptyPrompt(options.uncond_input_ids); !s.ok()) return s;
+  return std::unique_ptr<Pipeline>(new Pipeline(std::move(state)));
+}
 
-  for (int i = 0; i < options.instances; ++i) {
+absl::Status Pipeline::State::LoadComponents() {
+  const ModelManifest::Components& files = manifest.components;
+  absl::StatusOr<torch::jit::Module> loaded = LoadModule(
+      files.text_encoder, "text_encoder", device, ToScalarType(manifest.dtypes.text_encoder));
+  if (!loaded.ok()) return loaded.status();
+  text_encoder = *std::move(loaded);
+  loaded = LoadModule(files.generator, "generator", device, generator_dtype);
+  if (!loaded.ok()) return loaded.status();
+  generator = *std::move(loaded);
+  loaded = LoadModule(files.decoder, "decoder", device, decoder_dtype);
+  if (!loaded.ok()) return loaded.status();
+  decoder = *std::move(loaded);
+  return absl::OkStatus();
+}
+
+void Pipeline::State::AddInstances(int count) {
+  for (int i = 0; i < count; ++i) {
     auto instance = std::make_unique<Instance>();
 #if DMDSERVE_WITH_CUDA
-    if (device->is_cuda()) {
-      instance->stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device->index());
+    if (device.is_cuda()) {
+      instance->stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device.index());
       instance->graph_pool = at::cuda::graph_pool_handle();
     }
 #endif
-    state->free_instances.push_back(instance.get());
-    state->instances.push_back(std::move(instance));
+    absl::MutexLock lock(&instances_mu);
+    free_instances.push_back(instance.get());
+    instances.push_back(std::move(instance));
   }
+}
 
+absl::Status Pipeline::State::EmbedEmptyPrompt(const std::vector<int32_t>& uncond_input_ids) {
   try {
     if (manifest.uses_guidance()) {
       c10::InferenceMode inference_mode;
-      const std::vector<int64_t> ids(options.uncond_input_ids.begin(),
-                                     options.uncond_input_ids.end());
+      const std::vector<int64_t> ids(uncond_input_ids.begin(), uncond_input_ids.end());
       absl::StatusOr<at::Tensor> uncond =
-          state->EncodeText(at::tensor(ids, at::kLong).reshape({1, -1}).to(*device));
+          EncodeText(at::tensor(ids, at::kLong).reshape({1, -1}).to(device));
       if (!uncond.ok()) return uncond.status();
-      state->uncond_embedding = uncond->to(state->generator_dtype);
+      uncond_embedding = uncond->to(generator_dtype);
     }
-    // The weights and the embedding were made on the device's default stream; the instances'
-    // streams do not wait for it.
-    if (device->is_cuda()) torch::cuda::synchronize(device->index());
+    if (device.is_cuda()) torch::cuda::synchronize(device.index());
   } catch (const c10::Error& e) {
-    return state->Failed("empty-prompt embedding", e.what_without_backtrace());
+    return Failed("empty-prompt embedding", e.what_without_backtrace());
   } catch (const std::exception& e) {
-    return state->Failed("empty-prompt embedding", e.what());
+    return Failed("empty-prompt embedding", e.what());
   }
-  return std::unique_ptr<Pipeline>(new Pipeline(std::move(state)));
+  return absl::OkStatus();
 }
 
 absl::StatusOr<Pipeline::Output> Pipeline::Run(absl::Span<const Input> batch, int width,
@@ -670,7 +494,8 @@ absl::StatusOr<Pipeline::Output> Pipeline::Run(absl::Span<const Input> batch, in
 #if DMDSERVE_WITH_CUDA
       std::optional<c10::cuda::CUDAStreamGuard> stream_guard;
       if (instance->stream.has_value()) stream_guard.emplace(*instance->stream);
-      if (CapturedGraph* graph = s.GraphFor(*instance, size_index, static_cast<int>(batch.size()));
+      if (State::CapturedGraph* graph =
+              s.GraphFor(*instance, size_index, static_cast<int>(batch.size()));
           graph != nullptr) {
         return s.Replay(*instance, *graph, batch);
       }
@@ -714,29 +539,11 @@ absl::Status Pipeline::Warmup() const {
 }
 
 absl::StatusOr<int> Pipeline::CaptureGraphs() {
-  int captured = 0;
 #if DMDSERVE_WITH_CUDA
-  State& s = *state_;
-  if (!s.cuda_graphs) return 0;
-  const absl::Time start = absl::Now();
-  const ModelManifest& m = s.manifest;
-  for (const std::unique_ptr<Instance>& instance : s.instances) {
-    for (size_t size_index = 0; size_index < m.supported_sizes.size(); ++size_index) {
-      // Largest first: the smaller graphs then fit in the pool memory the larger one freed.
-      for (auto it = m.batch_sizes.rbegin(); it != m.batch_sizes.rend(); ++it) {
-        absl::StatusOr<bool> ok = s.Capture(*instance, static_cast<int>(size_index), *it);
-        if (!ok.ok()) return ok.status();
-        captured += *ok ? 1 : 0;
-      }
-    }
-  }
-  spdlog::info(
-      "model {}: captured {} CUDA graph(s) on {} in {} ({} instance(s) x {} size(s) x {} "
-      "batch size(s))",
-      m.name, captured, s.device_name, absl::FormatDuration(absl::Now() - start),
-      s.instances.size(), m.supported_sizes.size(), m.batch_sizes.size());
+  return state_->CaptureAllGraphs();  // pipeline_cuda_graphs.cc
+#else
+  return 0;
 #endif
-  return captured;
 }
 
 const ModelManifest& Pipeline::manifest() const { return state_->manifest; }

@@ -59,8 +59,9 @@ class Pipeline {
   };
 
   struct Options {
-    // libtorch device, parsed by torch::Device: "cpu", or "cuda" (= "cuda:0") / "cuda:N" in a
-    // CUDA build with a visible GPU (otherwise Create fails with FAILED_PRECONDITION).
+    // libtorch device, as ParseDevice (worker/device.h) reads it: "cpu", or "cuda" (= "cuda:0")
+    // / "cuda:N" / "N" in a CUDA build with a visible GPU (otherwise Create fails with
+    // FAILED_PRECONDITION).
     std::string device = "cpu";
     // libtorch intra-op threads. Process-wide: Create calls at::set_num_threads. 0: leave
     // libtorch's default (one per core) alone.

@@ -33,11 +33,6 @@ void ThreadPool::Schedule(std::function<void()> fn) {
   queue_.push_back(std::move(fn));
 }
 
-int ThreadPool::pending() const {
-  absl::MutexLock lock(&mu_);
-  return static_cast<int>(queue_.size());
-}
-
 void ThreadPool::Loop() {
   while (true) {
     std::function<void()> fn;

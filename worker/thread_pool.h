@@ -35,14 +35,11 @@ class ThreadPool {
   // Queues `fn` to run on a pool thread. Never blocks. `fn` must not throw.
   void Schedule(std::function<void()> fn);
 
-  // Closures scheduled and not yet started.
-  int pending() const;
-
  private:
   explicit ThreadPool(int num_threads);
   void Loop();
 
-  mutable absl::Mutex mu_;
+  absl::Mutex mu_;
   std::deque<std::function<void()>> queue_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::thread> threads_;

@@ -115,7 +115,7 @@ class ConfigTest(unittest.TestCase):
         cases = [
             (["--log_format=xml"], "--log_format must be text or json"),
             (["--model_dirs=/nonexistent"], "/nonexistent"),
-            (["--workers=0"], "workers_per_model must be >= 1"),
+            (["--workers=0"], "instances_per_device must be >= 1"),
             (["--png_compression_level=12"], "png_compression_level must be in 0..9"),
             (["--default_model=nope"], "default_model 'nope'"),
         ]
