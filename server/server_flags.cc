@@ -110,8 +110,8 @@ absl::StatusOr<std::vector<int>> ParseBatchSizes(const std::vector<std::string>&
 }
 
 // Whether the last parse saw `name` on its command line (DMDSERVE_<FLAG> variables included).
-// CommandLineFlag::IsSpecifiedOnCommandLine is private in the abseil dmdserve builds with
-// (Debian 12's 20220623), so this asks the parser's record directly.
+// CommandLineFlag::IsSpecifiedOnCommandLine is private in the abseil that dmdserve builds with
+// (Debian 12's 20220623), so this asks the parser's own record.
 bool GivenOnCommandLine(absl::string_view name) {
   return absl::flags_internal::WasPresentOnCommandLine(name);
 }
