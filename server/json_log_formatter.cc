@@ -1,6 +1,7 @@
 #include "server/json_log_formatter.h"
 
-#include <cstdio>
+#include <nlohmann/json.hpp>
+#include <string>
 
 #include "spdlog/pattern_formatter.h"
 
@@ -24,36 +25,11 @@ class EscapedMessageFlag final : public spdlog::custom_flag_formatter {
 }  // namespace
 
 std::string JsonEscape(std::string_view s) {
-  std::string out;
-  out.reserve(s.size() + 8);
-  for (char c : s) {
-    switch (c) {
-      case '"':
-        out += "\\\"";
-        break;
-      case '\\':
-        out += "\\\\";
-        break;
-      case '\n':
-        out += "\\n";
-        break;
-      case '\r':
-        out += "\\r";
-        break;
-      case '\t':
-        out += "\\t";
-        break;
-      default:
-        if (static_cast<unsigned char>(c) < 0x20) {
-          char buf[8];
-          std::snprintf(buf, sizeof(buf), "\\u%04x", static_cast<unsigned char>(c));
-          out += buf;
-        } else {
-          out += c;
-        }
-    }
-  }
-  return out;
+  // dump() writes a quoted JSON string; with `replace` it never throws on invalid UTF-8.
+  const nlohmann::json value = std::string(s);
+  const std::string quoted = value.dump(/*indent=*/-1, /*indent_char=*/' ', /*ensure_ascii=*/false,
+                                        nlohmann::json::error_handler_t::replace);
+  return quoted.substr(1, quoted.size() - 2);
 }
 
 std::unique_ptr<spdlog::formatter> MakeJsonLogFormatter() {

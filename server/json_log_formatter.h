@@ -1,6 +1,7 @@
 // JSON log lines for spdlog: `--log_format=json` writes one JSON object per line
 // {"time":…,"level":…,"thread":…,"message":…}, with the message escaped per RFC 8259 so that
-// quotes, backslashes and control characters in requests' error messages keep every line valid.
+// quotes, backslashes, control characters and invalid UTF-8 in requests' error messages keep every
+// line valid.
 #ifndef DMDSERVE_SERVER_JSON_LOG_FORMATTER_H_
 #define DMDSERVE_SERVER_JSON_LOG_FORMATTER_H_
 
@@ -14,8 +15,8 @@ class formatter;
 
 namespace dmdserve {
 
-// `s` as the inside of a JSON string (no surrounding quotes). Bytes >= 0x80 pass through, so
-// valid UTF-8 stays valid.
+// `s` as the inside of a JSON string (no surrounding quotes). Valid UTF-8 passes through
+// unescaped; each invalid byte becomes U+FFFD, so the result is always valid JSON. Never throws.
 std::string JsonEscape(std::string_view s);
 
 // A formatter writing the line shape above; install with spdlog::set_formatter().

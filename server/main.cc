@@ -1,102 +1,29 @@
-// dmdserve: gRPC server for one-step text-to-image models. Parses flags into Options, wires the
-// server, waits for SIGTERM/SIGINT, drains and exits 0. Startup errors are fatal (exit 1) with a
-// clear message. Every flag can also be set by an environment variable DMDSERVE_<FLAG_IN_CAPS>;
-// a flag given on the command line wins.
+// dmdserve: gRPC server for one-step text-to-image models. Parses flags into Options
+// (server/server_flags.h), wires the server, waits for SIGTERM/SIGINT, drains and exits 0. Startup
+// errors are fatal (exit 1) with a clear message. Every flag can also be set by an environment
+// variable DMDSERVE_<FLAG_IN_CAPS>; a flag given on the command line wins.
 #include <csignal>
 #include <cstdlib>
+#include <memory>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
-#include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/reflection.h"
-#include "absl/flags/usage.h"
-#include "absl/flags/usage_config.h"
-#include "absl/strings/ascii.h"
-#include "absl/strings/match.h"
-#include "absl/strings/numbers.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_split.h"
 #include "server/json_log_formatter.h"
 #include "server/server.h"
-#include "spdlog/sinks/stdout_sinks.h"
+#include "server/server_flags.h"
+#include "spdlog/formatter.h"
 #include "spdlog/spdlog.h"
-#include "torch/version.h"
+#include "worker/build_info.h"
 
 #ifndef DMDSERVE_VERSION
 #define DMDSERVE_VERSION "dev"
 #endif
 
-ABSL_FLAG(std::string, listen_host, "0.0.0.0", "Address to listen on (gRPC and /metrics).");
-ABSL_FLAG(int, port, 50051, "gRPC port; 0 picks a free port (logged at startup).");
-ABSL_FLAG(int, metrics_port, 9464, "Prometheus /metrics port; 0 picks a free port (logged).");
-ABSL_FLAG(std::vector<std::string>, model_dirs,
-          (std::vector<std::string>{"models/fashion-dmd", "models/fashion-teacher"}),
-          "Comma-separated model bundle directories (each with a model.json).");
-ABSL_FLAG(std::string, default_model, "",
-          "Model used when a request names none; empty: the first bundle's model.");
-ABSL_FLAG(std::string, device, "cpu",
-          "libtorch device: cpu, or cuda:N in a CUDA build; --devices, when given, wins.");
-ABSL_FLAG(std::vector<std::string>, devices, {},
-          "Comma-separated devices, one worker group each: cpu, cuda:N (or just N), or all "
-          "(every visible GPU). Empty: --device.");
-ABSL_FLAG(int, workers, 1,
-          "Model-worker threads per model and device, each running one batch at a time on its "
-          "own execution instance (on a GPU: its own CUDA stream and CUDA graphs).");
-ABSL_FLAG(int, instances_per_device, 0,
-          "Execution instances per model and device (the GPU name for --workers); 0: --workers.");
-ABSL_FLAG(bool, cuda_graphs, true,
-          "GPUs: capture a CUDA graph per batch size at warm-up and pad batches up to them.");
-ABSL_FLAG(std::string, dtype, "",
-          "Override the manifests' dtypes: float32, float16 or bfloat16 for every component, or "
-          "component=dtype pairs (e.g. generator=float16,decoder=float32). Empty: the manifests'.");
-ABSL_FLAG(std::string, postprocess, "torch",
-          "Decoded image to uint8 pixels: torch (libtorch ops) or cuda_kernel (dmdserve's CUDA "
-          "kernel; CUDA builds on GPUs).");
-ABSL_FLAG(int, intra_op_threads, 0, "libtorch intra-op threads (process-wide); 0: one per core.");
-ABSL_FLAG(bool, jit_optimize, true,
-          "TorchScript graph-executor optimisation (libtorch's default); turning it off can help "
-          "graphs that re-specialise when batch sizes vary (see docs/PERFORMANCE.md).");
-ABSL_FLAG(int, max_batch_size, 0,
-          "Largest batch in images; 0: the model's largest supported batch size.");
-ABSL_FLAG(int, max_queue_delay_us, 0,
-          "Microseconds the oldest queued image may wait for its batch to fill; 0: a free worker "
-          "takes what is queued (batches still form under load; see docs/PERFORMANCE.md).");
-ABSL_FLAG(int, max_queue_images, 256,
-          "Images queued per model before requests get RESOURCE_EXHAUSTED.");
-ABSL_FLAG(std::vector<std::string>, allowed_batch_sizes, {},
-          "Optional ascending batch sizes to pad batches up to (e.g. 1,2,4,8); empty: no padding.");
-ABSL_FLAG(int, max_images_per_request, 0,
-          "Largest num_images per request; 0: each model's own limit (from its manifest).");
-ABSL_FLAG(int, warmup_runs, 2,
-          "Warm-up passes over every batch size before a model reports ready (health SERVING).");
-ABSL_FLAG(int, encode_threads, 2, "PNG encoder threads (never the model workers).");
-ABSL_FLAG(int, png_compression_level, 1, "zlib compression level for PNG, 0 (none) to 9.");
-ABSL_FLAG(int, max_prompt_bytes, 4096, "Longest prompt accepted, in bytes.");
-ABSL_FLAG(int, max_receive_message_bytes, 4 << 20, "Largest request message, in bytes.");
-ABSL_FLAG(int, max_send_message_bytes, 256 << 20, "Largest response message, in bytes.");
-ABSL_FLAG(int, drain_grace_s, 30,
-          "Seconds accepted requests may take to finish after SIGTERM before being cancelled.");
-ABSL_FLAG(bool, reflection, true, "Serve gRPC server reflection (grpc.reflection.v1alpha).");
-ABSL_FLAG(std::string, log_level, "info",
-          "Log level: trace, debug, info (one line per request), warn, error, off.");
-ABSL_FLAG(std::string, log_format, "text", "Log format: text or json (one JSON object a line).");
-
 namespace {
-
-// Prepends --flag=value for every DMDSERVE_<FLAG> environment variable, so that flags given on the
-// command line (later on the line) win.
-std::vector<std::string> ArgsWithEnvironment(int argc, char** argv) {
-  std::vector<std::string> args = {argv[0]};
-  for (const auto& [name, flag] : absl::GetAllFlags()) {
-    if (flag->Filename().find("server/main.cc") == std::string::npos) continue;
-    const char* value = std::getenv(absl::StrCat("DMDSERVE_", absl::AsciiStrToUpper(name)).c_str());
-    if (value != nullptr) args.push_back(absl::StrCat("--", name, "=", value));
-  }
-  for (int i = 1; i < argc; ++i) args.emplace_back(argv[i]);
-  return args;
-}
 
 [[noreturn]] void Fatal(const std::string& message) {
   spdlog::critical("{}", message);
@@ -105,109 +32,53 @@ std::vector<std::string> ArgsWithEnvironment(int argc, char** argv) {
 }
 
 void ConfigureLogging() {
-  const std::string format = absl::GetFlag(FLAGS_log_format);
-  if (format == "json") {
+  const absl::StatusOr<dmdserve::LoggingOptions> logging = dmdserve::LoggingOptionsFromFlags();
+  if (!logging.ok()) Fatal(std::string(logging.status().message()));
+  if (logging->json) {
     spdlog::set_formatter(dmdserve::MakeJsonLogFormatter());
-  } else if (format == "text") {
-    spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%L%$ %t %v");
   } else {
-    Fatal(absl::StrCat("--log_format must be text or json, got '", format, "'"));
+    spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%L%$ %t %v");
   }
-  const spdlog::level::level_enum level = spdlog::level::from_str(absl::GetFlag(FLAGS_log_level));
-  if (level == spdlog::level::off && absl::GetFlag(FLAGS_log_level) != "off") {
-    Fatal(absl::StrCat("--log_level must be trace, debug, info, warn, error or off, got '",
-                       absl::GetFlag(FLAGS_log_level), "'"));
-  }
-  spdlog::set_level(level);
+  spdlog::set_level(logging->level);
   spdlog::flush_on(spdlog::level::info);
 }
 
-std::vector<int> ParseBatchSizes(const std::vector<std::string>& values) {
-  std::vector<int> sizes;
-  for (const std::string& v : values) {
-    int n = 0;
-    if (!absl::SimpleAtoi(v, &n))
-      Fatal(absl::StrCat("--allowed_batch_sizes: '", v, "' is not an integer"));
-    sizes.push_back(n);
-  }
-  return sizes;
-}
-
-}  // namespace
-
-int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
-      "gRPC text-to-image server for one-step (DMD) models.\n"
-      "Usage: dmdserve [--flags]   (every flag also reads DMDSERVE_<FLAG> from the environment)");
-  // --help lists this file's flags (absl otherwise matches files named like the binary).
-  absl::FlagsUsageConfig usage_config;
-  usage_config.contains_help_flags = [](absl::string_view file) {
-    return absl::EndsWith(file, "server/main.cc");
-  };
-  usage_config.contains_helpshort_flags = usage_config.contains_help_flags;
-  absl::SetFlagsUsageConfig(usage_config);
-  std::vector<std::string> args = ArgsWithEnvironment(argc, argv);
-  std::vector<char*> arg_ptrs;
-  for (std::string& a : args) arg_ptrs.push_back(a.data());
-  std::vector<char*> positional =
-      absl::ParseCommandLine(static_cast<int>(arg_ptrs.size()), arg_ptrs.data());
-  ConfigureLogging();
-  if (positional.size() > 1) Fatal(absl::StrCat("unexpected argument '", positional[1], "'"));
-
-  // Block the stop signals in every thread; one thread waits for them with sigwait.
+// Blocks the stop signals in this thread and every thread it starts later; one thread then waits
+// for them with sigwait. Returns the set.
+sigset_t BlockStopSignals() {
   sigset_t stop_signals;
   sigemptyset(&stop_signals);
   sigaddset(&stop_signals, SIGTERM);
   sigaddset(&stop_signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  return stop_signals;
+}
 
-  dmdserve::DmdServer::Options options;
-  options.listen_host = absl::GetFlag(FLAGS_listen_host);
-  options.port = absl::GetFlag(FLAGS_port);
-  options.metrics_port = absl::GetFlag(FLAGS_metrics_port);
-  options.reflection = absl::GetFlag(FLAGS_reflection);
-  options.max_receive_message_bytes = absl::GetFlag(FLAGS_max_receive_message_bytes);
-  options.max_send_message_bytes = absl::GetFlag(FLAGS_max_send_message_bytes);
-  options.drain_grace = absl::Seconds(absl::GetFlag(FLAGS_drain_grace_s));
-  options.limits.max_prompt_bytes = absl::GetFlag(FLAGS_max_prompt_bytes);
-  if (absl::GetFlag(FLAGS_max_images_per_request) > 0) {
-    options.limits.max_images_per_request = absl::GetFlag(FLAGS_max_images_per_request);
-  }
-  options.version = absl::StrCat(DMDSERVE_VERSION, " (libtorch ", TORCH_VERSION, ")");
-  dmdserve::Engine::Options& e = options.engine;
-  e.model_dirs = absl::GetFlag(FLAGS_model_dirs);
-  e.default_model = absl::GetFlag(FLAGS_default_model);
-  e.devices = absl::GetFlag(FLAGS_devices);
-  if (e.devices.empty()) e.devices = {absl::GetFlag(FLAGS_device)};
-  const int instances = absl::GetFlag(FLAGS_instances_per_device);
-  if (instances < 0) Fatal(absl::StrCat("--instances_per_device must be >= 0, got ", instances));
-  e.workers_per_model = instances > 0 ? instances : absl::GetFlag(FLAGS_workers);
-  e.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
-  e.dtype = absl::GetFlag(FLAGS_dtype);
-  e.postprocess = absl::GetFlag(FLAGS_postprocess);
-  e.intra_op_threads = absl::GetFlag(FLAGS_intra_op_threads);
-  e.jit_optimize = absl::GetFlag(FLAGS_jit_optimize);
-  e.max_batch_size = absl::GetFlag(FLAGS_max_batch_size);
-  e.max_queue_delay = absl::Microseconds(absl::GetFlag(FLAGS_max_queue_delay_us));
-  e.max_queued_images = absl::GetFlag(FLAGS_max_queue_images);
-  e.allowed_batch_sizes = ParseBatchSizes(absl::GetFlag(FLAGS_allowed_batch_sizes));
-  e.max_images_per_request = absl::GetFlag(FLAGS_max_images_per_request);
-  e.warmup_runs = absl::GetFlag(FLAGS_warmup_runs);
-  e.encode_threads = absl::GetFlag(FLAGS_encode_threads);
-  e.png_compression_level = absl::GetFlag(FLAGS_png_compression_level);
-
-  spdlog::info("dmdserve {} starting", options.version);
+// Options from the flags, then a started (warming up, then serving) server; fatal on any error.
+std::unique_ptr<dmdserve::DmdServer> StartServer() {
+  std::vector<std::string> warnings;
+  absl::StatusOr<dmdserve::DmdServer::Options> options = dmdserve::OptionsFromFlags(&warnings);
+  if (!options.ok()) Fatal(std::string(options.status().message()));
+  for (const std::string& warning : warnings) spdlog::warn("{}", warning);
+  options->version =
+      absl::StrCat(DMDSERVE_VERSION, " (libtorch ", dmdserve::LibtorchVersion(), ")");
+  spdlog::info("dmdserve {} starting", options->version);
   absl::StatusOr<std::unique_ptr<dmdserve::DmdServer>> server =
-      dmdserve::DmdServer::Create(std::move(options));
+      dmdserve::DmdServer::Create(*std::move(options));
   if (!server.ok()) Fatal(absl::StrCat("startup failed: ", server.status().ToString()));
   // Machine-readable line for scripts and tests that start the server on port 0.
   spdlog::info("serving port={} metrics_port={}", (*server)->port(), (*server)->metrics_port());
+  return *std::move(server);
+}
 
+// Waits for the first stop signal, then drains and stops the server. Draining waits for batches
+// already running; a second signal is the way out if one hangs.
+void WaitForStopThenDrain(const sigset_t& stop_signals,
+                          std::unique_ptr<dmdserve::DmdServer> server) {
   int signal_number = 0;
   sigwait(&stop_signals, &signal_number);
   spdlog::info("received {}, shutting down (a second signal exits at once)",
                signal_number == SIGTERM ? "SIGTERM" : "SIGINT");
-  // Draining waits for batches already running; a second signal is the way out if one hangs.
   std::thread([stop_signals] {
     int second = 0;
     sigwait(&stop_signals, &second);
@@ -215,8 +86,19 @@ int main(int argc, char** argv) {
     spdlog::shutdown();
     std::_Exit(1);
   }).detach();
-  (*server)->Shutdown();
-  server->reset();
+  server->Shutdown();
+  server.reset();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  dmdserve::SetServerFlagsUsage();
+  const std::vector<std::string> positional = dmdserve::ParseServerFlags(argc, argv);
+  ConfigureLogging();
+  if (positional.size() > 1) Fatal(absl::StrCat("unexpected argument '", positional[1], "'"));
+  const sigset_t stop_signals = BlockStopSignals();
+  WaitForStopThenDrain(stop_signals, StartServer());
   spdlog::shutdown();
   return 0;
 }

@@ -24,12 +24,17 @@ constexpr std::array<std::string_view, kNumGrpcCodes> kCodeNames = {
     "ABORTED",   "OUT_OF_RANGE",   "UNIMPLEMENTED",     "INTERNAL",           "UNAVAILABLE",
     "DATA_LOSS", "UNAUTHENTICATED"};
 
+// Index of `code` in kCodeNames (and in PerModel::requests); codes out of range count as UNKNOWN.
+int CodeIndex(grpc::StatusCode code) {
+  constexpr int kUnknown = static_cast<int>(grpc::StatusCode::UNKNOWN);
+  static_assert(kCodeNames[kUnknown] == "UNKNOWN");
+  const int c = static_cast<int>(code);
+  return c >= 0 && c < kNumGrpcCodes ? c : kUnknown;
+}
+
 }  // namespace
 
-std::string_view GrpcCodeName(grpc::StatusCode code) {
-  const int c = static_cast<int>(code);
-  return kCodeNames[c >= 0 && c < kNumGrpcCodes ? c : 2];
-}
+std::string_view GrpcCodeName(grpc::StatusCode code) { return kCodeNames[CodeIndex(code)]; }
 
 std::string_view RpcMethodName(RpcMethod method) {
   switch (method) {
@@ -49,93 +54,37 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const Options& options)
   if (options.models.empty()) return absl::InvalidArgumentError("Metrics needs at least one model");
   std::unique_ptr<Metrics> m(new Metrics());
   m->registry_ = std::make_shared<prometheus::Registry>();
-  prometheus::Registry& r = *m->registry_;
+  std::vector<std::string> models = options.models;
+  models.emplace_back(kUnknownModel);
+  for (const std::string& name : models) m->models_.emplace(name, PerModel{});
+  m->AddRequestMetrics(models);
+  m->AddBatchMetrics(models);
+  m->AddModelStateMetrics(options.models, options.queue_capacity_images);
+  m->AddDeviceMetrics(options.devices);
+  m->AddBuildInfo(options.version);
+  return m;
+}
 
+void Metrics::AddRequestMetrics(const std::vector<std::string>& models) {
   auto& requests = prometheus::BuildCounter()
                        .Name("dmdserve_requests_total")
                        .Help("RPCs finished, by model, method and gRPC status code.")
-                       .Register(r);
+                       .Register(*registry_);
   auto& images = prometheus::BuildCounter()
                      .Name("dmdserve_images_generated_total")
                      .Help("Images returned to clients.")
-                     .Register(r);
+                     .Register(*registry_);
   auto& request_duration =
       prometheus::BuildHistogram()
           .Name("dmdserve_request_duration_seconds")
           .Help("Time from accepting a successful request to its last image, in seconds.")
-          .Register(r);
+          .Register(*registry_);
   auto& queue_wait = prometheus::BuildHistogram()
                          .Name("dmdserve_queue_wait_seconds")
                          .Help("Time a request waited before its first image entered a batch.")
-                         .Register(r);
-  auto& stage = prometheus::BuildHistogram()
-                    .Name("dmdserve_stage_duration_seconds")
-                    .Help(
-                        "Duration of a pipeline stage: per batch for text_encoder, generator "
-                        "and decoder; per image for png_encode.")
-                    .Register(r);
-  auto& batch_duration =
-      prometheus::BuildHistogram()
-          .Name("dmdserve_batch_duration_seconds")
-          .Help("Duration of a whole pipeline run per batch, input staging to host memory.")
-          .Register(r);
-  auto& batch_size = prometheus::BuildHistogram()
-                         .Name("dmdserve_batch_size_images")
-                         .Help("Real images per batch run by the model (padding excluded).")
-                         .Register(r);
-  auto& batches = prometheus::BuildCounter()
-                      .Name("dmdserve_batches_total")
-                      .Help("Batches run by the model, by result (ok or error).")
-                      .Register(r);
-  auto& queue_depth = prometheus::BuildGauge()
-                          .Name("dmdserve_queue_depth_images")
-                          .Help("Images waiting in the model's batch queue.")
-                          .Register(r);
-  auto& queue_capacity = prometheus::BuildGauge()
-                             .Name("dmdserve_queue_capacity_images")
-                             .Help("Images the model's batch queue holds before rejecting.")
-                             .Register(r);
-  auto& in_flight = prometheus::BuildGauge()
-                        .Name("dmdserve_requests_in_flight")
-                        .Help("Generate requests accepted and not yet finished.")
-                        .Register(r);
-  auto& ready = prometheus::BuildGauge()
-                    .Name("dmdserve_model_ready")
-                    .Help("1 when the model is loaded and warmed up, else 0.")
-                    .Register(r);
-  auto& device_busy =
-      prometheus::BuildCounter()
-          .Name("dmdserve_device_busy_seconds_total")
-          .Help("Time during which at least one batch ran on the device; rate() is its busy ratio.")
-          .Register(r);
-  auto& memory_used = prometheus::BuildGauge()
-                          .Name("dmdserve_gpu_memory_used_bytes")
-                          .Help("GPU memory in use on the device, all processes counted.")
-                          .Register(r);
-  auto& memory_total = prometheus::BuildGauge()
-                           .Name("dmdserve_gpu_memory_total_bytes")
-                           .Help("GPU memory of the device.")
-                           .Register(r);
-  for (const std::string& device : options.devices) {
-    PerDevice pd;
-    pd.busy = &device_busy.Add({{"device", device}});
-    if (device.rfind("cuda", 0) == 0) {
-      pd.memory_used = &memory_used.Add({{"device", device}});
-      pd.memory_total = &memory_total.Add({{"device", device}});
-    }
-    m->devices_.emplace(device, pd);
-  }
-  prometheus::BuildGauge()
-      .Name("dmdserve_build_info")
-      .Help("Build information; the value is always 1.")
-      .Register(r)
-      .Add({{"version", options.version}})
-      .Set(1);
-
-  std::vector<std::string> names = options.models;
-  names.emplace_back(kUnknownModel);
-  for (const std::string& name : names) {
-    PerModel pm;
+                         .Register(*registry_);
+  for (const std::string& name : models) {
+    PerModel& pm = models_.at(name);
     for (int method = 0; method < kNumRpcMethods; ++method) {
       const std::string method_name(RpcMethodName(static_cast<RpcMethod>(method)));
       for (int code = 0; code < kNumGrpcCodes; ++code) {
@@ -147,6 +96,31 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const Options& options)
     }
     pm.images = &images.Add({{"model", name}});
     pm.queue_wait = &queue_wait.Add({{"model", name}}, LatencyBuckets());
+  }
+}
+
+void Metrics::AddBatchMetrics(const std::vector<std::string>& models) {
+  auto& stage = prometheus::BuildHistogram()
+                    .Name("dmdserve_stage_duration_seconds")
+                    .Help(
+                        "Duration of a pipeline stage: per batch for text_encoder, generator "
+                        "and decoder; per image for png_encode.")
+                    .Register(*registry_);
+  auto& batch_duration =
+      prometheus::BuildHistogram()
+          .Name("dmdserve_batch_duration_seconds")
+          .Help("Duration of a whole pipeline run per batch, input staging to host memory.")
+          .Register(*registry_);
+  auto& batch_size = prometheus::BuildHistogram()
+                         .Name("dmdserve_batch_size_images")
+                         .Help("Real images per batch run by the model (padding excluded).")
+                         .Register(*registry_);
+  auto& batches = prometheus::BuildCounter()
+                      .Name("dmdserve_batches_total")
+                      .Help("Batches run by the model, by result (ok or error).")
+                      .Register(*registry_);
+  for (const std::string& name : models) {
+    PerModel& pm = models_.at(name);
     pm.text_encoder = &stage.Add({{"model", name}, {"stage", "text_encoder"}}, LatencyBuckets());
     pm.generator = &stage.Add({{"model", name}, {"stage", "generator"}}, LatencyBuckets());
     pm.decoder = &stage.Add({{"model", name}, {"stage", "decoder"}}, LatencyBuckets());
@@ -155,16 +129,70 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const Options& options)
     pm.batch_size = &batch_size.Add({{"model", name}}, BatchBuckets());
     pm.batches_ok = &batches.Add({{"model", name}, {"result", "ok"}});
     pm.batches_error = &batches.Add({{"model", name}, {"result", "error"}});
-    // "_unknown" only counts failed requests: it has no queue, nothing in flight, no readiness.
-    if (name != kUnknownModel) {
-      pm.queue_depth = &queue_depth.Add({{"model", name}});
-      queue_capacity.Add({{"model", name}}).Set(options.queue_capacity_images);
-      pm.in_flight = &in_flight.Add({{"model", name}});
-      pm.ready = &ready.Add({{"model", name}});
-    }
-    m->models_.emplace(name, pm);
   }
-  return m;
+}
+
+void Metrics::AddModelStateMetrics(const std::vector<std::string>& models,
+                                   int queue_capacity_images) {
+  auto& queue_depth = prometheus::BuildGauge()
+                          .Name("dmdserve_queue_depth_images")
+                          .Help("Images waiting in the model's batch queue.")
+                          .Register(*registry_);
+  auto& queue_capacity = prometheus::BuildGauge()
+                             .Name("dmdserve_queue_capacity_images")
+                             .Help("Images the model's batch queue holds before rejecting.")
+                             .Register(*registry_);
+  auto& in_flight = prometheus::BuildGauge()
+                        .Name("dmdserve_requests_in_flight")
+                        .Help("Generate requests accepted and not yet finished.")
+                        .Register(*registry_);
+  auto& ready = prometheus::BuildGauge()
+                    .Name("dmdserve_model_ready")
+                    .Help("1 when the model is loaded and warmed up, else 0.")
+                    .Register(*registry_);
+  for (const std::string& name : models) {
+    // "_unknown" only counts failed requests: it has no queue, nothing in flight, no readiness.
+    if (name == kUnknownModel) continue;
+    PerModel& pm = models_.at(name);
+    pm.queue_depth = &queue_depth.Add({{"model", name}});
+    queue_capacity.Add({{"model", name}}).Set(queue_capacity_images);
+    pm.in_flight = &in_flight.Add({{"model", name}});
+    pm.ready = &ready.Add({{"model", name}});
+  }
+}
+
+void Metrics::AddDeviceMetrics(const std::vector<std::string>& devices) {
+  auto& device_busy =
+      prometheus::BuildCounter()
+          .Name("dmdserve_device_busy_seconds_total")
+          .Help("Time during which at least one batch ran on the device; rate() is its busy ratio.")
+          .Register(*registry_);
+  auto& memory_used = prometheus::BuildGauge()
+                          .Name("dmdserve_gpu_memory_used_bytes")
+                          .Help("GPU memory in use on the device, all processes counted.")
+                          .Register(*registry_);
+  auto& memory_total = prometheus::BuildGauge()
+                           .Name("dmdserve_gpu_memory_total_bytes")
+                           .Help("GPU memory of the device.")
+                           .Register(*registry_);
+  for (const std::string& device : devices) {
+    PerDevice pd;
+    pd.busy = &device_busy.Add({{"device", device}});
+    if (device.rfind("cuda", 0) == 0) {
+      pd.memory_used = &memory_used.Add({{"device", device}});
+      pd.memory_total = &memory_total.Add({{"device", device}});
+    }
+    devices_.emplace(device, pd);
+  }
+}
+
+void Metrics::AddBuildInfo(const std::string& version) {
+  prometheus::BuildGauge()
+      .Name("dmdserve_build_info")
+      .Help("Build information; the value is always 1.")
+      .Register(*registry_)
+      .Add({{"version", version}})
+      .Set(1);
 }
 
 Metrics::PerModel& Metrics::For(std::string_view model) {
@@ -176,9 +204,7 @@ Metrics::PerModel& Metrics::For(std::string_view model) {
 void Metrics::RecordRequest(RpcMethod method, std::string_view model, grpc::StatusCode code,
                             absl::Duration duration, int images) {
   PerModel& pm = For(model);
-  const int c = static_cast<int>(code);
-  pm.requests[static_cast<int>(method)][c >= 0 && c < kNumGrpcCodes ? c : 2]->Increment();
-  static_assert(kCodeNames[2] == "UNKNOWN");
+  pm.requests[static_cast<int>(method)][CodeIndex(code)]->Increment();
   if (code == grpc::StatusCode::OK) {
     pm.request_duration[static_cast<int>(method)]->Observe(absl::ToDoubleSeconds(duration));
     if (images > 0) pm.images->Increment(images);

@@ -113,6 +113,15 @@ class Metrics final : public EngineListener {
   Metrics() = default;
   PerModel& For(std::string_view model);
 
+  // Create()'s steps, one per group of metric families: each registers its families in
+  // registry_ and adds their label children for `models` (entries of models_; "_unknown" gets no
+  // queue, in-flight or readiness gauges) or `devices` (added to devices_).
+  void AddRequestMetrics(const std::vector<std::string>& models);
+  void AddBatchMetrics(const std::vector<std::string>& models);
+  void AddModelStateMetrics(const std::vector<std::string>& models, int queue_capacity_images);
+  void AddDeviceMetrics(const std::vector<std::string>& devices);
+  void AddBuildInfo(const std::string& version);
+
   std::shared_ptr<prometheus::Registry> registry_;
   std::map<std::string, PerModel, std::less<>> models_;    // immutable after Create()
   std::map<std::string, PerDevice, std::less<>> devices_;  // immutable after Create()

@@ -1,0 +1,9 @@
+#include "worker/build_info.h"
+
+#include "torch/version.h"
+
+namespace dmdserve {
+
+std::string LibtorchVersion() { return TORCH_VERSION; }
+
+}  // namespace dmdserve
