@@ -134,7 +134,7 @@ absl::StatusOr<int> InstancesPerDevice(std::vector<std::string>& warnings) {
   const int workers = absl::GetFlag(FLAGS_workers);
   warnings.push_back(
       absl::StrCat("--workers is deprecated: use --instances_per_device=", workers, " instead"));
-  // Not checked here: the engine rejects values below 1 (workers_per_model must be >= 1).
+  // Not checked here: the engine rejects values below 1 (instances_per_device must be >= 1).
   return workers;
 }
 
@@ -146,7 +146,7 @@ absl::StatusOr<Engine::Options> EngineOptionsFromFlags(std::vector<std::string>&
   if (e.devices.empty()) e.devices = {absl::GetFlag(FLAGS_device)};
   absl::StatusOr<int> instances = InstancesPerDevice(warnings);
   if (!instances.ok()) return instances.status();
-  e.workers_per_model = *instances;
+  e.instances_per_device = *instances;
   e.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
   e.dtype = absl::GetFlag(FLAGS_dtype);
   e.postprocess = absl::GetFlag(FLAGS_postprocess);

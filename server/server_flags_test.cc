@@ -59,7 +59,7 @@ TEST_F(ServerFlagsTest, DefaultsMatchTheDocumentedOnes) {
   EXPECT_THAT(e.model_dirs, ElementsAre("models/fashion-dmd", "models/fashion-teacher"));
   EXPECT_EQ(e.default_model, "");
   EXPECT_THAT(e.devices, ElementsAre("cpu"));
-  EXPECT_EQ(e.workers_per_model, 1);
+  EXPECT_EQ(e.instances_per_device, 1);
   EXPECT_TRUE(e.cuda_graphs);
   EXPECT_EQ(e.dtype, "");
   EXPECT_EQ(e.postprocess, "torch");
@@ -95,7 +95,7 @@ TEST_F(ServerFlagsTest, FlagsReachTheirOptions) {
   EXPECT_THAT(e.model_dirs, ElementsAre("a", "b", "c"));
   EXPECT_EQ(e.default_model, "b");
   EXPECT_THAT(e.devices, ElementsAre("cuda:1"));
-  EXPECT_EQ(e.workers_per_model, 3);
+  EXPECT_EQ(e.instances_per_device, 3);
   EXPECT_FALSE(e.cuda_graphs);
   EXPECT_EQ(e.dtype, "float16");
   EXPECT_EQ(e.postprocess, "cuda_kernel");
@@ -128,23 +128,23 @@ TEST_F(ServerFlagsTest, InstancesPerDeviceBelowOneNamesTheFlag) {
 TEST_F(ServerFlagsTest, DeprecatedWorkersStillSetsInstancesWithAWarning) {
   absl::StatusOr<DmdServer::Options> options = Options({"--workers=3"});
   ASSERT_TRUE(options.ok()) << options.status();
-  EXPECT_EQ(options->engine.workers_per_model, 3);
+  EXPECT_EQ(options->engine.instances_per_device, 3);
   ASSERT_EQ(warnings_.size(), 1u);
   EXPECT_THAT(warnings_[0], HasSubstr("--workers is deprecated"));
   EXPECT_THAT(warnings_[0], HasSubstr("--instances_per_device=3"));
 }
 
 TEST_F(ServerFlagsTest, WorkersZeroIsPassedOnForTheEngineToReject) {
-  // Start-up fails in Engine::Create ("workers_per_model must be >= 1"), as before.
+  // Start-up fails in Engine::Create ("instances_per_device must be >= 1"), as before.
   absl::StatusOr<DmdServer::Options> options = Options({"--workers=0"});
   ASSERT_TRUE(options.ok()) << options.status();
-  EXPECT_EQ(options->engine.workers_per_model, 0);
+  EXPECT_EQ(options->engine.instances_per_device, 0);
 }
 
 TEST_F(ServerFlagsTest, InstancesPerDeviceWinsOverWorkersWithAWarning) {
   absl::StatusOr<DmdServer::Options> options = Options({"--workers=3", "--instances_per_device=2"});
   ASSERT_TRUE(options.ok()) << options.status();
-  EXPECT_EQ(options->engine.workers_per_model, 2);
+  EXPECT_EQ(options->engine.instances_per_device, 2);
   ASSERT_EQ(warnings_.size(), 1u);
   EXPECT_THAT(warnings_[0], HasSubstr("--workers is deprecated and ignored"));
   EXPECT_THAT(warnings_[0], HasSubstr("--instances_per_device=2"));
@@ -162,7 +162,7 @@ TEST_F(ServerFlagsTest, EnvironmentSetsFlagsAndTheCommandLineWins) {
   EXPECT_EQ(options->limits.max_prompt_bytes, 10);
   EXPECT_EQ(options->port, 99);
   // A flag set from the environment counts as given: the deprecation applies to it too.
-  EXPECT_EQ(options->engine.workers_per_model, 2);
+  EXPECT_EQ(options->engine.instances_per_device, 2);
   EXPECT_EQ(warnings_.size(), 1u);
 }
 
