@@ -9,7 +9,7 @@ import grpc
 
 from harness import SOURCE_DIR, SharedServerTestCase, decode_png, metric_value, pb
 
-VECTORS = os.path.join(SOURCE_DIR, "..", "shared", "clip-tokenizer", "test_vectors.jsonl")
+VECTORS = os.path.join(SOURCE_DIR, "worker", "testdata", "clip_tokenizer_reference_vectors.jsonl")
 
 
 class GenerateTest(SharedServerTestCase):

@@ -13,7 +13,7 @@ import torch
 
 from training import captions, data
 
-VECTORS = os.path.join(captions.REPO_ROOT, "..", "shared", "clip-tokenizer", "test_vectors.jsonl")
+VECTORS = os.path.join(captions.REPO_ROOT, "worker", "testdata", "clip_tokenizer_reference_vectors.jsonl")
 
 
 class DataTest(unittest.TestCase):
