@@ -67,7 +67,7 @@ absl::StatusOr<GenerateParams> ImageGenerationService::Prepare(
     const v1::GenerateRequest& request, const grpc::CallbackServerContext* context) const {
   absl::StatusOr<GenerateParams> params = ToGenerateParams(request, limits_, DeadlineOf(context));
   if (!params.ok()) return params;
-  absl::StatusOr<std::string> model = engine_->ResolveModel(params->model);
+  absl::StatusOr<std::string> model = backend_->ResolveModel(params->model);
   if (!model.ok()) return model.status();
   params->model = *std::move(model);
   return params;
@@ -84,7 +84,7 @@ absl::Status ImageGenerationService::Submit(GenerateParams params, GenerateCallb
     on_done(std::move(status), std::move(result));
   };
   metrics_->AddInFlight(model, 1);
-  absl::Status submitted = engine_->Submit(std::move(params), std::move(callbacks));
+  absl::Status submitted = backend_->Submit(std::move(params), std::move(callbacks));
   if (!submitted.ok()) metrics_->AddInFlight(model, -1);
   return submitted;
 }
@@ -126,12 +126,12 @@ grpc::ServerUnaryReactor* ImageGenerationService::Generate(grpc::CallbackServerC
   return reactor;
 }
 
-// Streams each image as soon as the engine hands it over. One write is outstanding at a time;
+// Streams each image as soon as the backend hands it over. One write is outstanding at a time;
 // images arriving meanwhile wait in `pending_`. Finish() follows the last write. StartWrite and
 // Finish are called without `mu_` held, since gRPC may run reactions inline. Every state change
-// goes through Pump(update), which applies it and decides under one lock: once the engine's
+// goes through Pump(update), which applies it and decides under one lock: once the backend's
 // on_done has released `mu_`, a gRPC thread may finish the RPC and delete the reactor, so the
-// engine thread must not touch it again.
+// backend thread must not touch it again.
 class ImageGenerationService::StreamReactor final
     : public grpc::ServerWriteReactor<v1::GeneratedImage> {
  public:
@@ -169,7 +169,7 @@ class ImageGenerationService::StreamReactor final
       pending_.pop_front();
       if (ok) ++images_;  // only images the client was sent count
       if (!ok) {
-        // The client is gone; drop what is left and let the engine finish (it sees the
+        // The client is gone; drop what is left and let the backend finish (it sees the
         // cancellation before running further images).
         pending_.clear();
         broken_ = true;
@@ -187,7 +187,7 @@ class ImageGenerationService::StreamReactor final
   }
 
   // Applies `update` to the state, then starts the next write, or finishes once everything is
-  // written and the engine is done; both under one hold of `mu_`. After it returns, the caller
+  // written and the backend is done; both under one hold of `mu_`. After it returns, the caller
   // must not touch the reactor (it may have been deleted).
   void Pump(absl::FunctionRef<void()> update) {
     const v1::GeneratedImage* to_write = nullptr;
@@ -245,7 +245,7 @@ grpc::ServerUnaryReactor* ImageGenerationService::ListModels(grpc::CallbackServe
                                                              const v1::ListModelsRequest* request,
                                                              v1::ListModelsResponse* response) {
   const absl::Time started = absl::Now();
-  for (const ModelInfo& info : engine_->ListModels()) {
+  for (const ModelInfo& info : backend_->ListModels()) {
     v1::ModelInfo* m = response->add_models();
     m->set_name(info.name);
     m->set_description(info.description);
@@ -276,7 +276,7 @@ grpc::ServerUnaryReactor* ImageGenerationService::Tokenize(grpc::CallbackServerC
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   absl::StatusOr<TokenizeResult> result = [&]() -> absl::StatusOr<TokenizeResult> {
     if (absl::Status s = ValidateTokenizeRequest(*request, limits_); !s.ok()) return s;
-    return engine_->Tokenize(request->model(), request->text());
+    return backend_->Tokenize(request->model(), request->text());
   }();
   std::string model = result.ok() ? result->model : request->model();
   if (result.ok()) {
