@@ -45,6 +45,45 @@ void ToProto(GeneratedImage&& image, v1::GeneratedImage* out) {
   out->set_data(std::move(image.data));
 }
 
+// A Generate response: every image of `result`, in index order.
+void ToProto(const std::string& request_id, GenerateResult&& result, v1::GenerateResponse* out) {
+  out->set_request_id(request_id);
+  out->set_model(result.model);
+  out->set_truncated_tokens(result.truncated_tokens);
+  ToProto(result.timings, out->mutable_timings());
+  for (GeneratedImage& image : result.images) ToProto(std::move(image), out->add_images());
+}
+
+// One GenerateStream message: an image and the request-level fields known so far.
+v1::GeneratedImage ToStreamedImage(const std::string& request_id, const std::string& model,
+                                   GeneratedImage&& image, const GenerateResult& so_far) {
+  v1::GeneratedImage out;
+  ToProto(std::move(image), &out);
+  ToProto(so_far.timings, out.mutable_timings());
+  out.set_request_id(request_id);
+  out.set_model(model);
+  out.set_truncated_tokens(so_far.truncated_tokens);
+  return out;
+}
+
+void ToProto(const ModelInfo& info, v1::ModelInfo* out) {
+  out->set_name(info.name);
+  out->set_description(info.description);
+  out->set_width(info.width);
+  out->set_height(info.height);
+  out->set_channels(info.channels);
+  out->set_steps(info.steps);
+  out->set_is_default(info.is_default);
+  out->set_max_images_per_request(info.max_images_per_request);
+  out->set_ready(info.ready);
+  out->set_max_tokens(info.max_tokens);
+  for (const ImageSize& size : info.supported_sizes) {
+    v1::ImageSize* s = out->add_supported_sizes();
+    s->set_width(size.width);
+    s->set_height(size.height);
+  }
+}
+
 }  // namespace
 
 void ImageGenerationService::Finished(RpcMethod method, std::string_view model,
@@ -67,7 +106,7 @@ absl::StatusOr<GenerateParams> ImageGenerationService::Prepare(
     const v1::GenerateRequest& request, const grpc::CallbackServerContext* context) const {
   absl::StatusOr<GenerateParams> params = ToGenerateParams(request, limits_, DeadlineOf(context));
   if (!params.ok()) return params;
-  absl::StatusOr<std::string> model = engine_->ResolveModel(params->model);
+  absl::StatusOr<std::string> model = backend_->ResolveModel(params->model);
   if (!model.ok()) return model.status();
   params->model = *std::move(model);
   return params;
@@ -84,7 +123,7 @@ absl::Status ImageGenerationService::Submit(GenerateParams params, GenerateCallb
     on_done(std::move(status), std::move(result));
   };
   metrics_->AddInFlight(model, 1);
-  absl::Status submitted = engine_->Submit(std::move(params), std::move(callbacks));
+  absl::Status submitted = backend_->Submit(std::move(params), std::move(callbacks));
   if (!submitted.ok()) metrics_->AddInFlight(model, -1);
   return submitted;
 }
@@ -107,15 +146,8 @@ grpc::ServerUnaryReactor* ImageGenerationService::Generate(grpc::CallbackServerC
   GenerateCallbacks callbacks;
   callbacks.on_done = [this, reactor, response, started, model, request_id = params->request_id](
                           absl::Status status, GenerateResult result) {
-    int images = 0;
-    if (status.ok()) {
-      response->set_request_id(request_id);
-      response->set_model(result.model);
-      response->set_truncated_tokens(result.truncated_tokens);
-      ToProto(result.timings, response->mutable_timings());
-      images = static_cast<int>(result.images.size());
-      for (GeneratedImage& image : result.images) ToProto(std::move(image), response->add_images());
-    }
+    const int images = status.ok() ? static_cast<int>(result.images.size()) : 0;
+    if (status.ok()) ToProto(request_id, std::move(result), response);
     grpc::Status grpc_status = ToGrpcStatus(status);
     Finished(RpcMethod::kGenerate, model, request_id, grpc_status, started, images);
     reactor->Finish(grpc_status);
@@ -126,12 +158,12 @@ grpc::ServerUnaryReactor* ImageGenerationService::Generate(grpc::CallbackServerC
   return reactor;
 }
 
-// Streams each image as soon as the engine hands it over. One write is outstanding at a time;
+// Streams each image as soon as the backend hands it over. One write is outstanding at a time;
 // images arriving meanwhile wait in `pending_`. Finish() follows the last write. StartWrite and
 // Finish are called without `mu_` held, since gRPC may run reactions inline. Every state change
-// goes through Pump(update), which applies it and decides under one lock: once the engine's
+// goes through Pump(update), which applies it and decides under one lock: once the backend's
 // on_done has released `mu_`, a gRPC thread may finish the RPC and delete the reactor, so the
-// engine thread must not touch it again.
+// backend thread must not touch it again.
 class ImageGenerationService::StreamReactor final
     : public grpc::ServerWriteReactor<v1::GeneratedImage> {
  public:
@@ -146,12 +178,7 @@ class ImageGenerationService::StreamReactor final
 
     GenerateCallbacks callbacks;
     callbacks.on_image = [this](GeneratedImage image, const GenerateResult& so_far) {
-      v1::GeneratedImage out;
-      ToProto(std::move(image), &out);
-      ToProto(so_far.timings, out.mutable_timings());
-      out.set_request_id(request_id_);
-      out.set_model(model_);
-      out.set_truncated_tokens(so_far.truncated_tokens);
+      v1::GeneratedImage out = ToStreamedImage(request_id_, model_, std::move(image), so_far);
       Pump([&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { pending_.push_back(std::move(out)); });
     };
     callbacks.on_done = [this](absl::Status status, GenerateResult) {
@@ -169,7 +196,7 @@ class ImageGenerationService::StreamReactor final
       pending_.pop_front();
       if (ok) ++images_;  // only images the client was sent count
       if (!ok) {
-        // The client is gone; drop what is left and let the engine finish (it sees the
+        // The client is gone; drop what is left and let the backend finish (it sees the
         // cancellation before running further images).
         pending_.clear();
         broken_ = true;
@@ -187,7 +214,7 @@ class ImageGenerationService::StreamReactor final
   }
 
   // Applies `update` to the state, then starts the next write, or finishes once everything is
-  // written and the engine is done; both under one hold of `mu_`. After it returns, the caller
+  // written and the backend is done; both under one hold of `mu_`. After it returns, the caller
   // must not touch the reactor (it may have been deleted).
   void Pump(absl::FunctionRef<void()> update) {
     const v1::GeneratedImage* to_write = nullptr;
@@ -245,24 +272,7 @@ grpc::ServerUnaryReactor* ImageGenerationService::ListModels(grpc::CallbackServe
                                                              const v1::ListModelsRequest* request,
                                                              v1::ListModelsResponse* response) {
   const absl::Time started = absl::Now();
-  for (const ModelInfo& info : engine_->ListModels()) {
-    v1::ModelInfo* m = response->add_models();
-    m->set_name(info.name);
-    m->set_description(info.description);
-    m->set_width(info.width);
-    m->set_height(info.height);
-    m->set_channels(info.channels);
-    m->set_steps(info.steps);
-    m->set_is_default(info.is_default);
-    m->set_max_images_per_request(info.max_images_per_request);
-    m->set_ready(info.ready);
-    m->set_max_tokens(info.max_tokens);
-    for (const ImageSize& size : info.supported_sizes) {
-      v1::ImageSize* s = m->add_supported_sizes();
-      s->set_width(size.width);
-      s->set_height(size.height);
-    }
-  }
+  for (const ModelInfo& info : backend_->ListModels()) ToProto(info, response->add_models());
   Finished(RpcMethod::kListModels, "", "", grpc::Status::OK, started, 0);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
@@ -276,7 +286,7 @@ grpc::ServerUnaryReactor* ImageGenerationService::Tokenize(grpc::CallbackServerC
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   absl::StatusOr<TokenizeResult> result = [&]() -> absl::StatusOr<TokenizeResult> {
     if (absl::Status s = ValidateTokenizeRequest(*request, limits_); !s.ok()) return s;
-    return engine_->Tokenize(request->model(), request->text());
+    return backend_->Tokenize(request->model(), request->text());
   }();
   std::string model = result.ok() ? result->model : request->model();
   if (result.ok()) {

@@ -1,24 +1,26 @@
 // ImageGenerationService: the gRPC callback-API implementation of dmdserve.v1.ImageGeneration.
 //
 // A thin adapter: each handler validates the request and converts it to native types
-// (request_validation.h), hands it to the Engine and returns at once -- no handler blocks. The
-// engine's completion callbacks finish the reactors on engine threads. Statuses are mapped to gRPC
-// once (status_util.h); each finished RPC is counted in Metrics and logged as one line.
-// Thread-safe; does not own the engine or metrics, which must outlive it.
+// (request_validation.h), hands it to the backend (generation_backend.h: the Engine, in dmdserve)
+// and returns at once -- no handler blocks. The backend's completion callbacks finish the reactors
+// on its threads. Statuses are mapped to gRPC once (status_util.h); each finished RPC is counted
+// in Metrics and logged as one line.
+// Thread-safe; does not own the backend or metrics, which must outlive it (and every RPC it
+// accepted: stop the grpc::Server first).
 #ifndef DMDSERVE_SERVER_IMAGE_SERVICE_H_
 #define DMDSERVE_SERVER_IMAGE_SERVICE_H_
 
 #include "dmdserve/v1/dmdserve.grpc.pb.h"
+#include "server/generation_backend.h"
 #include "server/metrics.h"
 #include "server/request_validation.h"
-#include "worker/engine.h"
 
 namespace dmdserve {
 
 class ImageGenerationService final : public v1::ImageGeneration::CallbackService {
  public:
-  ImageGenerationService(Engine* engine, Metrics* metrics, RequestLimits limits)
-      : engine_(engine), metrics_(metrics), limits_(limits) {}
+  ImageGenerationService(GenerationBackend* backend, Metrics* metrics, RequestLimits limits)
+      : backend_(backend), metrics_(metrics), limits_(limits) {}
 
   grpc::ServerUnaryReactor* Generate(grpc::CallbackServerContext* context,
                                      const v1::GenerateRequest* request,
@@ -40,9 +42,9 @@ class ImageGenerationService final : public v1::ImageGeneration::CallbackService
   absl::StatusOr<GenerateParams> Prepare(const v1::GenerateRequest& request,
                                          const grpc::CallbackServerContext* context) const;
 
-  // Engine::Submit plus the per-request metrics both Generate RPCs share: the in-flight gauge
-  // (counted from acceptance to on_done) and, on success, the queue wait. Also polls the RPC's
-  // cancellation before the images enter a batch.
+  // GenerationBackend::Submit plus the per-request metrics both Generate RPCs share: the in-flight
+  // gauge (counted from acceptance to on_done) and, on success, the queue wait. Also polls the
+  // RPC's cancellation before the images enter a batch.
   absl::Status Submit(GenerateParams params, GenerateCallbacks callbacks,
                       grpc::CallbackServerContext* context);
 
@@ -50,7 +52,7 @@ class ImageGenerationService final : public v1::ImageGeneration::CallbackService
   void Finished(RpcMethod method, std::string_view model, const std::string& request_id,
                 const grpc::Status& status, absl::Time started, int images);
 
-  Engine* const engine_;
+  GenerationBackend* const backend_;
   Metrics* const metrics_;
   const RequestLimits limits_;
 };

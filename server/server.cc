@@ -60,8 +60,9 @@ absl::StatusOr<std::unique_ptr<DmdServer>> DmdServer::Create(Options options) {
   if (!http.ok()) return http.status();
   s->metrics_http_ = *std::move(http);
 
-  s->service_ =
-      std::make_unique<ImageGenerationService>(s->engine_.get(), s->metrics_.get(), options.limits);
+  s->backend_ = std::make_unique<EngineBackend>(s->engine_.get());
+  s->service_ = std::make_unique<ImageGenerationService>(s->backend_.get(), s->metrics_.get(),
+                                                         options.limits);
   grpc::EnableDefaultHealthCheckService(true);
   if (options.reflection) grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;

@@ -14,6 +14,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "server/generation_backend.h"
 #include "server/metrics_http.h"
 #include "server/request_validation.h"
 #include "worker/engine.h"
@@ -66,6 +67,7 @@ class DmdServer {
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<MetricsHttpServer> metrics_http_;
   std::unique_ptr<Engine> engine_;
+  std::unique_ptr<EngineBackend> backend_;  // engine_ as the service's GenerationBackend
   std::unique_ptr<ImageGenerationService> service_;
   std::unique_ptr<grpc::Server> server_;
   absl::Mutex shutdown_mu_;
