@@ -4,6 +4,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "worker/device.h"
 
 namespace dmdserve {
 namespace {
@@ -178,7 +179,8 @@ void Metrics::AddDeviceMetrics(const std::vector<std::string>& devices) {
   for (const std::string& device : devices) {
     PerDevice pd;
     pd.busy = &device_busy.Add({{"device", device}});
-    if (device.rfind("cuda", 0) == 0) {
+    const absl::StatusOr<DeviceId> id = ParseDevice(device);
+    if (id.ok() && id->cuda) {
       pd.memory_used = &memory_used.Add({{"device", device}});
       pd.memory_total = &memory_total.Add({{"device", device}});
     }
