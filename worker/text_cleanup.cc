@@ -1,0 +1,315 @@
+#include "worker/text_cleanup.h"
+
+#include <utf8proc.h>
+
+#include <algorithm>
+#include <iterator>
+#include <string>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "worker/html_entities.h"
+
+namespace dmdserve {
+namespace text_cleanup {
+namespace {
+
+// ---- UTF-8 ----
+
+absl::Status InvalidUtf8(size_t offset, const std::string& what) {
+  return absl::InvalidArgumentError(
+      absl::StrCat("text is not valid UTF-8 at byte offset ", offset, ": ", what));
+}
+
+// ---- Character classes ----
+
+utf8proc_category_t Category(char32_t cp) {
+  return utf8proc_category(static_cast<utf8proc_int32_t>(cp));
+}
+
+// ---- HTML unescape ----
+
+// Python's html.unescape() for a numeric reference: Windows-1252 remapping of 0x80..0x9F,
+// U+FFFD for NUL, surrogates and out-of-range values, nothing for control and non-characters.
+void AppendNumericReference(char32_t value, std::u32string* out) {
+  static constexpr char32_t kC1Remap[32] = {
+      0x20AC, 0x81,   0x201A, 0x192,  0x201E, 0x2026, 0x2020, 0x2021, 0x2C6,  0x2030, 0x160,
+      0x2039, 0x152,  0x8D,   0x17D,  0x8F,   0x90,   0x2018, 0x2019, 0x201C, 0x201D, 0x2022,
+      0x2013, 0x2014, 0x2DC,  0x2122, 0x161,  0x203A, 0x153,  0x9D,   0x17E,  0x178};
+  if (value == 0) {
+    out->push_back(0xFFFD);
+  } else if (value == 0x0D) {
+    out->push_back(0x0D);
+  } else if (value >= 0x80 && value <= 0x9F) {
+    out->push_back(kC1Remap[value - 0x80]);
+  } else if ((value >= 0xD800 && value <= 0xDFFF) || value > 0x10FFFF) {
+    out->push_back(0xFFFD);
+  } else if ((value >= 0x01 && value <= 0x08) || value == 0x0B ||
+             (value >= 0x0E && value <= 0x1F) || value == 0x7F ||
+             (value >= 0xFDD0 && value <= 0xFDEF) || (value & 0xFFFE) == 0xFFFE) {
+    // Dropped.
+  } else {
+    out->push_back(value);
+  }
+}
+
+bool IsAsciiDigit(char32_t c) { return c >= '0' && c <= '9'; }
+bool IsAsciiHexDigit(char32_t c) {
+  return IsAsciiDigit(c) || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
+}
+int HexValue(char32_t c) { return IsAsciiDigit(c) ? c - '0' : (c | 0x20) - 'a' + 10; }
+
+// The numeric reference whose text starts at s[p] == '#' (just after the '&'), matched like
+// `#[0-9]+;?|#[xX][0-9a-fA-F]+;?`: appends its replacement to `out` and returns how many
+// characters after the '&' it takes, or 0 (nothing appended) if there are no digits.
+size_t ReplaceNumericReference(const std::u32string& s, size_t p, std::u32string* out) {
+  const size_t n = s.size();
+  size_t q = p + 1;
+  int base = 10;
+  if (q + 1 < n && (s[q] == 'x' || s[q] == 'X') && IsAsciiHexDigit(s[q + 1])) {
+    base = 16;
+    ++q;
+  } else if (q >= n || !IsAsciiDigit(s[q])) {
+    return 0;
+  }
+  char32_t value = 0;  // saturates just above U+10FFFF
+  for (; q < n && (base == 16 ? IsAsciiHexDigit(s[q]) : IsAsciiDigit(s[q])); ++q) {
+    value = std::min<char32_t>(value * base + HexValue(s[q]), 0x110000);
+  }
+  if (q < n && s[q] == ';') ++q;
+  AppendNumericReference(value, out);
+  return q - p;
+}
+
+void AppendEntity(const HtmlEntity& entity, std::u32string* out) {
+  out->push_back(entity.first);
+  if (entity.second != 0) out->push_back(entity.second);
+}
+
+// The named reference whose text starts at s[p] (just after the '&'), matched like
+// `[^\t\n\f <&#;]{1,32};?`: the whole match if it names a reference, else its longest prefix
+// (of at least 2 characters) that does, followed by the rest of the match unchanged. Appends the
+// replacement to `out` and returns how many characters after the '&' it takes, or 0 (nothing
+// appended) if no reference matches.
+size_t ReplaceNamedReference(const std::u32string& s, size_t p, std::u32string* out) {
+  const size_t n = s.size();
+  size_t end = p;
+  while (end < n && end - p < 32) {
+    const char32_t c = s[end];
+    if (c == '\t' || c == '\n' || c == '\f' || c == ' ' || c == '<' || c == '&' || c == '#' ||
+        c == ';') {
+      break;
+    }
+    ++end;
+  }
+  if (end == p) return 0;
+  if (end < n && s[end] == ';') ++end;
+  // Entity names are ASCII: only the ASCII prefix of the candidate can match.
+  std::string ascii;
+  for (size_t k = p; k < end && s[k] < 0x80; ++k) ascii.push_back(static_cast<char>(s[k]));
+  const size_t length = end - p;
+  if (ascii.size() == length) {
+    if (const HtmlEntity* entity = FindHtmlEntity(ascii)) {
+      AppendEntity(*entity, out);
+      return length;
+    }
+  }
+  for (size_t x = std::min(ascii.size(), length - 1); x >= 2; --x) {
+    if (const HtmlEntity* entity = FindHtmlEntity(std::string_view(ascii).substr(0, x))) {
+      AppendEntity(*entity, out);
+      out->append(s, p + x, length - x);
+      return length;
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+// ---- UTF-8 ----
+
+absl::Status DecodeUtf8(std::string_view text, std::u32string* out) {
+  out->clear();
+  out->reserve(text.size());
+  for (size_t i = 0; i < text.size();) {
+    const auto lead = static_cast<unsigned char>(text[i]);
+    if (lead < 0x80) {
+      out->push_back(lead);
+      ++i;
+      continue;
+    }
+    size_t length;
+    char32_t cp;
+    char32_t min_cp;
+    if (lead < 0xC0) {
+      return InvalidUtf8(i, absl::StrFormat("unexpected continuation byte 0x%02X", lead));
+    } else if (lead < 0xE0) {
+      length = 2, cp = lead & 0x1F, min_cp = 0x80;
+    } else if (lead < 0xF0) {
+      length = 3, cp = lead & 0x0F, min_cp = 0x800;
+    } else if (lead < 0xF8) {
+      length = 4, cp = lead & 0x07, min_cp = 0x10000;
+    } else {
+      return InvalidUtf8(i, absl::StrFormat("invalid byte 0x%02X", lead));
+    }
+    for (size_t k = 1; k < length; ++k) {
+      if (i + k >= text.size()) {
+        return InvalidUtf8(i, absl::StrCat("truncated ", length, "-byte sequence at end of text"));
+      }
+      const auto next = static_cast<unsigned char>(text[i + k]);
+      if ((next & 0xC0) != 0x80) {
+        return InvalidUtf8(
+            i, absl::StrFormat("truncated %d-byte sequence (byte 0x%02X follows)", length, next));
+      }
+      cp = (cp << 6) | (next & 0x3F);
+    }
+    if (cp < min_cp) {
+      return InvalidUtf8(i, absl::StrFormat("overlong encoding of U+%04X", cp));
+    }
+    if (cp >= 0xD800 && cp <= 0xDFFF) {
+      return InvalidUtf8(i, absl::StrFormat("surrogate code point U+%04X", cp));
+    }
+    if (cp > 0x10FFFF) return InvalidUtf8(i, absl::StrFormat("code point U+%X > U+10FFFF", cp));
+    out->push_back(cp);
+    i += length;
+  }
+  return absl::OkStatus();
+}
+
+void AppendUtf8(char32_t cp, std::string* out) {
+  if (cp < 0x80) {
+    out->push_back(static_cast<char>(cp));
+  } else if (cp < 0x800) {
+    out->push_back(static_cast<char>(0xC0 | (cp >> 6)));
+    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+  } else if (cp < 0x10000) {
+    out->push_back(static_cast<char>(0xE0 | (cp >> 12)));
+    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
+    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+  } else {
+    out->push_back(static_cast<char>(0xF0 | (cp >> 18)));
+    out->push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
+    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
+    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+  }
+}
+
+// ---- Character classes ----
+
+bool IsLetter(char32_t cp) {
+  const utf8proc_category_t c = Category(cp);
+  return c >= UTF8PROC_CATEGORY_LU && c <= UTF8PROC_CATEGORY_LO;
+}
+
+bool IsNumber(char32_t cp) {
+  const utf8proc_category_t c = Category(cp);
+  return c >= UTF8PROC_CATEGORY_ND && c <= UTF8PROC_CATEGORY_NO;
+}
+
+bool IsRegexSpace(char32_t cp) {
+  return (cp >= 0x09 && cp <= 0x0D) || cp == 0x20 || cp == 0x85 || cp == 0xA0 || cp == 0x1680 ||
+         (cp >= 0x2000 && cp <= 0x200A) || cp == 0x2028 || cp == 0x2029 || cp == 0x202F ||
+         cp == 0x205F || cp == 0x3000;
+}
+
+bool IsPythonSpace(char32_t cp) { return IsRegexSpace(cp) || (cp >= 0x1C && cp <= 0x1F); }
+
+bool IsCaseIgnorable(char32_t cp) {
+  switch (Category(cp)) {
+    case UTF8PROC_CATEGORY_MN:
+    case UTF8PROC_CATEGORY_ME:
+    case UTF8PROC_CATEGORY_CF:
+    case UTF8PROC_CATEGORY_LM:
+    case UTF8PROC_CATEGORY_SK:
+      return true;
+    default:
+      break;
+  }
+  // Word_Break MidLetter, MidNumLet and Single_Quote characters outside those categories.
+  static constexpr char32_t kWordBreakMid[] = {0x27,   0x2E,   0x3A,   0xB7,   0x387,  0x55F,
+                                               0x5F4,  0x2018, 0x2019, 0x2024, 0x2027, 0xFE13,
+                                               0xFE52, 0xFE55, 0xFF07, 0xFF0E, 0xFF1A};
+  return std::binary_search(std::begin(kWordBreakMid), std::end(kWordBreakMid), cp);
+}
+
+bool IsCased(char32_t cp) {
+  const utf8proc_category_t c = Category(cp);
+  if (c == UTF8PROC_CATEGORY_LU || c == UTF8PROC_CATEGORY_LL || c == UTF8PROC_CATEGORY_LT) {
+    return true;
+  }
+  return cp == 0xAA || cp == 0xBA || (cp >= 0x2160 && cp <= 0x217F) ||
+         (cp >= 0x24B6 && cp <= 0x24E9) || (cp >= 0x1F130 && cp <= 0x1F149) ||
+         (cp >= 0x1F150 && cp <= 0x1F169) || (cp >= 0x1F170 && cp <= 0x1F189);
+}
+
+// ---- Clean-up steps ----
+
+std::u32string HtmlUnescape(std::u32string s) {
+  if (s.find(U'&') == std::u32string::npos) return s;
+  std::u32string out;
+  out.reserve(s.size());
+  for (size_t i = 0; i < s.size();) {
+    if (s[i] == '&' && i + 1 < s.size()) {
+      const size_t consumed = s[i + 1] == '#' ? ReplaceNumericReference(s, i + 1, &out)
+                                              : ReplaceNamedReference(s, i + 1, &out);
+      if (consumed > 0) {
+        i += 1 + consumed;
+        continue;
+      }
+    }
+    out.push_back(s[i++]);
+  }
+  return out;
+}
+
+// (CLIP strips before collapsing too; that first strip cannot change the result.)
+std::u32string CollapseWhitespace(const std::u32string& s) {
+  std::u32string out;
+  out.reserve(s.size());
+  for (size_t i = 0; i < s.size();) {
+    if (IsRegexSpace(s[i])) {
+      out.push_back(' ');
+      while (i < s.size() && IsRegexSpace(s[i])) ++i;
+    } else {
+      out.push_back(s[i++]);
+    }
+  }
+  size_t end = out.size();
+  while (end > 0 && IsPythonSpace(out[end - 1])) --end;
+  out.resize(end);
+  size_t begin = 0;
+  while (begin < out.size() && IsPythonSpace(out[begin])) ++begin;
+  out.erase(0, begin);
+  return out;
+}
+
+std::u32string ToLower(const std::u32string& s) {
+  std::u32string out;
+  out.reserve(s.size());
+  for (size_t i = 0; i < s.size(); ++i) {
+    const char32_t cp = s[i];
+    if (cp == 0x130) {
+      out.push_back('i');
+      out.push_back(0x307);
+    } else if (cp == 0x3A3) {
+      size_t before = i;
+      while (before > 0 && IsCaseIgnorable(s[before - 1])) --before;
+      size_t after = i + 1;
+      while (after < s.size() && IsCaseIgnorable(s[after])) ++after;
+      const bool final_sigma =
+          before > 0 && IsCased(s[before - 1]) && (after == s.size() || !IsCased(s[after]));
+      out.push_back(final_sigma ? 0x3C2 : 0x3C3);
+    } else {
+      out.push_back(static_cast<char32_t>(utf8proc_tolower(static_cast<utf8proc_int32_t>(cp))));
+    }
+  }
+  return out;
+}
+
+std::u32string CleanUp(std::u32string s) {
+  return ToLower(CollapseWhitespace(HtmlUnescape(HtmlUnescape(std::move(s)))));
+}
+
+}  // namespace text_cleanup
+}  // namespace dmdserve
