@@ -17,9 +17,19 @@ namespace {
 
 // ---- UTF-8 ----
 
-absl::Status InvalidUtf8(size_t offset, const std::string& what) {
-  return absl::InvalidArgumentError(
-      absl::StrCat("text is not valid UTF-8 at byte offset ", offset, ": ", what));
+// The error for the malformed sequence at text[offset]: its lead byte and the continuation
+// bytes after it (at most four bytes), in hex.
+absl::Status InvalidUtf8(std::string_view text, size_t offset) {
+  const auto byte_at = [&text](size_t i) { return static_cast<unsigned char>(text[i]); };
+  std::string bytes = absl::StrFormat("%02X", byte_at(offset));
+  if ((byte_at(offset) & 0xC0) == 0xC0) {
+    for (size_t i = offset + 1; i < text.size() && i < offset + 4 && (byte_at(i) & 0xC0) == 0x80;
+         ++i) {
+      absl::StrAppendFormat(&bytes, " %02X", byte_at(i));
+    }
+  }
+  return absl::InvalidArgumentError(absl::StrCat("text is not valid UTF-8 at byte offset ", offset,
+                                                 ": malformed sequence ", bytes));
 }
 
 // ---- Character classes ----
@@ -132,67 +142,31 @@ size_t ReplaceNamedReference(const std::u32string& s, size_t p, std::u32string* 
 absl::Status DecodeUtf8(std::string_view text, std::u32string* out) {
   out->clear();
   out->reserve(text.size());
+  const auto* bytes = reinterpret_cast<const utf8proc_uint8_t*>(text.data());
   for (size_t i = 0; i < text.size();) {
-    const auto lead = static_cast<unsigned char>(text[i]);
-    if (lead < 0x80) {
-      out->push_back(lead);
-      ++i;
+    if (bytes[i] < 0x80) {  // ASCII, without a library call
+      out->push_back(bytes[i++]);
       continue;
     }
-    size_t length;
-    char32_t cp;
-    char32_t min_cp;
-    if (lead < 0xC0) {
-      return InvalidUtf8(i, absl::StrFormat("unexpected continuation byte 0x%02X", lead));
-    } else if (lead < 0xE0) {
-      length = 2, cp = lead & 0x1F, min_cp = 0x80;
-    } else if (lead < 0xF0) {
-      length = 3, cp = lead & 0x0F, min_cp = 0x800;
-    } else if (lead < 0xF8) {
-      length = 4, cp = lead & 0x07, min_cp = 0x10000;
-    } else {
-      return InvalidUtf8(i, absl::StrFormat("invalid byte 0x%02X", lead));
-    }
-    for (size_t k = 1; k < length; ++k) {
-      if (i + k >= text.size()) {
-        return InvalidUtf8(i, absl::StrCat("truncated ", length, "-byte sequence at end of text"));
-      }
-      const auto next = static_cast<unsigned char>(text[i + k]);
-      if ((next & 0xC0) != 0x80) {
-        return InvalidUtf8(
-            i, absl::StrFormat("truncated %d-byte sequence (byte 0x%02X follows)", length, next));
-      }
-      cp = (cp << 6) | (next & 0x3F);
-    }
-    if (cp < min_cp) {
-      return InvalidUtf8(i, absl::StrFormat("overlong encoding of U+%04X", cp));
-    }
-    if (cp >= 0xD800 && cp <= 0xDFFF) {
-      return InvalidUtf8(i, absl::StrFormat("surrogate code point U+%04X", cp));
-    }
-    if (cp > 0x10FFFF) return InvalidUtf8(i, absl::StrFormat("code point U+%X > U+10FFFF", cp));
-    out->push_back(cp);
-    i += length;
+    // utf8proc_iterate accepts exactly the well-formed sequences of the Unicode standard.
+    utf8proc_int32_t cp;
+    const utf8proc_ssize_t length =
+        utf8proc_iterate(bytes + i, static_cast<utf8proc_ssize_t>(text.size() - i), &cp);
+    if (length <= 0) return InvalidUtf8(text, i);
+    out->push_back(static_cast<char32_t>(cp));
+    i += static_cast<size_t>(length);
   }
   return absl::OkStatus();
 }
 
 void AppendUtf8(char32_t cp, std::string* out) {
-  if (cp < 0x80) {
+  if (cp < 0x80) {  // ASCII, without a library call
     out->push_back(static_cast<char>(cp));
-  } else if (cp < 0x800) {
-    out->push_back(static_cast<char>(0xC0 | (cp >> 6)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else if (cp < 0x10000) {
-    out->push_back(static_cast<char>(0xE0 | (cp >> 12)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else {
-    out->push_back(static_cast<char>(0xF0 | (cp >> 18)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+    return;
   }
+  utf8proc_uint8_t buffer[4];
+  const utf8proc_ssize_t length = utf8proc_encode_char(static_cast<utf8proc_int32_t>(cp), buffer);
+  out->append(reinterpret_cast<const char*>(buffer), static_cast<size_t>(length));
 }
 
 // ---- Character classes ----

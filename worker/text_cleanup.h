@@ -29,8 +29,8 @@ namespace text_cleanup {
 
 // Decodes `text` into `out` (cleared first). INVALID_ARGUMENT if `text` is not valid UTF-8
 // (stray continuation bytes, truncated sequences, overlong forms, surrogates, code points above
-// U+10FFFF): "text is not valid UTF-8 at byte offset N: <what is wrong>", where N is the offset
-// of the first bad sequence.
+// U+10FFFF): "text is not valid UTF-8 at byte offset N: malformed sequence XX ..", where N is the
+// offset of the first bad sequence and XX .. its bytes in hex.
 absl::Status DecodeUtf8(std::string_view text, std::u32string* out);
 
 // Appends the UTF-8 encoding of the scalar value `cp` to `out`.

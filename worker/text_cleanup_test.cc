@@ -54,40 +54,41 @@ struct InvalidCase {
   const char* name;
   std::string text;
   size_t offset;
+  const char* bytes;  // the malformed sequence as the message shows it
 };
 
 void PrintTo(const InvalidCase& c, std::ostream* os) { *os << c.name; }
 
 class DecodeUtf8InvalidTest : public ::testing::TestWithParam<InvalidCase> {};
 
-TEST_P(DecodeUtf8InvalidTest, IsInvalidArgumentNamingTheOffset) {
+TEST_P(DecodeUtf8InvalidTest, IsInvalidArgumentNamingOffsetAndBytes) {
   const InvalidCase& c = GetParam();
   std::u32string out;
   const absl::Status status = DecodeUtf8(c.text, &out);
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(status.message(), HasSubstr("text is not valid UTF-8 at byte offset " +
-                                          std::to_string(c.offset) + ": "));
+  EXPECT_EQ(status.message(), "text is not valid UTF-8 at byte offset " + std::to_string(c.offset) +
+                                  ": malformed sequence " + c.bytes);
 }
 
 INSTANTIATE_TEST_SUITE_P(
     Cases, DecodeUtf8InvalidTest,
-    ::testing::Values(InvalidCase{"LoneContinuation", "ab\x80!", 2},
-                      InvalidCase{"TruncatedAtEnd", "abc\xE2\x82", 3},
-                      InvalidCase{"TruncatedBeforeAscii", "a\xE2\x82z", 1},
-                      InvalidCase{"TruncatedFourByte", "\xF0\x9F\x99 cat", 0},
-                      InvalidCase{"LeadAtEnd", "ok\xC3", 2},
-                      InvalidCase{"OverlongSlash", "x\xC0\xAF", 1},
-                      InvalidCase{"OverlongC1", "\xC1\xBF", 0},
-                      InvalidCase{"OverlongThreeByte", "\xE0\x80\xAF", 0},
-                      InvalidCase{"OverlongFourByte", "\xF0\x8F\xBF\xBF", 0},
-                      InvalidCase{"OverlongNul", "ok\xC0\x80", 2},
-                      InvalidCase{"FirstSurrogate", "ok \xED\xA0\x80", 3},
-                      InvalidCase{"LastSurrogate", "\xED\xBF\xBF", 0},
-                      InvalidCase{"AboveMaxCodePoint", "\xF4\x90\x80\x80", 0},
-                      InvalidCase{"LeadF5", "\xF5\x80\x80\x80", 0},
-                      InvalidCase{"InvalidByteFF", "cat \xFF", 4},
-                      InvalidCase{"FiveByteLead", "\xF8\x88\x80\x80\x80", 0},
-                      InvalidCase{"AfterValidEmoji", "\xF0\x9F\x99\x82\x80", 4}),
+    ::testing::Values(InvalidCase{"LoneContinuation", "ab\x80!", 2, "80"},
+                      InvalidCase{"TruncatedAtEnd", "abc\xE2\x82", 3, "E2 82"},
+                      InvalidCase{"TruncatedBeforeAscii", "a\xE2\x82z", 1, "E2 82"},
+                      InvalidCase{"TruncatedFourByte", "\xF0\x9F\x99 cat", 0, "F0 9F 99"},
+                      InvalidCase{"LeadAtEnd", "ok\xC3", 2, "C3"},
+                      InvalidCase{"OverlongSlash", "x\xC0\xAF", 1, "C0 AF"},
+                      InvalidCase{"OverlongC1", "\xC1\xBF", 0, "C1 BF"},
+                      InvalidCase{"OverlongThreeByte", "\xE0\x80\xAF", 0, "E0 80 AF"},
+                      InvalidCase{"OverlongFourByte", "\xF0\x8F\xBF\xBF", 0, "F0 8F BF BF"},
+                      InvalidCase{"OverlongNul", "ok\xC0\x80", 2, "C0 80"},
+                      InvalidCase{"FirstSurrogate", "ok \xED\xA0\x80", 3, "ED A0 80"},
+                      InvalidCase{"LastSurrogate", "\xED\xBF\xBF", 0, "ED BF BF"},
+                      InvalidCase{"AboveMaxCodePoint", "\xF4\x90\x80\x80", 0, "F4 90 80 80"},
+                      InvalidCase{"LeadF5", "\xF5\x80\x80\x80", 0, "F5 80 80 80"},
+                      InvalidCase{"InvalidByteFF", "cat \xFF", 4, "FF"},
+                      InvalidCase{"FiveByteLead", "\xF8\x88\x80\x80\x80", 0, "F8 88 80 80"},
+                      InvalidCase{"AfterValidEmoji", "\xF0\x9F\x99\x82\x80", 4, "80"}),
     [](const ::testing::TestParamInfo<InvalidCase>& info) { return info.param.name; });
 
 TEST(AppendUtf8Test, EncodesEveryScalarValueAsItsOwnDecoding) {
