@@ -124,112 +124,141 @@ uint64_t PairKey(int32_t left, int32_t right) {
 }
 
 
-}  // namespace
-
-absl::StatusOr<std::unique_ptr<ClipTokenizer>> ClipTokenizer::Create(const Options& options) {
-  auto tokenizer = std::unique_ptr<ClipTokenizer>(new ClipTokenizer());
-  ClipTokenizer& t = *tokenizer;
-
-  // vocab.json
-  absl::StatusOr<std::string> vocab_text = ReadFile(options.vocab_path, "vocab_path");
-  if (!vocab_text.ok()) return vocab_text.status();
-  const nlohmann::json vocab = nlohmann::json::parse(*vocab_text, nullptr, false);
-  if (vocab.is_discarded() || !vocab.is_object() || vocab.empty()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("vocab_path '", options.vocab_path, "' is not a JSON object of token -> id"));
-  }
+// The largest id of `vocab` (a JSON object read from `path`), after checking that every id is
+// an integer in [0, kMaxVocabId].
+absl::StatusOr<int64_t> MaxVocabId(const nlohmann::json& vocab, const std::string& path) {
   int64_t max_id = -1;
   for (const auto& [token, id] : vocab.items()) {
     if (!id.is_number_integer() || id.get<int64_t>() < 0 || id.get<int64_t>() > kMaxVocabId) {
       return absl::InvalidArgumentError(
-          absl::StrCat("vocab_path '", options.vocab_path, "': token '", token, "' has id ",
-                       id.dump(), "; ids must be integers in [0, ", kMaxVocabId, "]"));
+          absl::StrCat("vocab_path '", path, "': token '", token, "' has id ", id.dump(),
+                       "; ids must be integers in [0, ", kMaxVocabId, "]"));
     }
     max_id = std::max(max_id, id.get<int64_t>());
   }
-  t.id_to_token_.resize(max_id + 1);
+  return max_id;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<ClipTokenizer>> ClipTokenizer::Create(const Options& options) {
+  auto tokenizer = std::unique_ptr<ClipTokenizer>(new ClipTokenizer());
+  absl::Status status = tokenizer->ReadVocab(options.vocab_path);
+  if (status.ok()) status = tokenizer->BuildByteTables(options.vocab_path);
+  if (status.ok()) status = tokenizer->ReadMerges(options.merges_path);
+  if (status.ok()) status = tokenizer->FindSpecialTokens(options);
+  if (!status.ok()) return status;
+  tokenizer->shard_capacity_ = (options.word_cache_capacity + kCacheShards - 1) / kCacheShards;
+  return tokenizer;
+}
+
+absl::Status ClipTokenizer::ReadVocab(const std::string& path) {
+  absl::StatusOr<std::string> text = ReadFile(path, "vocab_path");
+  if (!text.ok()) return text.status();
+  const nlohmann::json vocab = nlohmann::json::parse(*text, nullptr, false);
+  if (vocab.is_discarded() || !vocab.is_object() || vocab.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("vocab_path '", path, "' is not a JSON object of token -> id"));
+  }
+  absl::StatusOr<int64_t> max_id = MaxVocabId(vocab, path);
+  if (!max_id.ok()) return max_id.status();
+  id_to_token_.resize(*max_id + 1);
   for (const auto& [token, id_json] : vocab.items()) {
     const auto id = id_json.get<int32_t>();
-    if (!t.id_to_token_[id].empty() || token.empty()) {
-      return absl::InvalidArgumentError(absl::StrCat("vocab_path '", options.vocab_path, "': id ",
-                                                     id, " is used twice or by an empty token"));
+    if (!id_to_token_[id].empty() || token.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("vocab_path '", path, "': id ", id,
+                                                     " is used twice or by an empty token"));
     }
-    t.id_to_token_[id] = token;
-    t.token_to_id_[token] = id;
+    id_to_token_[id] = token;
+    token_to_id_[token] = id;
   }
-  const auto find_id = [&t](const std::string& token) -> int32_t {
-    const auto it = t.token_to_id_.find(token);
-    return it == t.token_to_id_.end() ? -1 : it->second;
-  };
+  return absl::OkStatus();
+}
 
-  // The byte alphabet, alone and at the end of a word.
+int32_t ClipTokenizer::FindId(const std::string& token) const {
+  const auto it = token_to_id_.find(token);
+  return it == token_to_id_.end() ? -1 : it->second;
+}
+
+absl::Status ClipTokenizer::BuildByteTables(const std::string& vocab_path) {
   const std::array<char32_t, 256> alphabet = ByteAlphabet();
   for (int b = 0; b < 256; ++b) {
     std::string symbol;
     AppendUtf8(alphabet[b], &symbol);
-    t.byte_ids_[b] = find_id(symbol);
-    t.byte_end_ids_[b] = find_id(absl::StrCat(symbol, kEndOfWord));
-    if (t.byte_ids_[b] < 0 || t.byte_end_ids_[b] < 0) {
+    byte_ids_[b] = FindId(symbol);
+    byte_end_ids_[b] = FindId(absl::StrCat(symbol, kEndOfWord));
+    if (byte_ids_[b] < 0 || byte_end_ids_[b] < 0) {
       return absl::InvalidArgumentError(
           absl::StrFormat("vocab_path '%s' lacks '%s' or '%s%s' (the symbol of byte 0x%02X)",
-                          options.vocab_path, symbol, symbol, kEndOfWord, b));
+                          vocab_path, symbol, symbol, kEndOfWord, b));
     }
   }
+  return absl::OkStatus();
+}
 
-  // merges.txt: rank = line order. Merging the lowest rank first (Bpe) reproduces CLIP's
-  // round-by-round loop when no merge uses a token that a later line creates; check that.
-  absl::StatusOr<std::string> merges_text = ReadFile(options.merges_path, "merges_path");
-  if (!merges_text.ok()) return merges_text.status();
+absl::Status ClipTokenizer::ReadMerges(const std::string& path) {
+  absl::StatusOr<std::string> text = ReadFile(path, "merges_path");
+  if (!text.ok()) return text.status();
   absl::flat_hash_set<int32_t> used_as_part;
-  int32_t rank = 0;
   int line_number = 0;
-  for (absl::string_view line : absl::StrSplit(*merges_text, '\n')) {
+  for (absl::string_view line : absl::StrSplit(*text, '\n')) {
     ++line_number;
     if (line_number == 1 && absl::StartsWith(line, "#version")) continue;
     const std::vector<absl::string_view> parts =
         absl::StrSplit(line, absl::ByAnyChar(" \t\r"), absl::SkipEmpty());
     if (parts.empty()) continue;
     const std::string where =
-        absl::StrCat("merges_path '", options.merges_path, "' line ", line_number, " '", line, "'");
+        absl::StrCat("merges_path '", path, "' line ", line_number, " '", line, "'");
     if (parts.size() != 2) {
       return absl::InvalidArgumentError(absl::StrCat(where, ": expected two tokens"));
     }
-    const int32_t left = find_id(std::string(parts[0]));
-    const int32_t right = find_id(std::string(parts[1]));
-    const int32_t result = find_id(absl::StrCat(parts[0], parts[1]));
-    if (left < 0 || right < 0 || result < 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(where, ": a part or the merged token is not in vocab.json"));
+    if (absl::Status status = AddMerge(parts[0], parts[1], where, &used_as_part); !status.ok()) {
+      return status;
     }
-    if (used_as_part.contains(result)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(where, ": creates a token that an earlier merge already uses"));
-    }
-    if (!t.merges_.emplace(PairKey(left, right), Merge{rank++, result}).second) {
-      return absl::InvalidArgumentError(absl::StrCat(where, ": duplicate merge"));
-    }
-    used_as_part.insert(left);
-    used_as_part.insert(right);
   }
+  return absl::OkStatus();
+}
 
-  // Special tokens.
-  const std::pair<const std::string*, int32_t*> specials[] = {{&options.bos_token, &t.bos_id_},
-                                                              {&options.eos_token, &t.eos_id_},
-                                                              {&options.pad_token, &t.pad_id_}};
+absl::Status ClipTokenizer::AddMerge(absl::string_view left_token, absl::string_view right_token,
+                                     const std::string& where,
+                                     absl::flat_hash_set<int32_t>* used_as_part) {
+  const int32_t left = FindId(std::string(left_token));
+  const int32_t right = FindId(std::string(right_token));
+  const int32_t result = FindId(absl::StrCat(left_token, right_token));
+  if (left < 0 || right < 0 || result < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(where, ": a part or the merged token is not in vocab.json"));
+  }
+  if (used_as_part->contains(result)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(where, ": creates a token that an earlier merge already uses"));
+  }
+  const auto rank = static_cast<int32_t>(merges_.size());  // line order
+  if (!merges_.emplace(PairKey(left, right), Merge{rank, result}).second) {
+    return absl::InvalidArgumentError(absl::StrCat(where, ": duplicate merge"));
+  }
+  used_as_part->insert(left);
+  used_as_part->insert(right);
+  return absl::OkStatus();
+}
+
+absl::Status ClipTokenizer::FindSpecialTokens(const Options& options) {
+  const std::pair<const std::string*, int32_t*> specials[] = {{&options.bos_token, &bos_id_},
+                                                              {&options.eos_token, &eos_id_},
+                                                              {&options.pad_token, &pad_id_}};
   for (const auto& [token, id] : specials) {
-    *id = find_id(*token);
+    *id = FindId(*token);
     if (*id < 0) {
       return absl::InvalidArgumentError(absl::StrCat(
           "special token '", *token, "' is not in vocab_path '", options.vocab_path, "'"));
     }
   }
   for (std::string_view literal : kSpecialTokens) {
-    if (const int32_t id = find_id(std::string(literal)); id >= 0) {
-      t.special_ids_.emplace(literal, id);
+    if (const int32_t id = FindId(std::string(literal)); id >= 0) {
+      special_ids_.emplace(literal, id);
     }
   }
-  t.shard_capacity_ = (options.word_cache_capacity + kCacheShards - 1) / kCacheShards;
-  return tokenizer;
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::vector<int32_t>> ClipTokenizer::Encode(std::string_view text) const {
