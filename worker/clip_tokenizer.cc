@@ -123,7 +123,6 @@ uint64_t PairKey(int32_t left, int32_t right) {
   return (static_cast<uint64_t>(static_cast<uint32_t>(left)) << 32) | static_cast<uint32_t>(right);
 }
 
-
 // The largest id of `vocab` (a JSON object read from `path`), after checking that every id is
 // an integer in [0, kMaxVocabId].
 absl::StatusOr<int64_t> MaxVocabId(const nlohmann::json& vocab, const std::string& path) {
@@ -166,8 +165,8 @@ absl::Status ClipTokenizer::ReadVocab(const std::string& path) {
   for (const auto& [token, id_json] : vocab.items()) {
     const auto id = id_json.get<int32_t>();
     if (!id_to_token_[id].empty() || token.empty()) {
-      return absl::InvalidArgumentError(absl::StrCat("vocab_path '", path, "': id ", id,
-                                                     " is used twice or by an empty token"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("vocab_path '", path, "': id ", id, " is used twice or by an empty token"));
     }
     id_to_token_[id] = token;
     token_to_id_[token] = id;
