@@ -171,22 +171,6 @@ void AppendUtf8(char32_t cp, std::string* out) {
 
 // ---- Character classes ----
 
-bool IsLetter(char32_t cp) {
-  const utf8proc_category_t c = Category(cp);
-  return c >= UTF8PROC_CATEGORY_LU && c <= UTF8PROC_CATEGORY_LO;
-}
-
-bool IsNumber(char32_t cp) {
-  const utf8proc_category_t c = Category(cp);
-  return c >= UTF8PROC_CATEGORY_ND && c <= UTF8PROC_CATEGORY_NO;
-}
-
-bool IsRegexSpace(char32_t cp) {
-  return (cp >= 0x09 && cp <= 0x0D) || cp == 0x20 || cp == 0x85 || cp == 0xA0 || cp == 0x1680 ||
-         (cp >= 0x2000 && cp <= 0x200A) || cp == 0x2028 || cp == 0x2029 || cp == 0x202F ||
-         cp == 0x205F || cp == 0x3000;
-}
-
 bool IsPythonSpace(char32_t cp) { return IsRegexSpace(cp) || (cp >= 0x1C && cp <= 0x1F); }
 
 bool IsCaseIgnorable(char32_t cp) {

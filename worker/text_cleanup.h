@@ -17,6 +17,8 @@
 #ifndef DMDSERVE_WORKER_TEXT_CLEANUP_H_
 #define DMDSERVE_WORKER_TEXT_CLEANUP_H_
 
+#include <utf8proc.h>
+
 #include <string>
 #include <string_view>
 
@@ -38,12 +40,14 @@ void AppendUtf8(char32_t cp, std::string* out);
 
 // ---- Character classes ----
 
+// The first three are defined inline below: the pre-tokenizer calls them for every character.
+
 // \p{L}: general category Lu, Ll, Lt, Lm or Lo.
-bool IsLetter(char32_t cp);
+inline bool IsLetter(char32_t cp);
 // \p{N}: general category Nd, Nl or No.
-bool IsNumber(char32_t cp);
+inline bool IsNumber(char32_t cp);
 // `\s` of the `regex` module CLIP uses: the Unicode White_Space property.
-bool IsRegexSpace(char32_t cp);
+inline bool IsRegexSpace(char32_t cp);
 // Python's str.isspace(), used by str.strip(): White_Space plus U+001C..U+001F.
 bool IsPythonSpace(char32_t cp);
 // Unicode Case_Ignorable (Mn, Me, Cf, Lm, Sk and the Word_Break MidLetter, MidNumLet and
@@ -74,6 +78,24 @@ std::u32string ToLower(const std::u32string& s);
 
 // CLIP's whole clean-up: ToLower(CollapseWhitespace(HtmlUnescape(HtmlUnescape(s)))).
 std::u32string CleanUp(std::u32string s);
+
+// ---- Inline definitions ----
+
+inline bool IsLetter(char32_t cp) {
+  const utf8proc_category_t c = utf8proc_category(static_cast<utf8proc_int32_t>(cp));
+  return c >= UTF8PROC_CATEGORY_LU && c <= UTF8PROC_CATEGORY_LO;
+}
+
+inline bool IsNumber(char32_t cp) {
+  const utf8proc_category_t c = utf8proc_category(static_cast<utf8proc_int32_t>(cp));
+  return c >= UTF8PROC_CATEGORY_ND && c <= UTF8PROC_CATEGORY_NO;
+}
+
+inline bool IsRegexSpace(char32_t cp) {
+  return (cp >= 0x09 && cp <= 0x0D) || cp == 0x20 || cp == 0x85 || cp == 0xA0 || cp == 0x1680 ||
+         (cp >= 0x2000 && cp <= 0x200A) || cp == 0x2028 || cp == 0x2029 || cp == 0x202F ||
+         cp == 0x205F || cp == 0x3000;
+}
 
 }  // namespace text_cleanup
 }  // namespace dmdserve
