@@ -35,7 +35,10 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 
 namespace dmdserve {
@@ -107,6 +110,25 @@ class ClipTokenizer {
   static constexpr size_t kCacheShards = 16;
 
   ClipTokenizer() = default;
+
+  // The steps of Create(), in order; each returns INVALID_ARGUMENT naming the file, line or token
+  // at fault.
+  // Fills token_to_id_ and id_to_token_ from vocab.json at `path`.
+  absl::Status ReadVocab(const std::string& path);
+  // Fills byte_ids_ and byte_end_ids_ from the vocab (read from `vocab_path`, named in errors).
+  absl::Status BuildByteTables(const std::string& vocab_path);
+  // Fills merges_ from merges.txt at `path`, rank = line order. Merging the lowest rank first
+  // (Bpe) reproduces CLIP's round-by-round loop when no merge uses a token that a later line
+  // creates, which is checked.
+  absl::Status ReadMerges(const std::string& path);
+  // Adds the merge `left_token right_token` of the line `where` (for errors) to merges_.
+  // `used_as_part`: the ids the merges so far use as parts; updated.
+  absl::Status AddMerge(absl::string_view left_token, absl::string_view right_token,
+                        const std::string& where, absl::flat_hash_set<int32_t>* used_as_part);
+  // Sets bos_id_, eos_id_, pad_id_ from the Options' token strings and fills special_ids_.
+  absl::Status FindSpecialTokens(const Options& options);
+  // The id of `token` in vocab.json, or -1.
+  int32_t FindId(const std::string& token) const;
 
   // Appends the ids of one pre-tokenized word (UTF-8, already cleaned and lower-cased).
   void EncodeWord(std::string_view word, std::vector<int32_t>* ids) const;
