@@ -28,10 +28,9 @@ from PIL import Image
 from training import captions, export_bundle
 from training.eval import evaluate_images, fashion_data
 from training.eval.classifier import load_classifier
+from tools.dmdserve_process import DmdserveProcess
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "scripts"))
-from dmdserve_process import DmdserveProcess  # noqa: E402  (scripts/ is not a package)
 IMAGES_PER_REQUEST = 16
 TEACHER_VARIANT_STEPS = (20, 4, 1)
 

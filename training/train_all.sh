@@ -30,7 +30,7 @@ TEACHER_GUIDANCE=${TEACHER_GUIDANCE:-3}
 FINAL_TEACHER=$CK/teacher_8400.pt
 FINAL_GUIDANCE=${FINAL_GUIDANCE:-2}
 # The student's last phase distils the same teacher at a lower CFG (real score and ODE pairs):
-# at 2 its diversity stayed at 0.79 of real, short of the 0.8 (docs/FASHION.md).
+# at 2 its diversity stayed at 0.79 of real, short of the 0.8 target (docs/FASHION.md).
 STUDENT_GUIDANCE=${STUDENT_GUIDANCE:-1.75}
 mkdir -p "$STATE_DIR"
 

@@ -73,9 +73,9 @@ class FashionTrainingSmokeTest(unittest.TestCase):
             served = np.stack([np.frombuffer(i.data, np.uint8) for i in r.images])
             out = os.path.join(self.tmp.name, name + ".raw")
             inputs = json.dumps([{"input_ids": list(ids), "seed": s} for s in (5, 6)])
-            subprocess.run([PY, os.path.join(SOURCE_DIR, "scripts", "reference_pipeline.py"),
+            subprocess.run([PY, "-m", "tools.reference_pipeline",
                             "--bundle", bundle, "--inputs-json", inputs, "--out", out],
-                           check=True)
+                           check=True, cwd=SOURCE_DIR)
             reference = np.fromfile(out, np.uint8).reshape(served.shape)
             diff = np.abs(served.astype(int) - reference.astype(int)).max()
             self.assertLessEqual(diff, 1, name)
