@@ -165,11 +165,11 @@ dmd() {
     --guidance "$STUDENT_GUIDANCE"
 }
 stage dmd $CK/dmd.pt dmd
-$PY -m training.export_bundle --checkpoint $CK/dmd.pt --name fashion-dmd --steps 1 \
+$PY -m training.export_fashion_bundle --checkpoint $CK/dmd.pt --name fashion-dmd --steps 1 \
   --description "Fashion-MNIST one-step DMD generator (distilled here from fashion-teacher), 32x32 grey" \
   --out models/fashion-dmd
-$PY -m training.export_bundle --checkpoint $FINAL_TEACHER --name fashion-teacher --steps 50 \
-  --guidance "$FINAL_GUIDANCE" \
+$PY -m training.export_fashion_bundle --checkpoint $FINAL_TEACHER --name fashion-teacher \
+  --steps 50 --guidance "$FINAL_GUIDANCE" \
   --description "Fashion-MNIST teacher: 50-step DDIM with classifier-free guidance $FINAL_GUIDANCE, 32x32 grey (trained here)" \
   --out models/fashion-teacher
 echo "== bundles: models/fashion-dmd models/fashion-teacher"

@@ -4,7 +4,6 @@ with the images the Python reference loop computes (within 1 intensity level).""
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import unittest
 
@@ -39,9 +38,9 @@ class FashionTrainingSmokeTest(unittest.TestCase):
               "--reg-weight", "0.25", "--pairs", t("pairs.pt"), "--eval-every", "2",
               "--eval-per-class", "2", "--out", t("dmd.pt"), "--state", t("dmd_state.pt"))
         cls.bundles = {"smoke-dmd": t("smoke-dmd"), "smoke-teacher": t("smoke-teacher")}
-        stage("training.export_bundle", "--checkpoint", t("dmd.pt"), "--autoencoder",
+        stage("training.export_fashion_bundle", "--checkpoint", t("dmd.pt"), "--autoencoder",
               t("ae.pt"), "--name", "smoke-dmd", "--steps", "1", "--out", t("smoke-dmd"))
-        stage("training.export_bundle", "--checkpoint", t("teacher.pt"), "--autoencoder",
+        stage("training.export_fashion_bundle", "--checkpoint", t("teacher.pt"), "--autoencoder",
               t("ae.pt"), "--name", "smoke-teacher", "--steps", "4", "--guidance", "2",
               "--out", t("smoke-teacher"))
         cls.server = Server(model_dirs=tuple(cls.bundles.values()))

@@ -323,9 +323,10 @@ class TrainingStagesTest(unittest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             train_teacher.train(_teacher_args(tmp, 1))
             bundle = os.path.join(tmp, "bundle")
-            subprocess.run([sys.executable, "-m", "training.export_bundle", "--checkpoint",
-                            os.path.join(tmp, "teacher.pt"), "--name", "t", "--steps", "3",
-                            "--guidance", "2.5", "--out", bundle], check=True, cwd=REPO)
+            subprocess.run([sys.executable, "-m", "training.export_fashion_bundle",
+                            "--checkpoint", os.path.join(tmp, "teacher.pt"), "--name", "t",
+                            "--steps", "3", "--guidance", "2.5", "--out", bundle],
+                           check=True, cwd=REPO)
             ids = captions.tokenize(["a sandal", "a dress"])
             inputs = json.dumps([{"input_ids": ids[i].tolist(), "seed": 7 + i} for i in range(2)])
             subprocess.run([sys.executable, "-m", "tools.reference_pipeline",
