@@ -10,12 +10,13 @@ import random
 
 import torch
 
+from training import data
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER_DIR = os.path.join(REPO_ROOT, "models", "tokenizers", "openai-clip")
 MAX_LENGTH = 77
 
-CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+CLASS_NAMES = data.CLASS_NAMES  # CAPTIONS[label] describes CLASS_NAMES[label]
 
 CAPTIONS = (
     ("a t-shirt", "a photo of a t-shirt", "a tee", "a short-sleeved top", "a plain t-shirt",
