@@ -43,7 +43,7 @@ RUN cmake -S . -B /build -G Ninja -DCMAKE_BUILD_TYPE=Release \
     && mkdir -p /out/bin && cp /build/server/dmdserve /build/client/dmdctl /out/bin/ \
     && strip /out/bin/*
 # The runtime stage installs exactly the packages that own the binaries' shared libraries.
-COPY scripts/runtime_packages.sh /usr/local/bin/
+COPY scripts/container/runtime_packages.sh /usr/local/bin/
 RUN runtime_packages.sh /out/bin/dmdserve /out/bin/dmdctl > /out/runtime-packages.txt \
     && cat /out/runtime-packages.txt
 
@@ -72,7 +72,7 @@ RUN cmake -S . -B /build -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH
       -DDMDSERVE_BUILD_TESTS=OFF -DDMDSERVE_BUILD_BENCHMARKS=OFF -DDMDSERVE_BUILD_FUZZERS=OFF \
     && cmake --build /build --target dmdserve dmdctl \
     && mkdir -p /out/bin && cp /build/server/dmdserve /build/client/dmdctl /out/bin/
-COPY scripts/runtime_packages.sh /usr/local/bin/
+COPY scripts/container/runtime_packages.sh /usr/local/bin/
 RUN SKIP_PREFIX=/opt/libtorch runtime_packages.sh /out/bin/dmdserve /out/bin/dmdctl \
       > /out/runtime-packages.txt
 

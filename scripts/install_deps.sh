@@ -24,7 +24,7 @@ PKGS=(
   clang-14 libfuzzer-14-dev libclang-rt-14-dev
   # python tooling (Debian's interpreter at /usr/bin/python3)
   python3 python3-torch python3-numpy python3-grpcio python3-protobuf python3-pil python3-scipy
-  # training and evaluation data (issue 4)
+  # training and evaluation data (Fashion-MNIST)
   dataset-fashion-mnist
 )
 # Node.js runs the offline Kubernetes manifest validation (tests/k8s); use Debian's if none.

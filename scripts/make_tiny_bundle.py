@@ -19,10 +19,8 @@ Components (float32, torch.jit.script):
 """
 
 import argparse
-import json
 import math
 import os
-import shutil
 import sys
 from typing import Optional
 
@@ -43,6 +41,8 @@ SUPPORTED_SIZES = [[32, 32], [64, 32]]
 LATENT_SCALING_FACTOR = 0.18215
 TOKENIZER_FILES = ["vocab.json", "merges.txt", "LICENSE"]
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)  # run as a script: make the repository root importable
+from tools import bundle_files  # noqa: E402
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
@@ -156,20 +156,7 @@ class Decoder(nn.Module):
         return torch.tanh(self.conv_out(h))
 
 
-def sd_alphas_cumprod() -> torch.Tensor:
-    """SD's scaled-linear schedule (beta 0.00085 -> 0.012, 1000 steps), float32 like diffusers."""
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float32) ** 2
-    return torch.cumprod(1.0 - betas, dim=0)
-
-
-def timesteps_for(steps: int) -> list:
-    """DMD2's evenly spaced timesteps: 1 -> [999], 4 -> [999, 749, 499, 249]."""
-    return [999 - k * (1000 // steps) for k in range(steps)]
-
-
 def manifest(name: str, steps: int, step_mode: str, guidance: float, dtype: str) -> dict:
-    timesteps = timesteps_for(steps)
-    alphas = sd_alphas_cumprod()
     return {
         "format": "dmdserve.bundle/v1",
         "name": name,
@@ -184,9 +171,7 @@ def manifest(name: str, steps: int, step_mode: str, guidance: float, dtype: str)
         "components": {"text_encoder": "text_encoder.pt", "generator": "generator.pt",
                        "decoder": "decoder.pt"},
         "prediction_type": "epsilon",
-        "schedule": {"timesteps": timesteps,
-                     "alphas_cumprod": [float(alphas[t]) for t in timesteps],
-                     "step_mode": step_mode},
+        "schedule": bundle_files.dmd2_sd_schedule(steps, step_mode),
         "guidance_scale": guidance,
         "latent_scaling_factor": LATENT_SCALING_FACTOR,
         "dtype": dtype,
@@ -220,16 +205,12 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     components = {"text_encoder": TextEncoder(), "generator": Generator(), "decoder": Decoder()}
-    os.makedirs(os.path.join(args.out, "tokenizer"), exist_ok=True)
+    os.makedirs(os.path.join(args.out, bundle_files.TOKENIZER_SUBDIR), exist_ok=True)
     for name, module in components.items():
-        torch.jit.save(torch.jit.script(module.eval()), os.path.join(args.out, name + ".pt"))
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(os.path.join(args.tokenizer_dir, name),
-                        os.path.join(args.out, "tokenizer", name))
-    with open(os.path.join(args.out, "model.json"), "w") as f:
-        json.dump(manifest(args.name, args.steps, args.step_mode, args.guidance, args.dtype), f,
-                  indent=2)
-        f.write("\n")
+        bundle_files.save_component(module.eval(), args.out, name + ".pt")
+    bundle_files.copy_tokenizer(args.tokenizer_dir, args.out, TOKENIZER_FILES)
+    bundle_files.write_manifest(args.out, manifest(args.name, args.steps, args.step_mode,
+                                                   args.guidance, args.dtype))
 
 
 if __name__ == "__main__":

@@ -137,3 +137,12 @@ def export_decoder(decoder, path=None):
     if path:
         scripted.save(path)
     return scripted
+
+
+def load_checkpoint(path):
+    """Loads a train_autoencoder --out checkpoint (float16 weights, on the CPU); returns
+    (AutoencoderKL in eval mode, latent scaling factor)."""
+    ckpt = torch.load(path)
+    model = AutoencoderKL()
+    model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
+    return model.eval(), ckpt["latent_scaling_factor"]

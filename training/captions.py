@@ -2,22 +2,21 @@
 
 CAPTIONS[label] lists distinct phrasings for each class; `sample_captions` picks one per label
 deterministically from a seed; `tokenize` turns captions into padded 77-token CLIP input_ids
-using the repository's reference tokenizer (scripts/clip_tokenizer_reference.py).
+using the repository's reference tokenizer (tools/clip_tokenizer_reference.py).
 """
 
-import importlib.util
 import os
 import random
 
 import torch
 
+from training import data
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER_SCRIPT = os.path.join(REPO_ROOT, "scripts", "clip_tokenizer_reference.py")
 TOKENIZER_DIR = os.path.join(REPO_ROOT, "models", "tokenizers", "openai-clip")
 MAX_LENGTH = 77
 
-CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+CLASS_NAMES = data.CLASS_NAMES  # CAPTIONS[label] describes CLASS_NAMES[label]
 
 CAPTIONS = (
     ("a t-shirt", "a photo of a t-shirt", "a tee", "a short-sleeved top", "a plain t-shirt",
@@ -43,14 +42,6 @@ CAPTIONS = (
 )
 
 
-def load_tokenizer_module(path=TOKENIZER_SCRIPT):
-    """Imports scripts/clip_tokenizer_reference.py from its file path."""
-    spec = importlib.util.spec_from_file_location("clip_tokenizer_reference", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 _tokenizer = None
 
 
@@ -58,7 +49,9 @@ def tokenizer():
     """The shared reference CLIP tokenizer (loaded once)."""
     global _tokenizer
     if _tokenizer is None:
-        _tokenizer = load_tokenizer_module().Tokenizer(TOKENIZER_DIR)
+        # Imported on first use: building its character classes takes about a second.
+        from tools import clip_tokenizer_reference
+        _tokenizer = clip_tokenizer_reference.Tokenizer(TOKENIZER_DIR)
     return _tokenizer
 
 

@@ -18,8 +18,9 @@ import time
 
 import torch
 
+from tools.sd15 import schedule as sd_schedule
 from training import captions, data, t2i
-from training.train_autoencoder import load_checkpoint as load_autoencoder
+from training.autoencoder import load_checkpoint as load_autoencoder
 
 AUTOENCODER_CHECKPOINT = "training/checkpoints/autoencoder.pt"
 LATENT_CACHE_DIR = os.environ.get("DMDSERVE_TRAINING_CACHE", "/tmp/dmdserve-training/cache")
@@ -186,7 +187,7 @@ def prompt_ids(labels, phrasing=0):
 
 def trailing_timesteps(steps):
     """DMD2's / the bundles' spacing: 999 - k * (1000 // steps)."""
-    return [999 - k * (t2i.NUM_TRAIN_TIMESTEPS // steps) for k in range(steps)]
+    return sd_schedule.dmd2_timesteps(steps, t2i.NUM_TRAIN_TIMESTEPS)
 
 
 @torch.no_grad()

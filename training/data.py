@@ -1,7 +1,8 @@
 """Fashion-MNIST loading from the gzip'd idx files.
 
 The files are read from $DMDSERVE_FASHION_MNIST_DIR if it is set, else from Debian's
-dataset-fashion-mnist directory (DEFAULT_DIR); training/eval/fashion_data.py uses the same place.
+dataset-fashion-mnist directory (DEFAULT_DIR); training/eval/fashion_data.py reads them with the
+readers here.
 
 Images come out as float32 tensors [N, 1, 32, 32] in [-1, 1]: the 28x28 uint8 pixels are mapped
 linearly (0 -> -1, 255 -> 1) and padded by 2 px on every side with the background value -1.
@@ -23,7 +24,9 @@ SPLITS = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", 60000),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", 10000),
 }
-NUM_CLASSES = 10
+CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")  # index = label
+NUM_CLASSES = len(CLASS_NAMES)
 PAD = 2
 
 

@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from training import captions, export_bundle
+from tools import bundle_files
+from tools.dmdserve_process import DmdserveProcess
+from training import captions, export_fashion_bundle
 from training.eval import evaluate_images, fashion_data
 from training.eval.classifier import load_classifier
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "scripts"))
-from dmdserve_process import DmdserveProcess  # noqa: E402  (scripts/ is not a package)
 IMAGES_PER_REQUEST = 16
 TEACHER_VARIANT_STEPS = (20, 4, 1)
 
@@ -53,18 +53,17 @@ def parse_args(argv=None):
 
 def teacher_variant(teacher_dir, steps, root):
     """A bundle directory sharing the teacher's files with an N-step schedule."""
-    with open(os.path.join(teacher_dir, "model.json")) as f:
+    with open(os.path.join(teacher_dir, bundle_files.MANIFEST)) as f:
         manifest = json.load(f)
     out = os.path.join(root, f"fashion-teacher-{steps}")
     os.makedirs(out, exist_ok=True)
     for name in os.listdir(teacher_dir):
-        if name != "model.json":
+        if name != bundle_files.MANIFEST:
             os.symlink(os.path.abspath(os.path.join(teacher_dir, name)), os.path.join(out, name))
     manifest["name"] = f"fashion-teacher-{steps}"
     manifest["description"] = f"fashion-teacher with {steps} DDIM steps (evaluation only)"
-    manifest["schedule"] = export_bundle.schedule(steps)
-    with open(os.path.join(out, "model.json"), "w") as f:
-        json.dump(manifest, f, indent=2)
+    manifest["schedule"] = export_fashion_bundle.schedule(steps)
+    bundle_files.write_manifest(out, manifest)
     return out
 
 

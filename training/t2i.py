@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tools.sd15 import schedule as sd_schedule
 from training import captions
 
 MAX_LENGTH = 77
@@ -48,9 +49,8 @@ class Schedule:
 
     def __init__(self, beta_start=0.00085, beta_end=0.012, steps=NUM_TRAIN_TIMESTEPS,
                  device="cpu"):
-        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps,
-                               dtype=torch.float32) ** 2
-        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0).to(device)
+        self.alphas_cumprod = sd_schedule.scaled_linear_alphas_cumprod(beta_start, beta_end,
+                                                                       steps).to(device)
 
     def add_noise(self, x0, noise, t):
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1)

@@ -30,7 +30,7 @@ TEACHER_GUIDANCE=${TEACHER_GUIDANCE:-3}
 FINAL_TEACHER=$CK/teacher_8400.pt
 FINAL_GUIDANCE=${FINAL_GUIDANCE:-2}
 # The student's last phase distils the same teacher at a lower CFG (real score and ODE pairs):
-# at 2 its diversity stayed at 0.79 of real, short of the 0.8 (docs/FASHION.md).
+# at 2 its diversity stayed at 0.79 of real, short of the 0.8 target (docs/FASHION.md).
 STUDENT_GUIDANCE=${STUDENT_GUIDANCE:-1.75}
 mkdir -p "$STATE_DIR"
 
@@ -165,11 +165,11 @@ dmd() {
     --guidance "$STUDENT_GUIDANCE"
 }
 stage dmd $CK/dmd.pt dmd
-$PY -m training.export_bundle --checkpoint $CK/dmd.pt --name fashion-dmd --steps 1 \
+$PY -m training.export_fashion_bundle --checkpoint $CK/dmd.pt --name fashion-dmd --steps 1 \
   --description "Fashion-MNIST one-step DMD generator (distilled here from fashion-teacher), 32x32 grey" \
   --out models/fashion-dmd
-$PY -m training.export_bundle --checkpoint $FINAL_TEACHER --name fashion-teacher --steps 50 \
-  --guidance "$FINAL_GUIDANCE" \
+$PY -m training.export_fashion_bundle --checkpoint $FINAL_TEACHER --name fashion-teacher \
+  --steps 50 --guidance "$FINAL_GUIDANCE" \
   --description "Fashion-MNIST teacher: 50-step DDIM with classifier-free guidance $FINAL_GUIDANCE, 32x32 grey (trained here)" \
   --out models/fashion-teacher
 echo "== bundles: models/fashion-dmd models/fashion-teacher"

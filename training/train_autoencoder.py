@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from training import autoencoder as ae
-from training import data
+from training import common, data
+from training.autoencoder import load_checkpoint  # noqa: F401  (this stage's reader of --out)
 
 KL_WEIGHT = 1e-6  # per latent element of the summed KL, relative to a summed-per-pixel MSE (SD)
 SCALING_SUBSET = 10000  # training images used for the latent scaling factor
@@ -44,6 +45,9 @@ def parse_args(argv=None):
 
 
 def lr_at(step, steps, peak):
+    """Linear warm-up over min(100, steps // 10) steps, then cosine decay to 0. Not common.lr_at:
+    this rounds pi * (step - warmup) / n differently (last-bit differences in the lr), and the
+    committed autoencoder was trained with it."""
     warmup = min(100, steps // 10)
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -70,15 +74,8 @@ def train_step(model, opt, images, step, args):
 def half_roundtrip(model):
     """Copy of `model` whose weights went through float16 (what --out stores)."""
     rounded = ae.AutoencoderKL()
-    rounded.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
+    rounded.load_state_dict(common.float_state_dict(common.half_state_dict(model)))
     return rounded.eval()
-
-
-def save_state(path, state):
-    """Writes `state` atomically (temp file + rename), so an interrupted save keeps the old one."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
 
 
 def train(args):
@@ -90,7 +87,7 @@ def train(args):
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     step, elapsed = 0, 0.0
     if args.resume and os.path.exists(args.state):
-        state = torch.load(args.state)
+        state = common.load(args.state)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, elapsed = state["step"], state["elapsed_s"]
@@ -108,15 +105,16 @@ def train(args):
                   f"psnr {ae.psnr(mse):.2f} dB {rate:.2f} steps/s", flush=True)
             window_start, window_steps = time.time(), 0
         if step % args.save_every == 0 or step == args.steps:
-            save_state(args.state, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                    "step": step, "elapsed_s": time.time() - start})
+            common.save_state(args.state, {"model": model.state_dict(),
+                                           "optimizer": opt.state_dict(), "step": step,
+                                           "elapsed_s": time.time() - start})
     train_s = time.time() - start
 
     final = half_roundtrip(model)
     test_mse = ae.reconstruction_mse(final, test_images)
     scale = ae.latent_scaling_factor(final, train_images[:SCALING_SUBSET])
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    torch.save({"model": {k: v.half() for k, v in model.state_dict().items()},
+    torch.save({"model": common.half_state_dict(model),
                 "latent_scaling_factor": scale, "latent_shape": [ae.LATENT_CHANNELS, 8, 8],
                 "steps": step, "seed": args.seed}, args.out)
     summary = {"steps": step, "batch_size": args.batch_size, "subset": args.subset,
@@ -128,14 +126,6 @@ def train(args):
         json.dump(summary, f, indent=2)
     print(json.dumps(summary), flush=True)
     return summary
-
-
-def load_checkpoint(path):
-    """Loads an --out checkpoint; returns (AutoencoderKL in eval mode, latent scaling factor)."""
-    ckpt = torch.load(path)
-    model = ae.AutoencoderKL()
-    model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
-    return model.eval(), ckpt["latent_scaling_factor"]
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ const char kVocabDir[] = DMDSERVE_SOURCE_DIR "/models/tokenizers/openai-clip";
 // Produced by OpenAI CLIP's reference tokenizer (see tools/tests/testdata/README.md).
 const char kReferenceVectors[] =
     DMDSERVE_SOURCE_DIR "/worker/testdata/clip_tokenizer_reference_vectors.jsonl";
-// Produced by scripts/clip_tokenizer_reference.py (an independent Python implementation that
+// Produced by tools/clip_tokenizer_reference.py (an independent Python implementation that
 // first reproduces kReferenceVectors).
 const char kExtraVectors[] =
     DMDSERVE_SOURCE_DIR "/worker/testdata/clip_tokenizer_extra_vectors.jsonl";

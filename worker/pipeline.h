@@ -5,7 +5,7 @@
 // generators seeded with the image's seed (the noise contract), the text encoder once per distinct
 // prompt in the batch, `manifest.steps()` generator calls (with classifier-free guidance on a
 // doubled [uncond; cond] batch when guidance_scale > 1), epsilon -> x0 arithmetic in float32, the
-// decoder, and conversion to uint8 HWC on the device. scripts/reference_pipeline.py is the same
+// decoder, and conversion to uint8 HWC on the device. tools/reference_pipeline.py is the same
 // loop in Python; pipeline_test checks that both agree.
 //
 // An image depends only on its own input_ids and seed, not on the other images of the batch or its

@@ -91,7 +91,7 @@ std::vector<std::string> RunOk(const Pipeline& pipeline, const std::vector<Pipel
   return output.ok() ? output->images : std::vector<std::string>();
 }
 
-// The images scripts/reference_pipeline.py makes for `batch`.
+// The images tools/reference_pipeline.py makes for `batch`.
 std::vector<std::string> ReferenceImages(const std::string& bundle,
                                          const std::vector<Pipeline::Input>& batch, int width,
                                          int height, int channels) {
@@ -102,7 +102,7 @@ std::vector<std::string> ReferenceImages(const std::string& bundle,
   const std::string out = MakeTempDir() + "/images.u8";
   // The JSON holds only numbers, brackets, braces, quotes and commas: safe in single quotes.
   RunCommand(absl::StrCat(DMDSERVE_PYTHON, " ",
-                          SourcePath("scripts/reference_pipeline.py").string(), " --bundle ",
+                          SourcePath("tools/reference_pipeline.py").string(), " --bundle ",
                           bundle, " --width ", width, " --height ", height, " --inputs-json '",
                           inputs.dump(), "' --out ", out));
   const std::string bytes = ReadFile(out);

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Differential test: C++ ClipTokenizer against scripts/clip_tokenizer_reference.py.
+"""Differential test: C++ ClipTokenizer against tools/clip_tokenizer_reference.py.
 
 Random texts are assembled from pieces the tokenizer treats specially (HTML references, Greek
 sigma next to case-ignorable characters, dotted capital I, long s, U+0345, every kind of
@@ -21,7 +21,7 @@ import sys
 import unicodedata
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REFERENCE = os.path.join(HERE, "..", "..", "scripts", "clip_tokenizer_reference.py")
+REFERENCE = os.path.join(HERE, "..", "..", "tools", "clip_tokenizer_reference.py")
 
 PIECES = [
     # HTML character references, whole and broken.

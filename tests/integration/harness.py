@@ -20,8 +20,8 @@ from dmdserve.v1 import dmdserve_pb2_grpc as pb_grpc
 from grpc_health_v1 import health_pb2, health_pb2_grpc
 
 SOURCE_DIR = os.environ["DMDSERVE_SOURCE_DIR"]
-sys.path.insert(0, os.path.join(SOURCE_DIR, "scripts"))
-from dmdserve_process import DmdserveProcess  # noqa: E402  (scripts/ is not a package)
+sys.path.insert(0, SOURCE_DIR)
+from tools.dmdserve_process import DmdserveProcess  # noqa: E402
 
 BUILD_DIR = os.environ["DMDSERVE_BUILD_DIR"]
 DMDSERVE_BIN = os.environ["DMDSERVE_BIN"]

@@ -4,7 +4,6 @@ with the images the Python reference loop computes (within 1 intensity level).""
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import unittest
 
@@ -39,9 +38,9 @@ class FashionTrainingSmokeTest(unittest.TestCase):
               "--reg-weight", "0.25", "--pairs", t("pairs.pt"), "--eval-every", "2",
               "--eval-per-class", "2", "--out", t("dmd.pt"), "--state", t("dmd_state.pt"))
         cls.bundles = {"smoke-dmd": t("smoke-dmd"), "smoke-teacher": t("smoke-teacher")}
-        stage("training.export_bundle", "--checkpoint", t("dmd.pt"), "--autoencoder",
+        stage("training.export_fashion_bundle", "--checkpoint", t("dmd.pt"), "--autoencoder",
               t("ae.pt"), "--name", "smoke-dmd", "--steps", "1", "--out", t("smoke-dmd"))
-        stage("training.export_bundle", "--checkpoint", t("teacher.pt"), "--autoencoder",
+        stage("training.export_fashion_bundle", "--checkpoint", t("teacher.pt"), "--autoencoder",
               t("ae.pt"), "--name", "smoke-teacher", "--steps", "4", "--guidance", "2",
               "--out", t("smoke-teacher"))
         cls.server = Server(model_dirs=tuple(cls.bundles.values()))
@@ -73,9 +72,9 @@ class FashionTrainingSmokeTest(unittest.TestCase):
             served = np.stack([np.frombuffer(i.data, np.uint8) for i in r.images])
             out = os.path.join(self.tmp.name, name + ".raw")
             inputs = json.dumps([{"input_ids": list(ids), "seed": s} for s in (5, 6)])
-            subprocess.run([PY, os.path.join(SOURCE_DIR, "scripts", "reference_pipeline.py"),
+            subprocess.run([PY, "-m", "tools.reference_pipeline",
                             "--bundle", bundle, "--inputs-json", inputs, "--out", out],
-                           check=True)
+                           check=True, cwd=SOURCE_DIR)
             reference = np.fromfile(out, np.uint8).reshape(served.shape)
             diff = np.abs(served.astype(int) - reference.astype(int)).max()
             self.assertLessEqual(diff, 1, name)

@@ -12,11 +12,12 @@ load anyway; storing them converted halves a float16 bundle's size).
 import json
 import os
 import re
-import shutil
 from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from tools import bundle_files
 
 FORMAT = "dmdserve.bundle/v1"
 COMPONENT_FILES = {"text_encoder": "text_encoder.pt", "generator": "unet.pt",
@@ -108,15 +109,10 @@ def write(out_dir: str, modules: Dict[str, nn.Module], model_json: Dict[str, Any
     """Writes the bundle: TorchScript files (modules keyed by component name, converted to the
     manifest's dtypes), tokenizer files and model.json (written last)."""
     check_output(out_dir, tokenizer_dir, overwrite)
-    os.makedirs(os.path.join(out_dir, "tokenizer"), exist_ok=True)
+    os.makedirs(os.path.join(out_dir, bundle_files.TOKENIZER_SUBDIR), exist_ok=True)
     dtype = model_json["dtype"]
     for component, filename in COMPONENT_FILES.items():
         name = dtype if isinstance(dtype, str) else dtype.get(component, "float32")
-        module = modules[component].to(DTYPES[name]).eval()
-        torch.jit.save(torch.jit.script(module), os.path.join(out_dir, filename))
-    for f in TOKENIZER_FILES + OPTIONAL_TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(tokenizer_dir, f)):
-            shutil.copyfile(os.path.join(tokenizer_dir, f), os.path.join(out_dir, "tokenizer", f))
-    with open(os.path.join(out_dir, "model.json"), "w", encoding="utf-8") as f:
-        json.dump(model_json, f, indent=2)
-        f.write("\n")
+        bundle_files.save_component(modules[component].to(DTYPES[name]).eval(), out_dir, filename)
+    bundle_files.copy_tokenizer(tokenizer_dir, out_dir, TOKENIZER_FILES, OPTIONAL_TOKENIZER_FILES)
+    bundle_files.write_manifest(out_dir, model_json)

@@ -13,6 +13,7 @@ ddim             an ordinary SD1.5 checkpoint (the teacher) with deterministic D
 
 from typing import Any, Dict
 
+from tools import bundle_files
 from tools.sd15 import schedule
 
 RECIPES = ("dmd2-sd15-1step", "ddim")
@@ -50,8 +51,6 @@ def schedule_fields(recipe: str, scheduler_config: Dict[str, Any], steps: int,
                           f"{len(alphas)} training timesteps")
     return {
         "prediction_type": prediction,
-        "schedule": {"timesteps": timesteps,
-                     "alphas_cumprod": [float(alphas[t]) for t in timesteps],
-                     "step_mode": "ddim"},
+        "schedule": bundle_files.manifest_schedule(timesteps, alphas, "ddim"),
         "guidance_scale": float(guidance),
     }

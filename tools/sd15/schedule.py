@@ -1,4 +1,5 @@
-"""The noise schedule and sampling timesteps of a diffusers scheduler config.
+"""The noise schedule and sampling timesteps of a diffusers scheduler config, and SD's
+scaled-linear schedule and DMD2's timesteps that every bundle writer of this repository uses.
 
 alphas_cumprod follows diffusers' DDPM-family schedulers (DDIM, PNDM, Euler, LCM share it):
 betas in float32, alphas_cumprod = cumprod(1 - betas). ddim_timesteps follows DDIMScheduler's
@@ -17,6 +18,21 @@ class ScheduleError(ValueError):
     """A scheduler config or step count the bundle schedule cannot represent."""
 
 
+def scaled_linear_alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 0.012,
+                                 steps: int = 1000) -> torch.Tensor:
+    """float32 [steps] alphas_cumprod of SD's scaled-linear schedule, betas = linspace(
+    sqrt(beta_start), sqrt(beta_end), steps) ** 2 in float32 as diffusers computes them. The
+    defaults are SD1.5's, which the Fashion-MNIST models and the tiny test bundle share."""
+    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=torch.float32) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def dmd2_timesteps(steps: int, total: int = 1000) -> List[int]:
+    """DMD2's evenly spaced timesteps, total - 1 - k * (total // steps): 1 -> [999],
+    4 -> [999, 749, 499, 249]."""
+    return [total - 1 - k * (total // steps) for k in range(steps)]
+
+
 def alphas_cumprod(cfg: Dict[str, Any]) -> torch.Tensor:
     """float32 [num_train_timesteps] cumulative products of (1 - beta)."""
     for key, default in UNSUPPORTED.items():
@@ -31,7 +47,7 @@ def alphas_cumprod(cfg: Dict[str, Any]) -> torch.Tensor:
     elif kind == "linear":
         betas = torch.linspace(start, end, steps, dtype=torch.float32)
     elif kind == "scaled_linear":
-        betas = torch.linspace(start ** 0.5, end ** 0.5, steps, dtype=torch.float32) ** 2
+        return scaled_linear_alphas_cumprod(start, end, steps)
     else:
         raise ScheduleError(f"scheduler config: beta_schedule {kind!r} is not supported "
                             "(linear, scaled_linear or trained_betas)")

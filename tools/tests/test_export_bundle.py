@@ -1,6 +1,6 @@
 """Tests for tools/export_bundle.py: bundles exported from the tiny SD1.5 diffusers folder, their
 manifest, their TorchScript files against the reference fixtures, and their images (through
-scripts/reference_pipeline.py, the served loop in Python) against DMD2 sampling written out
+tools/reference_pipeline.py, the served loop in Python) against DMD2 sampling written out
 independently with the eager modules."""
 
 import filecmp

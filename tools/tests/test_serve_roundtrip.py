@@ -1,7 +1,7 @@
 """Export -> serve -> image: bundles exported from the tiny SD1.5 diffusers folder (with and
 without the DMD2-style replacement UNet), served by the real dmdserve binary, queried over gRPC.
 
-Each served image must be within 1 intensity level of (a) scripts/reference_pipeline.py on the
+Each served image must be within 1 intensity level of (a) tools/reference_pipeline.py on the
 same bundle and (b) DMD2 sampling written out independently with the eager modules, for the same
 token ids (from the CLIP tokenizer reference vectors) and seed: this checks the noise contract
 (docs/BUNDLE.md) end to end. Needs the environment CTest sets for integration tests

@@ -5,13 +5,14 @@ comes from) and worker/testdata (the CLIP tokenizer reference vectors).
 """
 
 import contextlib
-import importlib.util
 import io
 import json
 import math
 import os
 
 import torch
+
+from tools import reference_pipeline as reference_pipeline_module
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PARITY = os.path.join(REPO_ROOT, "tools", "tests", "testdata", "sd-parity")
@@ -88,9 +89,5 @@ def run_quietly(main, argv: list):
 
 
 def reference_pipeline():
-    """scripts/reference_pipeline.py (the served sampling loop in Python) as a module."""
-    path = os.path.join(REPO_ROOT, "scripts", "reference_pipeline.py")
-    spec = importlib.util.spec_from_file_location("reference_pipeline", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """tools/reference_pipeline.py (the served sampling loop in Python) as a module."""
+    return reference_pipeline_module

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from training import data
 from training.eval import fashion_data, metrics
 from training.eval.classifier import embed_images, load_classifier
 
@@ -57,7 +58,7 @@ def load_image_dir(directory):
     images, labels = [], []
     for name in names:
         match = _NAME.match(name)
-        if not match or int(match.group(1)) >= len(fashion_data.CLASS_NAMES):
+        if not match or int(match.group(1)) >= len(data.CLASS_NAMES):
             raise ValueError(f"{os.path.join(directory, name)}: name must be "
                              f"<class_index 0-9>-<anything>.png")
         with Image.open(os.path.join(directory, name)) as image:

@@ -319,18 +319,19 @@ class TrainingStagesTest(unittest.TestCase):
 
     def test_sampling_loop_matches_reference_pipeline(self):
         """common.sample (used for ODE pairs and monitoring) is the loop the server runs: compare
-        with scripts/reference_pipeline.py on an exported 3-step CFG bundle."""
+        with tools/reference_pipeline.py on an exported 3-step CFG bundle."""
         with tempfile.TemporaryDirectory() as tmp:
             train_teacher.train(_teacher_args(tmp, 1))
             bundle = os.path.join(tmp, "bundle")
-            subprocess.run([sys.executable, "-m", "training.export_bundle", "--checkpoint",
-                            os.path.join(tmp, "teacher.pt"), "--name", "t", "--steps", "3",
-                            "--guidance", "2.5", "--out", bundle], check=True, cwd=REPO)
+            subprocess.run([sys.executable, "-m", "training.export_fashion_bundle",
+                            "--checkpoint", os.path.join(tmp, "teacher.pt"), "--name", "t",
+                            "--steps", "3", "--guidance", "2.5", "--out", bundle],
+                           check=True, cwd=REPO)
             ids = captions.tokenize(["a sandal", "a dress"])
             inputs = json.dumps([{"input_ids": ids[i].tolist(), "seed": 7 + i} for i in range(2)])
-            subprocess.run([sys.executable, os.path.join(REPO, "scripts", "reference_pipeline.py"),
+            subprocess.run([sys.executable, "-m", "tools.reference_pipeline",
                             "--bundle", bundle, "--inputs-json", inputs,
-                            "--out", os.path.join(tmp, "ref.raw")], check=True)
+                            "--out", os.path.join(tmp, "ref.raw")], check=True, cwd=REPO)
             with open(os.path.join(tmp, "ref.raw"), "rb") as f:
                 reference = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
             text_encoder, unet = train_teacher.load_checkpoint(os.path.join(tmp, "teacher.pt"))

@@ -2,9 +2,9 @@
 # Serving speed of the Fashion bundles with Debian's reference BLAS vs OpenBLAS, one server after
 # the other on the same machine (docs/PERFORMANCE.md "CPU BLAS"). libtorch loads libblas.so.3;
 # LD_LIBRARY_PATH picks which one, whatever the system's alternative says.
-#   scripts/bench_blas.sh [SECONDS_PER_ROW]       (after scripts/build.sh)
+#   scripts/bench/bench_blas.sh [SECONDS_PER_ROW]       (after scripts/build.sh)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 seconds=${1:-8}
 declare -A dirs=([reference]=/usr/lib/x86_64-linux-gnu/blas
                  [openblas]=/usr/lib/x86_64-linux-gnu/openblas-openmp)

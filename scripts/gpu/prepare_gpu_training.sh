@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The two ends of a training run on the GPU device machine (scripts/gpu_train.sh runs there;
+# The two ends of a training run on the GPU device machine (scripts/gpu/gpu_train.sh runs there;
 # training/README.md, "Training on the GPU (device round trip)"). From the repository root, here:
 #
-#   scripts/prepare_gpu_training.sh                           # before the device call
-#   scripts/prepare_gpu_training.sh --collect FILES_AT [DEST] # after it
+#   scripts/gpu/prepare_gpu_training.sh                           # before the device call
+#   scripts/gpu/prepare_gpu_training.sh --collect FILES_AT [DEST] # after it
 #
 # Before: packs Fashion-MNIST ($DMDSERVE_FASHION_MNIST_DIR or /usr/share/datasets/fashion-mnist)
 # into .gpu-data/fashion-mnist/ as xz (26.4 MB instead of gzip's 30.9 MB: the device takes 64 MiB
@@ -19,7 +19,7 @@
 # split files, checks everything against SHA256SUMS into DEST (default $STATE_DIR/gpu) and says
 # where each file goes.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 STATE_DIR=${STATE_DIR:-/tmp/dmdserve-training}
 STAGES=${STAGES:-teacher ode-pairs dmd}
 LIMIT=$((64 * 1024 * 1024))
@@ -112,7 +112,7 @@ for var in $SETTINGS; do
     command+="$var='${!var//\'/\'\\\'\'}' "
   fi
 done
-command+="bash scripts/gpu_train.sh"
+command+="bash scripts/gpu/gpu_train.sh"
 echo
 echo "device run arguments:"
 echo "  command:   $command"

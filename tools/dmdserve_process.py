@@ -1,7 +1,7 @@
 """One running dmdserve on free loopback ports, with its log followed in a thread.
 
 The launcher shared by the integration tests (tests/integration/harness.py), the served
-evaluation (training/evaluate_served.py) and the service benchmark (scripts/bench_service.py).
+evaluation (training/evaluate_served.py) and the service benchmark (scripts/bench/bench_service.py).
 
     with DmdserveProcess("build/server/dmdserve", ["models/fashion-dmd"]) as server:
         server.wait_ready()

@@ -5,7 +5,7 @@ It follows docs/ARCHITECTURE.md (noise contract and sampling loop) with the same
 in the same order as worker/pipeline.cc, so the C++ pipeline can be checked against it
 (worker/pipeline_test.cc). It reads model.json but does not validate it (the C++ loader does).
 
-  /usr/bin/python3 scripts/reference_pipeline.py --bundle models/tiny-random \
+  /usr/bin/python3 -m tools.reference_pipeline --bundle models/tiny-random \
       --inputs-json '[{"input_ids": [49406, 320, 49407, ...], "seed": 7}]' --out images.u8
 
 Writes the images as raw uint8 bytes in [N, height, width, channels] order (no header).

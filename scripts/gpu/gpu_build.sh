@@ -2,19 +2,19 @@
 # Builds dmdserve with CUDA on the GPU device machine and runs its GPU tests (docs/GPU.md).
 #
 # The device has nvcc, cmake, ninja and a CUDA torch wheel (its python3), but not gRPC & co.:
-# scripts/fetch_gpu_build_debs.sh downloads those as Debian packages into .gpu-debs/ here, the
+# scripts/gpu/fetch_gpu_build_debs.sh downloads those as Debian packages into .gpu-debs/ here, the
 # device tool carries that folder, and this script unpacks them under $DEPS (never into /). The
 # binaries find those libraries through their RPATH; the Debian tools that run during the build
 # (protoc, the gRPC plugins, pkgconf) through small wrappers. Nothing else sees LD_LIBRARY_PATH.
 #
 # Usage (repository root, on the device):
-#   scripts/gpu_build.sh            configure + build into $BUILD_DIR, then ctest -L gpu
+#   scripts/gpu/gpu_build.sh            configure + build into $BUILD_DIR, then ctest -L gpu
 # Environment: BUILD_DIR (build-cuda), DEPS (/opt/deps), DEBS (.gpu-debs), JOBS (all cores),
 #   TORCH_PREFIX (default: the python3 torch's cmake prefix), DMDSERVE_CUDA (ON; OFF rehearses
 #   the dependency set-up with a CPU libtorch), TARGETS (what to build), RUN_TESTS (1),
 #   OUT (the logs are copied there when set).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 BUILD_DIR=${BUILD_DIR:-build-cuda}
 DEPS=${DEPS:-/opt/deps}
 DEBS=${DEBS:-.gpu-debs}

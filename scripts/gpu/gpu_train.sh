@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Trains the Fashion-MNIST stages on the GPU device machine: the command a device `run` executes
 # (training/README.md, "Training on the GPU (device round trip)"). Prepare the call here with
-# scripts/prepare_gpu_training.sh: it packs the data into .gpu-data/ and prints the exact `run`
+# scripts/gpu/prepare_gpu_training.sh: it packs the data into .gpu-data/ and prints the exact `run`
 # arguments; on the device, from the repository root:
 #
-#   STAGES="teacher ode-pairs dmd" bash scripts/gpu_train.sh
+#   STAGES="teacher ode-pairs dmd" bash scripts/gpu/gpu_train.sh
 #
 # Every stage runs with --device $DEVICE (cuda). The whole command must end inside the device's
 # 10-minute limit: the stages share BUDGET_S seconds; a step count of `auto` is sized from a
@@ -16,7 +16,7 @@
 # What comes back in $OUT (flat, within the device's 8 files / 64 MiB): gpu_train.log, SHA256SUMS,
 # each finished stage's checkpoint (teacher.pt, ode_pairs.pt, dmd.pt) and summary (.json), and
 # the state of a stopped stage (<stage>_state.pt, split in 15 MiB parts .part0, .part1, ...).
-# Collect them here with scripts/prepare_gpu_training.sh --collect FILES_AT.
+# Collect them here with scripts/gpu/prepare_gpu_training.sh --collect FILES_AT.
 #
 # Environment (default):
 #   STAGES (teacher ode-pairs dmd)  which stages, run in this order
@@ -34,7 +34,7 @@
 # without the teacher stage (else training/checkpoints/teacher.pt), <stage>_state.pt to --resume
 # (then give that run's TEACHER_STEPS / DMD_STEPS). The stages write their outputs there too.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 : "${OUT:?OUT must name the folder whose files come back (the device sets it)}"
 STAGES=${STAGES:-teacher ode-pairs dmd}
 DEVICE=${DEVICE:-cuda}
@@ -153,7 +153,7 @@ import gzip, lzma, os, shutil, sys
 src, dst = sys.argv[1:]
 names = sorted(n for n in os.listdir(src) if n.endswith(".xz")) if os.path.isdir(src) else []
 if not names:
-    sys.exit(f"no *.xz in {src}: run scripts/prepare_gpu_training.sh and carry .gpu-data")
+    sys.exit(f"no *.xz in {src}: run scripts/gpu/prepare_gpu_training.sh and carry .gpu-data")
 os.makedirs(dst, exist_ok=True)
 for name in names:
     with lzma.open(os.path.join(src, name)) as f, \

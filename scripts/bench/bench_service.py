@@ -6,7 +6,7 @@
    p50/p90/p99 latency through gRPC with PNG encoding.
 Prints a Markdown report (the numbers in docs/PERFORMANCE.md come from it).
 
-Usage: scripts/bench_service.py [--build build] [--bundle models/tiny-random]
+Usage: scripts/bench/bench_service.py [--build build] [--bundle models/tiny-random]
            [--concurrency 1,2,4,8,16,32] [--duration_s 10] [--num_images 1]
            [--raw_flags "--device=cuda:0 --cuda_graphs=true"] [--json_out FILE]
            [-- server flags...]
@@ -24,7 +24,9 @@ import sys
 import time
 import urllib.request
 
-from dmdserve_process import DmdserveProcess
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)  # run as a script: make the repository root importable
+from tools.dmdserve_process import DmdserveProcess  # noqa: E402
 
 
 def raw_pipeline(build, bundle, repetitions, flags):

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Measures dmdserve on a GPU after scripts/gpu_build.sh (docs/GPU.md, docs/PERFORMANCE.md):
+# Measures dmdserve on a GPU after scripts/gpu/gpu_build.sh (docs/GPU.md, docs/PERFORMANCE.md):
 #  1. the raw pipeline (worker/pipeline_benchmark, in process: no batcher, PNG or RPC): images/s
 #     and stage times per manifest batch size, for each bundle x dtype x CUDA graphs off/on with
 #     torch-ops post-processing, plus the CUDA post-processing kernel with graphs off/on;
-#  2. the service (scripts/bench_service.py: dmdserve + `dmdctl bench`, unary Generate, 1 image,
-#     PNG) at each concurrency: images/s, p50/p90/p99, mean batch, and the ratio to the raw
+#  2. the service (scripts/bench/bench_service.py: dmdserve + `dmdctl bench`, unary Generate,
+#     1 image, PNG) at each concurrency: images/s, p50/p90/p99, mean batch, and the ratio to the raw
 #     pipeline (same dtype, graphs on) at that batch size;
-#  3. scripts/gpu_report.py: summary.md and the plots.
+#  3. scripts/gpu/gpu_report.py: summary.md and the plots.
 # Results go to $OUT (the device tool's output folder; default ./gpu-results): summary.md,
 # throughput.png, latency.png, results.tar.gz (every JSON, Markdown report and log), device.txt.
 #
@@ -16,7 +16,7 @@
 # DURATION_S (10), SERVICE_DTYPE (bfloat16; empty: the manifest's), SERVICE_FLAGS
 # ("--instances_per_device=2 --encode_threads=8 --max_queue_images=1024").
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 BUILD_DIR=${BUILD_DIR:-build-cuda}
 BUNDLES=${BUNDLES:-models/tiny-random}
 DEVICE=${DEVICE:-cuda:0}
@@ -72,7 +72,7 @@ for bundle in $BUNDLES; do
   done
   echo "service: $b"
   # shellcheck disable=SC2086  # SERVICE_FLAGS is a list of flags
-  if ! python3 scripts/bench_service.py --build "$BUILD_DIR" --bundle "$bundle" \
+  if ! python3 scripts/bench/bench_service.py --build "$BUILD_DIR" --bundle "$bundle" \
       --concurrency "$CONCURRENCY" --duration_s "$DURATION_S" --repetitions "$REPETITIONS" \
       --raw_flags "--device=$DEVICE --dtype=$SERVICE_DTYPE --cuda_graphs=true" \
       --json_out "$WORK/service_$b.json" \
@@ -83,6 +83,6 @@ for bundle in $BUNDLES; do
   fi
 done
 
-python3 scripts/gpu_report.py "$WORK" --out "$OUT_DIR"
+python3 scripts/gpu/gpu_report.py "$WORK" --out "$OUT_DIR"
 tar -czf "$OUT_DIR/results.tar.gz" -C "$WORK" .
 cat "$OUT_DIR/summary.md"

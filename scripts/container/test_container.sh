@@ -3,9 +3,9 @@
 # Docker engine runs), then checks it from outside through its ports: health, a
 # generated PNG, /metrics, and a clean exit 0 on SIGTERM. Needs a host build of dmdctl
 # (scripts/build.sh). Takes ~15 min the first time (the image compiles dmdserve).
-#   scripts/test_container.sh [image-tag]
+#   scripts/container/test_container.sh [image-tag]
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 IMAGE=${1:-dmdserve:cpu}
 DMDCTL=${DMDCTL:-build/client/dmdctl}
 BASE=docker.io/library/debian:bookworm-slim

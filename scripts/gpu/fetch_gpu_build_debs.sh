@@ -5,12 +5,12 @@
 # docs/GPU.md). Run it here, on a Debian 12 machine; `apt-get download` needs no root.
 #
 # The packages go to .gpu-debs/ (override: DEST=dir), which this script adds to .git/info/exclude
-# so that git ignores it; name it in the device tool's `carry`. scripts/gpu_build.sh unpacks them
-# on the device under /opt/deps (never into /).
+# so that git ignores it; name it in the device tool's `carry`. scripts/gpu/gpu_build.sh unpacks
+# them on the device under /opt/deps (never into /).
 #
-# Usage: scripts/fetch_gpu_build_debs.sh
+# Usage: scripts/gpu/fetch_gpu_build_debs.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 DEST=${DEST:-.gpu-debs}
 
 # Headers, CMake package files and build tools ...

@@ -2,9 +2,9 @@
 (docs/BUNDLE.md): TorchScript text encoder, UNet (the bundle's generator) and autoencoder decoder,
 model.json and the CLIP tokenizer files.
 
-  /usr/bin/python3 -m training.export_bundle --checkpoint training/checkpoints/dmd.pt \
+  /usr/bin/python3 -m training.export_fashion_bundle --checkpoint training/checkpoints/dmd.pt \
       --name fashion-dmd --steps 1 --out models/fashion-dmd
-  /usr/bin/python3 -m training.export_bundle --checkpoint training/checkpoints/teacher.pt \
+  /usr/bin/python3 -m training.export_fashion_bundle --checkpoint training/checkpoints/teacher.pt \
       --name fashion-teacher --steps 50 --guidance 3 --out models/fashion-teacher
 
 --steps N uses the timesteps 999 - k * (1000 // N) (DMD2's spacing; [999] for one step) with
@@ -14,15 +14,12 @@ gives the same files.
 """
 
 import argparse
-import json
 import os
-import shutil
 import sys
 
-import torch
-
+from tools import bundle_files
 from training import common, t2i, train_teacher
-from training.train_autoencoder import load_checkpoint as load_autoencoder
+from training.autoencoder import load_checkpoint as load_autoencoder
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER_DIR = os.path.join(REPO_ROOT, "models", "tokenizers", "openai-clip")
@@ -46,10 +43,7 @@ def parse_args(argv=None):
 
 def schedule(steps):
     """The manifest's schedule block for `steps` DDIM steps on SD's scaled-linear schedule."""
-    alphas = t2i.Schedule().alphas_cumprod
-    timesteps = common.trailing_timesteps(steps)
-    return {"timesteps": timesteps, "alphas_cumprod": [float(alphas[t]) for t in timesteps],
-            "step_mode": "ddim"}
+    return bundle_files.dmd2_sd_schedule(steps, "ddim")
 
 
 def manifest(name, description, steps, guidance, scaling_factor):
@@ -80,21 +74,18 @@ def export(args):
         raise SystemExit(f"--guidance must be >= 1, got {args.guidance}")
     text_encoder, unet = train_teacher.load_checkpoint(args.checkpoint)
     autoencoder, scaling_factor = load_autoencoder(args.autoencoder)
-    os.makedirs(os.path.join(args.out, "tokenizer"), exist_ok=True)
+    os.makedirs(os.path.join(args.out, bundle_files.TOKENIZER_SUBDIR), exist_ok=True)
     for name, module in (("text_encoder", text_encoder), ("generator", unet),
                          ("decoder", autoencoder.decoder)):
-        torch.jit.save(torch.jit.script(module.eval()), os.path.join(args.out, name + ".pt"))
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(os.path.join(TOKENIZER_DIR, name),
-                        os.path.join(args.out, "tokenizer", name))
-    with open(os.path.join(args.out, "model.json"), "w") as f:
-        json.dump(manifest(args.name, args.description, args.steps, args.guidance,
-                           scaling_factor), f, indent=2)
-        f.write("\n")
+        bundle_files.save_component(module.eval(), args.out, name + ".pt")
+    bundle_files.copy_tokenizer(TOKENIZER_DIR, args.out, TOKENIZER_FILES)
+    bundle_files.write_manifest(args.out, manifest(args.name, args.description, args.steps,
+                                                   args.guidance, scaling_factor))
 
 
 if __name__ == "__main__":
     if os.environ.get("PYTHONHASHSEED") != "0":
-        os.execve(sys.executable, [sys.executable, "-m", "training.export_bundle"] + sys.argv[1:],
+        os.execve(sys.executable,
+                  [sys.executable, "-m", "training.export_fashion_bundle"] + sys.argv[1:],
                   dict(os.environ, PYTHONHASHSEED="0", PYTHONPATH=REPO_ROOT))
     export(parse_args())

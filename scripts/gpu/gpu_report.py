@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Turns the results of scripts/gpu_measure.sh into summary.md and plots.
+"""Turns the results of scripts/gpu/gpu_measure.sh into summary.md and plots.
 
 Reads, from the results directory: device.txt; raw_index.tsv and the pipeline_benchmark JSON
 files it lists (medians of the repetitions); service_<bundle>.json files written by
-scripts/bench_service.py --json_out. Writes to --out: summary.md (Markdown tables, the numbers
+scripts/bench/bench_service.py --json_out. Writes to --out: summary.md (Markdown tables, the numbers
 for docs/PERFORMANCE.md), and with matplotlib installed throughput.png (service images/s vs
 concurrency) and latency.png (p50/p90/p99 vs concurrency).
 
