@@ -10,7 +10,7 @@ MAX_FUNCTION_LINES=${MAX_FUNCTION_LINES:-80}
 MAX_FILE_LINES=${MAX_FILE_LINES:-700}
 command -v ctags >/dev/null || { echo "code_size: universal-ctags is not installed" >&2; exit 2; }
 
-mapfile -t files < <(find server worker client -type f \( -name '*.cc' -o -name '*.h' -o -name '*.cu' \) | sort)
+mapfile -t files < <(find server worker client -type f \( -name '*.cc' -o -name '*.h' -o -name '*.inc' -o -name '*.cu' \) | sort)
 failures=0
 for f in "${files[@]}"; do
   n=$(wc -l < "$f")
