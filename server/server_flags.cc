@@ -47,6 +47,9 @@ ABSL_FLAG(std::string, postprocess, "torch",
           "Decoded image to uint8 pixels: torch (libtorch ops) or cuda_kernel (dmdserve's CUDA "
           "kernel; CUDA builds on GPUs).");
 ABSL_FLAG(int, intra_op_threads, 0, "libtorch intra-op threads (process-wide); 0: one per core.");
+ABSL_FLAG(bool, malloc_tuning, true,
+          "Keep freed activations in the process (glibc malloc: mmap threshold 32 MiB, trim "
+          "threshold 256 MiB) instead of returning them to the kernel after every batch.");
 ABSL_FLAG(bool, jit_optimize, true,
           "TorchScript graph-executor optimisation (libtorch's default); turning it off can help "
           "graphs that re-specialise when batch sizes vary (see docs/PERFORMANCE.md).");
@@ -151,6 +154,7 @@ absl::StatusOr<Engine::Options> EngineOptionsFromFlags(std::vector<std::string>&
   e.dtype = absl::GetFlag(FLAGS_dtype);
   e.postprocess = absl::GetFlag(FLAGS_postprocess);
   e.intra_op_threads = absl::GetFlag(FLAGS_intra_op_threads);
+  e.tune_malloc = absl::GetFlag(FLAGS_malloc_tuning);
   e.jit_optimize = absl::GetFlag(FLAGS_jit_optimize);
   e.max_batch_size = absl::GetFlag(FLAGS_max_batch_size);
   e.max_queue_delay = absl::Microseconds(absl::GetFlag(FLAGS_max_queue_delay_us));

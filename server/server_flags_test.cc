@@ -64,6 +64,7 @@ TEST_F(ServerFlagsTest, DefaultsMatchTheDocumentedOnes) {
   EXPECT_EQ(e.dtype, "");
   EXPECT_EQ(e.postprocess, "torch");
   EXPECT_EQ(e.intra_op_threads, 0);
+  EXPECT_TRUE(e.tune_malloc);
   EXPECT_TRUE(e.jit_optimize);
   EXPECT_EQ(e.max_batch_size, 0);
   EXPECT_EQ(e.max_queue_delay, absl::ZeroDuration());
@@ -81,7 +82,8 @@ TEST_F(ServerFlagsTest, FlagsReachTheirOptions) {
        "--drain_grace_s=5", "--max_prompt_bytes=10", "--max_images_per_request=3",
        "--model_dirs=a,b,c", "--default_model=b", "--device=cuda:1", "--instances_per_device=3",
        "--cuda_graphs=false", "--dtype=float16", "--postprocess=cuda_kernel",
-       "--max_queue_delay_us=250", "--allowed_batch_sizes=1,2,4", "--warmup_runs=1"});
+       "--max_queue_delay_us=250", "--allowed_batch_sizes=1,2,4", "--warmup_runs=1",
+       "--malloc_tuning=false"});
   ASSERT_TRUE(options.ok()) << options.status();
   EXPECT_THAT(warnings_, IsEmpty());
   EXPECT_EQ(options->listen_host, "127.0.0.1");
@@ -103,6 +105,7 @@ TEST_F(ServerFlagsTest, FlagsReachTheirOptions) {
   EXPECT_THAT(e.allowed_batch_sizes, ElementsAre(1, 2, 4));
   EXPECT_EQ(e.max_images_per_request, 3);
   EXPECT_EQ(e.warmup_runs, 1);
+  EXPECT_FALSE(e.tune_malloc);
 }
 
 TEST_F(ServerFlagsTest, DevicesWinOverDevice) {

@@ -17,6 +17,7 @@
 #include "worker/clip_tokenizer.h"
 #include "worker/device.h"
 #include "worker/image_codec.h"
+#include "worker/malloc_tuning.h"
 #include "worker/model_manifest.h"
 #include "worker/pipeline.h"
 #include "worker/thread_pool.h"
@@ -243,6 +244,12 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(Options options) {
   State& st = *engine->state_;
   const Options& o = st.options;
   torch::jit::setGraphExecutorOptimize(o.jit_optimize);
+  if (o.tune_malloc) {
+    const MallocTuning tuning;
+    if (absl::Status s = ApplyMallocTuning(tuning); !s.ok()) return s;
+    spdlog::info("malloc: glibc mmap threshold {} MiB, trim threshold {} MiB",
+                 tuning.mmap_threshold_bytes >> 20, tuning.trim_threshold_bytes >> 20);
+  }
   if (absl::Status s = st.AddDevices(); !s.ok()) return s;
   absl::StatusOr<Pipeline::Postprocess> postprocess = Pipeline::ParsePostprocess(o.postprocess);
   if (!postprocess.ok()) return postprocess.status();

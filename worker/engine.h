@@ -181,6 +181,10 @@ class Engine {
     int instances_per_device = 1;
     // libtorch intra-op threads (process-wide). 0: libtorch's default (one per core).
     int intra_op_threads = 0;
+    // Keep freed activations in the process: glibc malloc's default thresholds (process-wide,
+    // worker/malloc_tuning.h). Off: glibc's defaults, which return them to the kernel after
+    // every batch. Default on.
+    bool tune_malloc = true;
     // TorchScript graph-executor optimisation (process-wide); libtorch's default is on. The
     // profiling executor specialises graphs to the batch shapes it sees first; on some graphs
     // varying batch sizes then run a slower fallback, and turning this off helps
