@@ -90,8 +90,10 @@ struct Engine::WorkItem {
   std::shared_ptr<Request> request;
   int index = 0;
 
+  // This image's seed: the request's seed + its index (mod 2^64), the noise contract.
+  uint64_t seed() const { return request->seed + index; }
   // What the pipeline needs to make this image.
-  Pipeline::Input input() const { return {request->input_ids, request->seed + index}; }
+  Pipeline::Input input() const { return {request->input_ids, seed()}; }
 };
 
 // One device of Options.devices, shared by the worker groups of every model on it.
@@ -607,7 +609,7 @@ void Engine::EncodeImage(const Model& model, ImageSize size, WorkItem item, std:
   const absl::Time start = st.clock->Now();
   GeneratedImage image;
   image.index = item.index;
-  image.seed = item.request->seed + item.index;
+  image.seed = item.seed();
   image.width = size.width;
   image.height = size.height;
   image.channels = model.info.channels;
