@@ -2,8 +2,8 @@
 //
 // Items are enqueued under a batching key (e.g. the output size: only items with the same key can
 // share a batch). Workers call NextBatch(), which blocks until some key's queue holds a full batch
-// (max_batch_size items) or its oldest item has waited max_queue_delay, then returns up to
-// max_batch_size items of that key in FIFO order. Just before an item joins a batch it is checked
+// (max_batch_size items, or the worker's own smaller cap) or its oldest item has waited
+// max_queue_delay, then returns up to that many items of that key in FIFO order. Just before an item joins a batch it is checked
 // by the validator (deadline passed? client cancelled?); rejected items never reach the model and
 // are handed to the drop callback with the validator's status.
 //
@@ -130,8 +130,12 @@ class DynamicBatcher {
   }
 
   // Blocks until a batch is ready and returns it; returns nullopt once Shutdown() was called and
-  // nothing is left queued.
-  std::optional<Batch> NextBatch() {
+  // nothing is left queued. `max_items` (1..max_batch_size; 0: max_batch_size) caps this batch
+  // and counts as "full" for it: a worker on a device that runs smaller batches best passes its
+  // own cap, while the options' max_batch_size bounds every worker.
+  std::optional<Batch> NextBatch(int max_items = 0) {
+    const int limit = max_items <= 0 ? options_.max_batch_size
+                                     : std::min(max_items, options_.max_batch_size);
     while (true) {
       std::vector<Entry> dropped_entries;
       std::vector<absl::Status> drop_status;
@@ -140,9 +144,9 @@ class DynamicBatcher {
         absl::MutexLock lock(&mu_);
         while (true) {
           const absl::Time now = options_.clock->Now();
-          auto ready = ReadyQueue(now);
+          auto ready = ReadyQueue(now, limit);
           if (ready != queues_.end()) {
-            batch = TakeBatch(ready, now, &dropped_entries, &drop_status);
+            batch = TakeBatch(ready, now, limit, &dropped_entries, &drop_status);
             break;
           }
           if (shutdown_ && queued_ == 0) break;
@@ -189,12 +193,13 @@ class DynamicBatcher {
 
   // The queue to take a batch from now (full, timed out, or draining), oldest head first;
   // queues_.end() when none is ready.
-  typename QueueMap::iterator ReadyQueue(absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  typename QueueMap::iterator ReadyQueue(absl::Time now, int limit)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     auto best = queues_.end();
     for (auto it = queues_.begin(); it != queues_.end(); ++it) {
       const std::deque<Entry>& q = it->second;
       if (q.empty()) continue;
-      const bool ready = shutdown_ || static_cast<int>(q.size()) >= options_.max_batch_size ||
+      const bool ready = shutdown_ || static_cast<int>(q.size()) >= limit ||
                          now >= q.front().enqueued + options_.max_queue_delay;
       if (ready && (best == queues_.end() || q.front().enqueued < best->second.front().enqueued)) {
         best = it;
@@ -221,13 +226,14 @@ class DynamicBatcher {
     return args->batcher->wake_generation_ != args->generation;
   }
 
-  Batch TakeBatch(typename QueueMap::iterator it, absl::Time now, std::vector<Entry>* dropped,
-                  std::vector<absl::Status>* drop_status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  Batch TakeBatch(typename QueueMap::iterator it, absl::Time now, int limit,
+                  std::vector<Entry>* dropped, std::vector<absl::Status>* drop_status)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     Batch batch;
     batch.key = it->first;
     batch.formed_at = now;
     std::deque<Entry>& q = it->second;
-    while (!q.empty() && static_cast<int>(batch.items.size()) < options_.max_batch_size) {
+    while (!q.empty() && static_cast<int>(batch.items.size()) < limit) {
       Entry entry = std::move(q.front());
       q.pop_front();
       --queued_;

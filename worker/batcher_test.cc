@@ -128,6 +128,21 @@ TEST_F(BatcherTest, ZeroDelayHandsOutWhateverIsQueued) {
   EXPECT_EQ(batch->items.size(), 3u);
 }
 
+TEST_F(BatcherTest, AWorkersOwnCapClosesAndBoundsItsBatch) {
+  auto batcher = MakeBatcher({.max_batch_size = 8, .max_queue_delay = absl::Seconds(10)});
+  ASSERT_TRUE(batcher->Enqueue(0, MakeTasks(0, 5)).ok());
+  // The clock never moves and 5 < 8 items are queued: only the cap of 2 can close the batch.
+  auto first = batcher->NextBatch(/*max_items=*/2);
+  ASSERT_TRUE(first.has_value());
+  EXPECT_THAT(Ids(first->items), ElementsAre(0, 1));
+  // A cap above max_batch_size is bounded by it; 0 means max_batch_size.
+  ASSERT_TRUE(batcher->Enqueue(0, MakeTasks(5, 7)).ok());
+  auto second = batcher->NextBatch(/*max_items=*/100);
+  ASSERT_TRUE(second.has_value());
+  EXPECT_THAT(Ids(second->items), ElementsAre(2, 3, 4, 5, 6, 7, 8, 9));
+  EXPECT_EQ(batcher->queued_images(), 2);
+}
+
 TEST_F(BatcherTest, SplitsLargeRequestsAcrossBatches) {
   auto batcher = MakeBatcher({.max_batch_size = 4, .max_queue_delay = absl::Milliseconds(1)});
   ASSERT_TRUE(batcher->Enqueue(0, MakeTasks(0, 6)).ok());
