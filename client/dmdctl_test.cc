@@ -431,6 +431,12 @@ TEST(ModelsTest, JsonAndTable) {
     size->set_width(side);
     size->set_height(side);
   }
+  v1::DeviceBatching* batching = model->add_batching();
+  batching->set_device("cpu");
+  batching->set_max_batch_size(4);
+  v1::BatchThroughput* measured = batching->add_measured();
+  measured->set_batch_size(1);
+  measured->set_images_per_second(150.5);
   const nlohmann::ordered_json json = ModelsJson(response);
   ASSERT_EQ(json["models"].size(), 1u);
   const nlohmann::ordered_json& m = json["models"][0];
@@ -439,10 +445,14 @@ TEST(ModelsTest, JsonAndTable) {
   EXPECT_EQ(m["max_images_per_request"], 8);
   EXPECT_EQ(m["supported_sizes"][1]["width"], 256);
   EXPECT_EQ(m["description"], "one-step");
+  EXPECT_EQ(m["batching"][0]["device"], "cpu");
+  EXPECT_EQ(m["batching"][0]["max_batch_size"], 4);
+  EXPECT_EQ(m["batching"][0]["measured"][0]["images_per_second"], 150.5);
 
   const std::string table = ModelsTable(response);
   EXPECT_THAT(table, HasSubstr("NAME"));
-  EXPECT_THAT(table, HasSubstr("512x512,256x256"));
+  EXPECT_THAT(table, HasSubstr("512x512,256x256  cpu:4"));
+  EXPECT_THAT(table, HasSubstr("MAX_BATCH"));
   EXPECT_THAT(table, HasSubstr("sd-dmd"));
 }
 

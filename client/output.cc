@@ -111,6 +111,17 @@ nlohmann::ordered_json ModelsJson(const v1::ListModelsResponse& response) {
     for (const v1::ImageSize& size : m.supported_sizes()) {
       sizes.push_back({{"width", size.width()}, {"height", size.height()}});
     }
+    nlohmann::ordered_json batching = nlohmann::ordered_json::array();
+    for (const v1::DeviceBatching& b : m.batching()) {
+      nlohmann::ordered_json measured = nlohmann::ordered_json::array();
+      for (const v1::BatchThroughput& t : b.measured()) {
+        measured.push_back(
+            {{"batch_size", t.batch_size()}, {"images_per_second", t.images_per_second()}});
+      }
+      batching.push_back({{"device", b.device()},
+                          {"max_batch_size", b.max_batch_size()},
+                          {"measured", std::move(measured)}});
+    }
     models.push_back({{"name", m.name()},
                       {"is_default", m.is_default()},
                       {"ready", m.ready()},
@@ -121,6 +132,7 @@ nlohmann::ordered_json ModelsJson(const v1::ListModelsResponse& response) {
                       {"max_images_per_request", m.max_images_per_request()},
                       {"max_tokens", m.max_tokens()},
                       {"supported_sizes", std::move(sizes)},
+                      {"batching", std::move(batching)},
                       {"description", m.description()}});
   }
   return {{"models", std::move(models)}};
@@ -129,16 +141,21 @@ nlohmann::ordered_json ModelsJson(const v1::ListModelsResponse& response) {
 std::string ModelsTable(const v1::ListModelsResponse& response) {
   std::vector<std::vector<std::string>> rows = {{"NAME", "DEFAULT", "READY", "SIZE", "CHANNELS",
                                                  "STEPS", "MAX_IMAGES", "MAX_TOKENS", "SIZES",
-                                                 "DESCRIPTION"}};
+                                                 "MAX_BATCH", "DESCRIPTION"}};
   for (const v1::ModelInfo& m : response.models()) {
     std::vector<std::string> sizes;
     for (const v1::ImageSize& size : m.supported_sizes()) {
       sizes.push_back(Size(size.width(), size.height()));
     }
+    std::vector<std::string> batching;  // "cpu:4"
+    for (const v1::DeviceBatching& b : m.batching()) {
+      batching.push_back(absl::StrCat(b.device(), ":", b.max_batch_size()));
+    }
     rows.push_back({m.name(), m.is_default() ? "yes" : "no", m.ready() ? "yes" : "no",
                     Size(m.width(), m.height()), absl::StrCat(m.channels()),
                     absl::StrCat(m.steps()), absl::StrCat(m.max_images_per_request()),
-                    absl::StrCat(m.max_tokens()), absl::StrJoin(sizes, ","), m.description()});
+                    absl::StrCat(m.max_tokens()), absl::StrJoin(sizes, ","),
+                    batching.empty() ? "-" : absl::StrJoin(batching, ","), m.description()});
   }
   return FormatTable(rows);
 }

@@ -82,6 +82,16 @@ void ToProto(const ModelInfo& info, v1::ModelInfo* out) {
     s->set_width(size.width);
     s->set_height(size.height);
   }
+  for (const DeviceBatching& batching : info.batching) {
+    v1::DeviceBatching* b = out->add_batching();
+    b->set_device(batching.device);
+    b->set_max_batch_size(batching.max_batch_size);
+    for (const BatchCost& cost : batching.measured) {
+      v1::BatchThroughput* t = b->add_measured();
+      t->set_batch_size(cost.batch_size);
+      t->set_images_per_second(cost.images_per_second);
+    }
+  }
 }
 
 }  // namespace

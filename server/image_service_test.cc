@@ -572,7 +572,11 @@ TEST_F(ImageServiceTest, ListModelsConvertsEveryField) {
                  .max_images_per_request = 16,
                  .ready = true,
                  .supported_sizes = {{32, 32}, {64, 48}},
-                 .max_tokens = 77};
+                 .max_tokens = 77,
+                 .batching = {{.device = "cpu",
+                               .max_batch_size = 2,
+                               .measured = {{1, 100.5}, {2, 180}, {4, 181}}},
+                              {.device = "cuda:0", .max_batch_size = 8}}};
   EXPECT_CALL(backend_, ListModels)
       .WillOnce(Return(std::vector<ModelInfo>{tiny, ModelInfo{.name = "other"}}));
   grpc::ClientContext context;
@@ -595,6 +599,16 @@ TEST_F(ImageServiceTest, ListModelsConvertsEveryField) {
   ASSERT_EQ(m.supported_sizes_size(), 2);
   EXPECT_EQ(m.supported_sizes(1).width(), 64);
   EXPECT_EQ(m.supported_sizes(1).height(), 48);
+  ASSERT_EQ(m.batching_size(), 2);
+  EXPECT_EQ(m.batching(0).device(), "cpu");
+  EXPECT_EQ(m.batching(0).max_batch_size(), 2);
+  ASSERT_EQ(m.batching(0).measured_size(), 3);
+  EXPECT_EQ(m.batching(0).measured(0).batch_size(), 1);
+  EXPECT_DOUBLE_EQ(m.batching(0).measured(0).images_per_second(), 100.5);
+  EXPECT_EQ(m.batching(0).measured(2).batch_size(), 4);
+  EXPECT_EQ(m.batching(1).device(), "cuda:0");
+  EXPECT_EQ(m.batching(1).max_batch_size(), 8);
+  EXPECT_EQ(m.batching(1).measured_size(), 0);
   EXPECT_EQ(response.models(1).name(), "other");
   EXPECT_FALSE(response.models(1).is_default());
   EXPECT_EQ(Requests("ListModels", "OK"), 1);

@@ -60,7 +60,7 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const Options& options)
   for (const std::string& name : models) m->models_.emplace(name, PerModel{});
   m->AddRequestMetrics(models);
   m->AddBatchMetrics(models);
-  m->AddModelStateMetrics(options.models, options.queue_capacity_images);
+  m->AddModelStateMetrics(options.models, options.queue_capacity_images, options.devices);
   m->AddDeviceMetrics(options.devices);
   m->AddBuildInfo(options.version);
   return m;
@@ -134,7 +134,8 @@ void Metrics::AddBatchMetrics(const std::vector<std::string>& models) {
 }
 
 void Metrics::AddModelStateMetrics(const std::vector<std::string>& models,
-                                   int queue_capacity_images) {
+                                   int queue_capacity_images,
+                                   const std::vector<std::string>& devices) {
   auto& queue_depth = prometheus::BuildGauge()
                           .Name("dmdserve_queue_depth_images")
                           .Help("Images waiting in the model's batch queue.")
@@ -151,6 +152,11 @@ void Metrics::AddModelStateMetrics(const std::vector<std::string>& models,
                     .Name("dmdserve_model_ready")
                     .Help("1 when the model is loaded and warmed up, else 0.")
                     .Register(*registry_);
+  auto& max_batch = prometheus::BuildGauge()
+                        .Name("dmdserve_max_batch_size_images")
+                        .Help("Largest batch the model's workers on the device take (measured "
+                              "at warm-up unless --max_batch_size is set); 0 before warm-up.")
+                        .Register(*registry_);
   for (const std::string& name : models) {
     // "_unknown" only counts failed requests: it has no queue, nothing in flight, no readiness.
     if (name == kUnknownModel) continue;
@@ -159,6 +165,9 @@ void Metrics::AddModelStateMetrics(const std::vector<std::string>& models,
     queue_capacity.Add({{"model", name}}).Set(queue_capacity_images);
     pm.in_flight = &in_flight.Add({{"model", name}});
     pm.ready = &ready.Add({{"model", name}});
+    for (const std::string& device : devices) {
+      pm.max_batch_size[device] = &max_batch.Add({{"model", name}, {"device", device}});
+    }
   }
 }
 
@@ -250,6 +259,13 @@ void Metrics::OnImageEncoded(std::string_view model, absl::Duration encode_time)
 
 void Metrics::OnQueueDepth(std::string_view model, int queued_images) {
   if (prometheus::Gauge* g = For(model).queue_depth) g->Set(queued_images);
+}
+
+void Metrics::OnBatchSizeChosen(std::string_view model, std::string_view device,
+                                int max_batch_size) {
+  const PerModel& pm = For(model);
+  const auto it = pm.max_batch_size.find(device);
+  if (it != pm.max_batch_size.end()) it->second->Set(max_batch_size);
 }
 
 void Metrics::OnModelReady(std::string_view model, bool ready) {

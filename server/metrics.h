@@ -22,6 +22,10 @@
 //   dmdserve_queue_capacity_images{model}                  gauge (--max_queue_images)
 //   dmdserve_requests_in_flight{model}                     gauge
 //   dmdserve_model_ready{model}                            gauge (1 ready, 0 not)
+//   dmdserve_max_batch_size_images{model,device}           gauge: largest batch the model's
+//                                                          workers on the device take (measured
+//                                                          at warm-up or --max_batch_size); 0
+//                                                          until warm-up chose it
 //   dmdserve_build_info{version}                           gauge (always 1)
 //   dmdserve_device_busy_seconds_total{device}             counter: time at least one batch ran
 //                                                          on the device; its rate() is the
@@ -84,6 +88,8 @@ class Metrics final : public EngineListener {
   void OnQueueDepth(std::string_view model, int queued_images) override;
   void OnModelReady(std::string_view model, bool ready) override;
   void OnDeviceStats(const DeviceStats& stats) override;
+  void OnBatchSizeChosen(std::string_view model, std::string_view device,
+                         int max_batch_size) override;
 
  private:
   struct PerModel {
@@ -102,6 +108,7 @@ class Metrics final : public EngineListener {
     prometheus::Gauge* queue_depth = nullptr;  // null for "_unknown"
     prometheus::Gauge* in_flight = nullptr;
     prometheus::Gauge* ready = nullptr;
+    std::map<std::string, prometheus::Gauge*, std::less<>> max_batch_size;  // by device
   };
 
   struct PerDevice {
@@ -118,7 +125,8 @@ class Metrics final : public EngineListener {
   // queue, in-flight or readiness gauges) or `devices` (added to devices_).
   void AddRequestMetrics(const std::vector<std::string>& models);
   void AddBatchMetrics(const std::vector<std::string>& models);
-  void AddModelStateMetrics(const std::vector<std::string>& models, int queue_capacity_images);
+  void AddModelStateMetrics(const std::vector<std::string>& models, int queue_capacity_images,
+                            const std::vector<std::string>& devices);
   void AddDeviceMetrics(const std::vector<std::string>& devices);
   void AddBuildInfo(const std::string& version);
 

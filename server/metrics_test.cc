@@ -121,6 +121,23 @@ TEST(MetricsTest, RecordsDeviceBusyTimeAndGpuMemoryByDevice) {
   EXPECT_THAT(text, Not(HasSubstr("cuda:7")));
 }
 
+TEST(MetricsTest, ChosenBatchSizePerModelAndDevice) {
+  auto m = Metrics::Create({.models = {"a", "b"}, .devices = {"cpu", "cuda:0"}});
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_THAT(Scrape(**m),
+              HasSubstr(R"(dmdserve_max_batch_size_images{device="cuda:0",model="b"} 0)"));
+  (*m)->OnBatchSizeChosen("a", "cpu", 4);
+  (*m)->OnBatchSizeChosen("b", "cuda:0", 16);
+  (*m)->OnBatchSizeChosen("b", "cuda:9", 32);  // not served: ignored
+  (*m)->OnBatchSizeChosen("zzz", "cpu", 2);    // not served: ignored
+  const std::string text = Scrape(**m);
+  EXPECT_THAT(text, HasSubstr(R"(dmdserve_max_batch_size_images{device="cpu",model="a"} 4)"));
+  EXPECT_THAT(text, HasSubstr(R"(dmdserve_max_batch_size_images{device="cuda:0",model="b"} 16)"));
+  EXPECT_THAT(text, HasSubstr(R"(dmdserve_max_batch_size_images{device="cpu",model="b"} 0)"));
+  EXPECT_THAT(text, Not(HasSubstr("cuda:9")));
+  EXPECT_THAT(text, Not(HasSubstr(R"(model="zzz")")));
+}
+
 TEST(MetricsTest, NeedsAModel) { EXPECT_FALSE(Metrics::Create({}).ok()); }
 
 }  // namespace

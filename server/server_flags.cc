@@ -32,9 +32,11 @@ ABSL_FLAG(std::string, device, "cpu",
 ABSL_FLAG(std::vector<std::string>, devices, {},
           "Comma-separated devices, one worker group each: cpu, cuda:N (or just N), or all "
           "(every visible GPU). Empty: --device.");
-ABSL_FLAG(int, instances_per_device, 1,
+ABSL_FLAG(int, instances_per_device, 0,
           "Execution instances per model and device: model-worker threads, each running one batch "
-          "at a time on its own instance (on a GPU: its own CUDA stream and CUDA graphs).");
+          "at a time on its own instance (on a GPU: its own CUDA stream and CUDA graphs). 0: "
+          "derived from the CPUs the process may use (affinity and cgroup quota) when serving on "
+          "the CPU (2 CPUs: 2, 8: 4, 64: 4), else 1. Logged at start-up.");
 ABSL_FLAG(int, workers, 1,
           "Deprecated: use --instances_per_device (which wins when both are given). Still "
           "accepted, with a warning at start-up.");
@@ -46,7 +48,9 @@ ABSL_FLAG(std::string, dtype, "",
 ABSL_FLAG(std::string, postprocess, "torch",
           "Decoded image to uint8 pixels: torch (libtorch ops) or cuda_kernel (dmdserve's CUDA "
           "kernel; CUDA builds on GPUs).");
-ABSL_FLAG(int, intra_op_threads, 0, "libtorch intra-op threads (process-wide); 0: one per core.");
+ABSL_FLAG(int, intra_op_threads, 0,
+          "libtorch intra-op threads (process-wide). 0: the usable CPUs divided among the CPU "
+          "model workers (2 CPUs: 1, 64: 16). Logged at start-up.");
 ABSL_FLAG(bool, malloc_tuning, true,
           "Keep freed activations in the process (glibc malloc: mmap threshold 32 MiB, trim "
           "threshold 256 MiB) instead of returning them to the kernel after every batch.");
@@ -54,7 +58,9 @@ ABSL_FLAG(bool, jit_optimize, true,
           "TorchScript graph-executor optimisation (libtorch's default); turning it off can help "
           "graphs that re-specialise when batch sizes vary (see docs/PERFORMANCE.md).");
 ABSL_FLAG(int, max_batch_size, 0,
-          "Largest batch in images; 0: the model's largest supported batch size.");
+          "Largest batch in images, capped at the model's largest. 0: chosen per model and device "
+          "at warm-up by timing the model's batch sizes, where the per-image time stops falling "
+          "(reported by ListModels and dmdserve_max_batch_size_images).");
 ABSL_FLAG(int, max_queue_delay_us, 0,
           "Microseconds the oldest queued image may wait for its batch to fill; 0: a free worker "
           "takes what is queued (batches still form under load; see docs/PERFORMANCE.md).");
@@ -122,9 +128,9 @@ bool GivenOnCommandLine(absl::string_view name) {
 // --instances_per_device, or the deprecated --workers when only that one is given.
 absl::StatusOr<int> InstancesPerDevice(std::vector<std::string>& warnings) {
   const int instances = absl::GetFlag(FLAGS_instances_per_device);
-  if (instances < 1) {
+  if (instances < 0) {
     return absl::InvalidArgumentError(
-        absl::StrCat("--instances_per_device must be >= 1, got ", instances));
+        absl::StrCat("--instances_per_device must be >= 0 (0: derived), got ", instances));
   }
   if (!GivenOnCommandLine("workers")) return instances;
   if (GivenOnCommandLine("instances_per_device")) {
@@ -137,7 +143,7 @@ absl::StatusOr<int> InstancesPerDevice(std::vector<std::string>& warnings) {
   const int workers = absl::GetFlag(FLAGS_workers);
   warnings.push_back(
       absl::StrCat("--workers is deprecated: use --instances_per_device=", workers, " instead"));
-  // Not checked here: the engine rejects values below 1 (instances_per_device must be >= 1).
+  // Not checked here: the engine rejects negative values (instances_per_device must be >= 0).
   return workers;
 }
 

@@ -59,7 +59,7 @@ TEST_F(ServerFlagsTest, DefaultsMatchTheDocumentedOnes) {
   EXPECT_THAT(e.model_dirs, ElementsAre("models/fashion-dmd", "models/fashion-teacher"));
   EXPECT_EQ(e.default_model, "");
   EXPECT_THAT(e.devices, ElementsAre("cpu"));
-  EXPECT_EQ(e.instances_per_device, 1);
+  EXPECT_EQ(e.instances_per_device, 0);  // derived by the engine
   EXPECT_TRUE(e.cuda_graphs);
   EXPECT_EQ(e.dtype, "");
   EXPECT_EQ(e.postprocess, "torch");
@@ -120,12 +120,14 @@ TEST_F(ServerFlagsTest, BadBatchSizeNamesTheFlag) {
   EXPECT_EQ(options.status().message(), "--allowed_batch_sizes: 'two' is not an integer");
 }
 
-TEST_F(ServerFlagsTest, InstancesPerDeviceBelowOneNamesTheFlag) {
-  for (const char* flag : {"--instances_per_device=0", "--instances_per_device=-1"}) {
-    absl::StatusOr<DmdServer::Options> options = Options({flag});
-    EXPECT_EQ(options.status().code(), absl::StatusCode::kInvalidArgument) << flag;
-    EXPECT_THAT(options.status().message(), HasSubstr("--instances_per_device must be >= 1"));
-  }
+TEST_F(ServerFlagsTest, NegativeInstancesPerDeviceNamesTheFlag) {
+  absl::StatusOr<DmdServer::Options> options = Options({"--instances_per_device=-1"});
+  EXPECT_EQ(options.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(options.status().message(), HasSubstr("--instances_per_device must be >= 0"));
+  // 0 asks the engine to derive the count from the CPU budget.
+  options = Options({"--instances_per_device=0"});
+  ASSERT_TRUE(options.ok()) << options.status();
+  EXPECT_EQ(options->engine.instances_per_device, 0);
 }
 
 TEST_F(ServerFlagsTest, DeprecatedWorkersStillSetsInstancesWithAWarning) {
@@ -137,8 +139,8 @@ TEST_F(ServerFlagsTest, DeprecatedWorkersStillSetsInstancesWithAWarning) {
   EXPECT_THAT(warnings_[0], HasSubstr("--instances_per_device=3"));
 }
 
-TEST_F(ServerFlagsTest, WorkersZeroIsPassedOnForTheEngineToReject) {
-  // Start-up fails in Engine::Create ("instances_per_device must be >= 1"), as before.
+TEST_F(ServerFlagsTest, WorkersIsPassedOnUncheckedForTheEngine) {
+  // 0 now means "derived", like --instances_per_device=0; negative values fail in Engine::Create.
   absl::StatusOr<DmdServer::Options> options = Options({"--workers=0"});
   ASSERT_TRUE(options.ok()) << options.status();
   EXPECT_EQ(options->engine.instances_per_device, 0);

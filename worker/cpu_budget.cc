@@ -7,7 +7,6 @@
 #include <fstream>
 #include <sstream>
 #include <string>
-
 #include <vector>
 
 #include "absl/strings/numbers.h"

@@ -15,6 +15,7 @@
 #include "spdlog/spdlog.h"
 #include "worker/batcher.h"
 #include "worker/clip_tokenizer.h"
+#include "worker/cpu_budget.h"
 #include "worker/device.h"
 #include "worker/image_codec.h"
 #include "worker/malloc_tuning.h"
@@ -109,6 +110,8 @@ struct Engine::Replica {
   std::unique_ptr<Pipeline> pipeline;
   DeviceState* device = nullptr;
   std::vector<std::thread> workers;
+  // The largest batch its workers take (set by warm-up before they start).
+  DeviceBatching batching;
 };
 
 struct Engine::Model {
@@ -116,7 +119,8 @@ struct Engine::Model {
   std::unique_ptr<ClipTokenizer> tokenizer;
   std::vector<std::unique_ptr<Replica>> replicas;     // one per device, in Options order
   std::unique_ptr<DynamicBatcher<WorkItem>> batcher;  // key: index into info.supported_sizes
-  ModelInfo info;  // static part; `ready` lives in the atomic below
+  ModelInfo info;  // static part; `ready` lives in the atomic below, `batching` in the vector
+  std::vector<DeviceBatching> batching;  // per replica; written by warm-up before `ready`
   std::atomic<bool> ready{false};
 };
 
@@ -144,6 +148,9 @@ struct Engine::State {
   // its model name must be new), the tokenizer (returning the empty prompt's input_ids), a replica
   // per device and the batcher; set `default_model` (Options.default_model; empty: the first).
   absl::Status AddDevices();
+  // Settles Options.instances_per_device and .intra_op_threads (0: from the CPU budget) and logs
+  // them with the budget.
+  void PlanThreads();
   absl::Status LoadModel(const std::string& dir, Pipeline::Postprocess postprocess);
   absl::Status LoadManifest(const std::string& dir, const std::string& where, Model& model) const;
   absl::StatusOr<std::vector<int32_t>> LoadTokenizer(Model& model) const;
@@ -174,12 +181,15 @@ namespace {
 absl::Status ValidateOptions(const Engine::Options& o) {
   if (o.model_dirs.empty()) return absl::InvalidArgumentError("model_dirs: at least one bundle");
   if (o.devices.empty()) return absl::InvalidArgumentError("devices: at least one device");
-  if (o.instances_per_device < 1) {
+  if (o.instances_per_device < 0) {
     return absl::InvalidArgumentError(
-        absl::StrCat("instances_per_device must be >= 1, got ", o.instances_per_device));
+        absl::StrCat("instances_per_device must be >= 0, got ", o.instances_per_device));
   }
   if (o.intra_op_threads < 0) return absl::InvalidArgumentError("intra_op_threads must be >= 0");
   if (o.max_batch_size < 0) return absl::InvalidArgumentError("max_batch_size must be >= 0");
+  if (o.batch_tuning_time < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("batch_tuning_time must be >= 0");
+  }
   if (o.max_images_per_request < 0) {
     return absl::InvalidArgumentError("max_images_per_request must be >= 0");
   }
@@ -228,6 +238,18 @@ ModelInfo MakeModelInfo(const ModelManifest& m, const Engine::Options& o) {
   return info;
 }
 
+// A batch of `batch_size` distinct prompts (so that the text encoder runs on all of them), for
+// timing batch sizes.
+std::vector<Pipeline::Input> TuningBatch(const ModelManifest& m, int batch_size) {
+  std::vector<Pipeline::Input> batch(batch_size);
+  for (int i = 0; i < batch_size; ++i) {
+    batch[i].input_ids.assign(m.tokenizer.max_length, 0);
+    batch[i].input_ids[0] = i;
+    batch[i].seed = i;
+  }
+  return batch;
+}
+
 // What the requests of a batch that failed with `error` (from Pipeline::Run) are told.
 absl::Status BatchFailure(const std::string& model, int images, const absl::Status& error) {
   if (error.code() == absl::StatusCode::kResourceExhausted) {
@@ -253,6 +275,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(Options options) {
                  tuning.mmap_threshold_bytes >> 20, tuning.trim_threshold_bytes >> 20);
   }
   if (absl::Status s = st.AddDevices(); !s.ok()) return s;
+  st.PlanThreads();
   absl::StatusOr<Pipeline::Postprocess> postprocess = Pipeline::ParsePostprocess(o.postprocess);
   if (!postprocess.ok()) return postprocess.status();
   absl::StatusOr<std::unique_ptr<ThreadPool>> encoders =
@@ -263,7 +286,6 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(Options options) {
     if (absl::Status s = st.LoadModel(dir, *postprocess); !s.ok()) return s;
   }
   if (absl::Status s = st.ChooseDefaultModel(); !s.ok()) return s;
-  engine->StartWorkers();
   return engine;
 }
 
@@ -278,6 +300,28 @@ absl::Status Engine::State::AddDevices() {
     devices.push_back(std::move(device));
   }
   return absl::OkStatus();
+}
+
+void Engine::State::PlanThreads() {
+  const bool on_cpu = std::any_of(devices.begin(), devices.end(),
+                                  [](const auto& device) { return !device->cuda; });
+  const CpuBudget budget = ReadCpuBudget();
+  CpuThreadPlan plan;
+  if (on_cpu) {
+    plan = PlanCpuThreads(budget.usable_cpus, options.instances_per_device,
+                          options.intra_op_threads);
+  } else {
+    plan.instances = options.instances_per_device > 0 ? options.instances_per_device : 1;
+    plan.intra_op_threads =
+        options.intra_op_threads > 0 ? options.intra_op_threads : budget.usable_cpus;
+  }
+  const auto origin = [](int given) { return given > 0 ? "given" : "derived"; };
+  spdlog::info("CPU budget: {}; {} model worker(s) per model and device ({}) x {} intra-op "
+               "thread(s) ({})",
+               budget.Describe(), plan.instances, origin(options.instances_per_device),
+               plan.intra_op_threads, origin(options.intra_op_threads));
+  options.instances_per_device = plan.instances;
+  options.intra_op_threads = plan.intra_op_threads;
 }
 
 absl::Status Engine::State::LoadModel(const std::string& dir, Pipeline::Postprocess postprocess) {
@@ -386,14 +430,14 @@ absl::Status Engine::State::ChooseDefaultModel() {
   return absl::OkStatus();
 }
 
-void Engine::StartWorkers() {
-  for (auto& model : state_->models) {
-    Model* m = model.get();
-    for (auto& replica : m->replicas) {
-      Replica* r = replica.get();
-      for (int i = 0; i < state_->options.instances_per_device; ++i) {
-        r->workers.emplace_back([this, m, r] { WorkerLoop(m, r); });
-      }
+void Engine::StartWorkers(Model& model) {
+  State& st = *state_;
+  absl::MutexLock lock(&st.shutdown_mu);  // Shutdown joins the workers started before it
+  if (st.shut_down) return;
+  for (auto& replica : model.replicas) {
+    Replica* r = replica.get();
+    for (int i = 0; i < st.options.instances_per_device; ++i) {
+      r->workers.emplace_back([this, m = &model, r] { WorkerLoop(m, r); });
     }
   }
 }
@@ -404,18 +448,54 @@ absl::Status Engine::Warmup() {
   for (auto& model : state_->models) {
     const absl::Time start = state_->clock->Now();
     const std::string context = absl::StrCat("warm-up of model '", model->info.name, "'");
-    for (auto& replica : model->replicas) {
-      for (int run = 0; run < state_->options.warmup_runs; ++run) {
-        if (absl::Status s = replica->pipeline->Warmup(); !s.ok()) return WithContext(s, context);
-      }
-      // After the eager passes: TorchScript has optimised its graphs by then.
-      absl::StatusOr<int> graphs = replica->pipeline->CaptureGraphs();
-      if (!graphs.ok()) return WithContext(graphs.status(), context);
-    }
+    if (absl::Status s = WarmupModel(*model); !s.ok()) return WithContext(s, context);
+    StartWorkers(*model);
     model->ready.store(true);
     state_->events()->OnModelReady(model->info.name, true);
     spdlog::info("model '{}' warmed up in {}", model->info.name,
                  absl::FormatDuration(state_->clock->Now() - start));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Engine::WarmupModel(Model& model) {
+  for (auto& replica : model.replicas) {
+    for (int run = 0; run < state_->options.warmup_runs; ++run) {
+      if (absl::Status s = replica->pipeline->Warmup(); !s.ok()) return s;
+    }
+    // After the eager passes: TorchScript has optimised its graphs by then.
+    absl::StatusOr<int> graphs = replica->pipeline->CaptureGraphs();
+    if (!graphs.ok()) return graphs.status();
+  }
+  return ChooseBatchSizes(model);
+}
+
+absl::Status Engine::ChooseBatchSizes(Model& model) {
+  State& st = *state_;
+  const int cap = MaxBatchSize(model.manifest, st.options);
+  BatchTuningOptions tuning{.concurrency = st.options.instances_per_device,
+                            .min_time = st.options.batch_tuning_time};
+  for (const int b : model.manifest.batch_sizes) {
+    if (b <= cap) tuning.batch_sizes.push_back(b);
+  }
+  const ImageSize size = model.info.supported_sizes[0];
+  for (auto& replica : model.replicas) {
+    DeviceBatching& batching = replica->batching;
+    batching = {.device = replica->device->name, .max_batch_size = cap};
+    if (st.options.max_batch_size == 0) {
+      const Pipeline& pipeline = *replica->pipeline;
+      absl::StatusOr<BatchSizeChoice> choice = TuneBatchSize(tuning, [&](int batch_size) {
+        return pipeline.Run(TuningBatch(model.manifest, batch_size), size.width, size.height)
+            .status();
+      });
+      if (!choice.ok()) return WithContext(choice.status(), "batch-size measurement");
+      batching.max_batch_size = choice->max_batch_size;
+      batching.measured = choice->measured;
+      spdlog::info("model '{}' on {}: measured batch sizes {}", model.info.name, batching.device,
+                   choice->Describe());
+    }
+    st.events()->OnBatchSizeChosen(model.info.name, batching.device, batching.max_batch_size);
+    model.batching.push_back(batching);
   }
   return absl::OkStatus();
 }
@@ -455,8 +535,10 @@ std::vector<std::string> Engine::Devices() const {
 std::vector<ModelInfo> Engine::ListModels() const {
   std::vector<ModelInfo> out;
   for (const auto& model : state_->models) {
+    const bool ready = model->ready.load();  // stored after warm-up has written `batching`
     out.push_back(model->info);
-    out.back().ready = model->ready.load() && state_->accepting.load();
+    if (ready) out.back().batching = model->batching;
+    out.back().ready = ready && state_->accepting.load();
   }
   return out;
 }
@@ -531,7 +613,9 @@ absl::Status Engine::Submit(GenerateParams params, GenerateCallbacks callbacks) 
 }
 
 void Engine::WorkerLoop(Model* model, Replica* replica) {
-  while (std::optional<DynamicBatcher<WorkItem>::Batch> batch = model->batcher->NextBatch()) {
+  const int max_items = replica->batching.max_batch_size;
+  while (std::optional<DynamicBatcher<WorkItem>::Batch> batch =
+             model->batcher->NextBatch(max_items)) {
     state_->events()->OnQueueDepth(model->info.name, model->batcher->queued_images());
     RunBatch(model, replica, batch->key, std::move(batch->items), batch->padded_size);
   }

@@ -37,6 +37,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "worker/batch_size_tuner.h"
 #include "worker/clock.h"
 
 namespace dmdserve {
@@ -104,6 +105,15 @@ struct ImageSize {
   int height = 0;
 };
 
+// How big the batches of a model are on one device, and why.
+struct DeviceBatching {
+  std::string device;      // "cpu", "cuda:N"
+  int max_batch_size = 0;  // largest batch the device's workers take
+  // The warm-up measurement the choice came from (batch_size_tuner.h); empty when the size was
+  // configured (Options.max_batch_size) rather than measured.
+  std::vector<BatchCost> measured;
+};
+
 struct ModelInfo {
   std::string name;
   std::string description;
@@ -116,6 +126,7 @@ struct ModelInfo {
   bool ready = false;
   std::vector<ImageSize> supported_sizes;  // default first
   int max_tokens = 0;
+  std::vector<DeviceBatching> batching;  // one per device, in Devices() order; empty until ready
 };
 
 struct TokenizeResult {
@@ -163,6 +174,9 @@ class EngineListener {
   virtual void OnQueueDepth(std::string_view model, int queued_images) {}
   virtual void OnModelReady(std::string_view model, bool ready) {}
   virtual void OnDeviceStats(const DeviceStats& stats) {}
+  // At warm-up: the largest batch `model`'s workers on `device` will take.
+  virtual void OnBatchSizeChosen(std::string_view model, std::string_view device,
+                                 int max_batch_size) {}
 };
 
 class Engine {
@@ -177,9 +191,13 @@ class Engine {
     std::vector<std::string> devices = {"cpu"};
     // Execution instances per model and device: that many model-worker threads, each running one
     // batch at a time on its own instance of the device's Pipeline (Pipeline::Options::instances;
-    // a CUDA stream and its CUDA graphs on a GPU). >= 1. Default 1.
-    int instances_per_device = 1;
-    // libtorch intra-op threads (process-wide). 0: libtorch's default (one per core).
+    // a CUDA stream and its CUDA graphs on a GPU). >= 0. 0 (default): derived from the CPUs the
+    // process may use (affinity mask and cgroup quota, worker/cpu_budget.h) when the devices
+    // include the CPU (2 CPUs: 2, 8: 4, 64: 4), else 1.
+    int instances_per_device = 0;
+    // libtorch intra-op threads (process-wide). >= 0. 0 (default): derived from the CPU budget:
+    // CPUs / CPU model workers (2 CPUs: 1, 64: 16; PlanCpuThreads in worker/cpu_budget.h), or
+    // every usable CPU when no CPU device is served.
     int intra_op_threads = 0;
     // Keep freed activations in the process: glibc malloc's default thresholds (process-wide,
     // worker/malloc_tuning.h). Off: glibc's defaults, which return them to the kernel after
@@ -190,8 +208,14 @@ class Engine {
     // varying batch sizes then run a slower fallback, and turning this off helps
     // (docs/PERFORMANCE.md: measure with pipeline_benchmark --jit_optimize=false).
     bool jit_optimize = true;
-    // Largest batch in images; 0: the model's largest supported batch size. Capped at the latter.
+    // Largest batch in images, capped at the model's largest supported batch size. 0 (default):
+    // chosen per model and device at warm-up by timing the model's batch sizes with the device's
+    // workers running at once, where the per-image time stops falling (worker/batch_size_tuner.h);
+    // ListModels() reports the choice and its measurement.
     int max_batch_size = 0;
+    // How long each candidate batch size is timed when max_batch_size is 0 (at least one batch
+    // per worker). Default 250 ms.
+    absl::Duration batch_tuning_time = absl::Milliseconds(250);
     // A partial batch closes when its oldest image has waited this long. Default 0: a free worker
     // takes whatever is queued, and batches still fill from the images that queue while workers
     // are busy. A delay makes a free worker idle until the batch fills; it pays off only when a
@@ -226,8 +250,9 @@ class Engine {
     std::string postprocess = "torch";
   };
 
-  // Loads every bundle (manifest, tokenizer, TorchScript modules) and starts the worker threads.
-  // Models are not ready until Warmup(). Errors name the bundle and the field or file at fault.
+  // Settles the thread counts (logging the CPU budget they come from) and loads every bundle
+  // (manifest, tokenizer, TorchScript modules). Models are not ready, and no model worker runs,
+  // until Warmup(). Errors name the bundle and the field or file at fault.
   static absl::StatusOr<std::unique_ptr<Engine>> Create(Options options);
 
   // Shuts down (see Shutdown) and joins every thread.
@@ -239,8 +264,9 @@ class Engine {
   // Warmup(); the model names it needs are known from ListModels() after Create().
   void SetListener(EngineListener* listener);
 
-  // Runs every model once per batch size it will see, then marks it ready. Call once, before
-  // serving; an error is a startup error.
+  // Runs every model once per batch size it will see, measures its batch sizes (max_batch_size
+  // 0), starts its model workers and marks it ready. Call once, before serving; an error is a
+  // startup error.
   absl::Status Warmup();
 
   // See the class comment. `callbacks.on_done` must be set.
@@ -274,9 +300,13 @@ class Engine {
 
   explicit Engine(Options options);
   absl::StatusOr<Model*> FindModel(std::string_view name) const;
-  // Starts Options.instances_per_device WorkerLoop threads per model and device (end of Create).
-  void StartWorkers();
-  // A model-worker thread: runs the model's batches on `replica` until the batcher shuts down.
+  // Warmup's steps for one model: its warm-up passes and CUDA graphs, the batch-size choice per
+  // device, then Options.instances_per_device WorkerLoop threads per device (unless shut down).
+  absl::Status WarmupModel(Model& model);
+  absl::Status ChooseBatchSizes(Model& model);
+  void StartWorkers(Model& model);
+  // A model-worker thread: runs the model's batches (up to the replica's chosen size) on
+  // `replica` until the batcher shuts down.
   void WorkerLoop(Model* model, Replica* replica);
   // Runs one batch of `items` at supported size `size_index` (padded to `padded_size` images) on
   // `replica`, then schedules EncodeImage for each image on the encoder pool. A failed batch

@@ -1,6 +1,7 @@
 // Engine tests on the real tiny TorchScript bundle (models/tiny-random): no fakes.
 #include "worker/engine.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <filesystem>
@@ -22,6 +23,7 @@ namespace dmdserve {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::IsEmpty;
 using ::testing::Not;
 
 const std::string kTinyBundle = std::string(DMDSERVE_SOURCE_DIR) + "/models/tiny-random";
@@ -304,8 +306,11 @@ TEST(EngineTest, TokenizeMatchesTheTokenizer) {
 
 TEST(EngineTest, RejectsBadOptionsAndBundles) {
   EXPECT_EQ(Engine::Create({}).status().code(), absl::StatusCode::kInvalidArgument);
-  auto s = Engine::Create({.model_dirs = {kTinyBundle}, .instances_per_device = 0}).status();
+  auto s = Engine::Create({.model_dirs = {kTinyBundle}, .instances_per_device = -1}).status();
   EXPECT_THAT(std::string(s.message()), HasSubstr("instances_per_device"));
+  s = Engine::Create({.model_dirs = {kTinyBundle}, .batch_tuning_time = absl::Milliseconds(-1)})
+          .status();
+  EXPECT_THAT(std::string(s.message()), HasSubstr("batch_tuning_time"));
   s = Engine::Create({.model_dirs = {"/nonexistent/bundle"}}).status();
   EXPECT_FALSE(s.ok());
   EXPECT_THAT(std::string(s.message()), HasSubstr("/nonexistent/bundle"));
@@ -382,6 +387,81 @@ TEST(EngineTest, OutOfMemoryFailsItsBatchWithResourceExhaustedAndWorkersKeepGoin
   ASSERT_TRUE(engine->Submit(Params("a bag", 2, 1), fine.Callbacks()).ok());
   fine.done.WaitForNotification();
   EXPECT_TRUE(fine.status.ok()) << fine.status;
+}
+
+// Records the batch sizes the engine chooses and the batches it runs.
+class BatchListener : public EngineListener {
+ public:
+  void OnBatchSizeChosen(std::string_view model, std::string_view device,
+                         int max_batch_size) override {
+    absl::MutexLock lock(&mu_);
+    chosen_[std::string(model) + "@" + std::string(device)] = max_batch_size;
+  }
+  void OnBatchDone(const BatchStats& stats) override {
+    absl::MutexLock lock(&mu_);
+    largest_batch_ = std::max(largest_batch_, stats.images);
+  }
+  std::map<std::string, int> chosen() {
+    absl::MutexLock lock(&mu_);
+    return chosen_;
+  }
+  int largest_batch() {
+    absl::MutexLock lock(&mu_);
+    return largest_batch_;
+  }
+
+ private:
+  absl::Mutex mu_;
+  std::map<std::string, int> chosen_ ABSL_GUARDED_BY(mu_);
+  int largest_batch_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+TEST(EngineTest, WarmupMeasuresBatchSizesAndWorkersKeepToTheChoice) {
+  auto engine = MakeEngine({}, /*warm=*/false);
+  ASSERT_NE(engine, nullptr);
+  EXPECT_THAT(engine->ListModels().at(0).batching, IsEmpty());  // not measured yet
+  BatchListener listener;
+  engine->SetListener(&listener);
+  ASSERT_TRUE(engine->Warmup().ok());
+  const ModelInfo info = engine->ListModels().at(0);
+  ASSERT_EQ(info.batching.size(), 1u);
+  const DeviceBatching& batching = info.batching[0];
+  EXPECT_EQ(batching.device, "cpu");
+  ASSERT_FALSE(batching.measured.empty());
+  // Ascending manifest batch sizes from 1, each with a throughput, and the rule's choice.
+  EXPECT_EQ(batching.measured[0].batch_size, 1);
+  for (size_t i = 0; i < batching.measured.size(); ++i) {
+    EXPECT_GT(batching.measured[i].images_per_second, 0);
+    if (i > 0) EXPECT_GT(batching.measured[i].batch_size, batching.measured[i - 1].batch_size);
+  }
+  EXPECT_EQ(batching.max_batch_size, ChooseBatchSize(batching.measured, 0.03));
+  EXPECT_EQ(listener.chosen(), (std::map<std::string, int>{
+                                   {absl::StrCat(info.name, "@cpu"), batching.max_batch_size}}));
+  // Under load no batch is larger than the choice.
+  std::vector<std::unique_ptr<Outcome>> outs;
+  for (int i = 0; i < 4; ++i) {
+    outs.push_back(std::make_unique<Outcome>());
+    ASSERT_TRUE(engine->Submit(Params("a coat", 8, i), outs.back()->Callbacks()).ok());
+  }
+  for (auto& o : outs) {
+    o->done.WaitForNotification();
+    EXPECT_TRUE(o->status.ok()) << o->status;
+  }
+  EXPECT_GE(listener.largest_batch(), 1);
+  EXPECT_LE(listener.largest_batch(), batching.max_batch_size);
+}
+
+TEST(EngineTest, AConfiguredMaxBatchSizeIsUsedUnmeasured) {
+  auto engine = MakeEngine({.max_batch_size = 2}, /*warm=*/false);
+  ASSERT_NE(engine, nullptr);
+  BatchListener listener;
+  engine->SetListener(&listener);
+  ASSERT_TRUE(engine->Warmup().ok());
+  const ModelInfo info = engine->ListModels().at(0);
+  ASSERT_EQ(info.batching.size(), 1u);
+  EXPECT_EQ(info.batching[0].max_batch_size, 2);
+  EXPECT_THAT(info.batching[0].measured, IsEmpty());
+  EXPECT_EQ(listener.chosen().at(absl::StrCat(info.name, "@cpu")), 2);
 }
 
 // Records the device events the engine reports.

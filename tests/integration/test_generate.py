@@ -13,8 +13,9 @@ VECTORS = os.path.join(SOURCE_DIR, "worker", "testdata", "clip_tokenizer_referen
 
 
 class GenerateTest(SharedServerTestCase):
-    # A long batching window, so that concurrent probes really share batches.
-    server_flags = ("--max_queue_delay_us=20000",)
+    # A long batching window and a fixed batch size, so that concurrent probes really share
+    # batches whatever the warm-up measurement would choose.
+    server_flags = ("--max_queue_delay_us=20000", "--max_batch_size=8")
 
     @classmethod
     def setUpClass(cls):
@@ -138,6 +139,13 @@ class GenerateTest(SharedServerTestCase):
         images = metric_value(self.server.metrics(), "dmdserve_batch_size_images_sum",
                               model="tiny-random")
         self.assertGreater(images / batches, 1.0)
+
+    def test_list_models_reports_the_configured_batch_size_unmeasured(self):
+        batching = self.model.batching
+        self.assertEqual(len(batching), 1)
+        self.assertEqual(batching[0].device, "cpu")
+        self.assertEqual(batching[0].max_batch_size, 8)
+        self.assertEqual(len(batching[0].measured), 0)
 
 
 if __name__ == "__main__":

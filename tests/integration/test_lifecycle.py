@@ -115,7 +115,8 @@ class ConfigTest(unittest.TestCase):
         cases = [
             (["--log_format=xml"], "--log_format must be text or json"),
             (["--model_dirs=/nonexistent"], "/nonexistent"),
-            (["--workers=0"], "instances_per_device must be >= 1"),
+            (["--workers=-1"], "instances_per_device must be >= 0"),
+            (["--instances_per_device=-2"], "--instances_per_device must be >= 0"),
             (["--png_compression_level=12"], "png_compression_level must be in 0..9"),
             (["--default_model=nope"], "default_model 'nope'"),
         ]
@@ -165,6 +166,17 @@ class MetricsTest(unittest.TestCase):
             self.assertEqual(value("dmdserve_requests_in_flight", model="tiny-random"), 0)
             self.assertEqual(value("dmdserve_queue_depth_images", model="tiny-random"), 0)
             self.assertEqual(value("dmdserve_model_ready", model="tiny-random"), 1)
+            # The batch size was measured at warm-up; ListModels and the gauge agree on it.
+            batching = server.stub.ListModels(pb.ListModelsRequest(), timeout=10).models[0].batching
+            self.assertEqual([b.device for b in batching], ["cpu"])
+            measured = [t.batch_size for t in batching[0].measured]
+            self.assertEqual(measured[0], 1)
+            self.assertIn(batching[0].max_batch_size, measured)
+            self.assertEqual(value("dmdserve_max_batch_size_images", model="tiny-random",
+                                   device="cpu"), batching[0].max_batch_size)
+            # The thread counts come from the CPU budget, and the log says so.
+            self.assertRegex("\n".join(server.lines),
+                             r"CPU budget: \d+ CPUs? \(affinity \d+, .*\); \d+ model worker")
             self.assertIsNotNone(value("dmdserve_build_info"))
 
 
