@@ -1,13 +1,19 @@
 // Raw in-process throughput of Pipeline::Run: no tokenizer, batcher, PNG encoding or RPC. Each
 // batch has distinct prompts, so the text encoder runs on the whole batch. One benchmark per
-// manifest batch size, at the bundle's default size.
+// manifest batch size, at the bundle's default size, run by as many threads at once as dmdserve
+// runs model workers (each on its own execution instance).
 //
 //   build/worker/pipeline_benchmark [--bundle=models/tiny-random] [--device=cpu|cuda:N]
 //       [--dtype=SPEC] [--cuda_graphs=true|false] [--postprocess=torch|cuda_kernel]
-//       [--jit_optimize=true|false] [Google Benchmark flags]
+//       [--jit_optimize=true|false] [--instances=N] [--intra_op_threads=N]
+//       [--malloc_tuning=true|false] [Google Benchmark flags]
 //
 // --dtype overrides the manifest's dtypes like dmdserve --dtype; --cuda_graphs captures a CUDA
-// graph per batch size after warm-up (GPUs; docs/GPU.md).
+// graph per batch size after warm-up (GPUs; docs/GPU.md). --instances and --intra_op_threads
+// (0: derived from the CPU budget exactly as dmdserve derives them, worker/cpu_budget.h) set the
+// concurrent workers and libtorch's intra-op threads; images_per_second sums over the workers.
+// --malloc_tuning (default true) applies dmdserve's glibc malloc thresholds
+// (worker/malloc_tuning.h), so that the raw figures compare with the served ones.
 #include <benchmark/benchmark.h>
 #include <torch/csrc/jit/runtime/graph_executor.h>
 
@@ -21,6 +27,8 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "worker/cpu_budget.h"
+#include "worker/malloc_tuning.h"
 #include "worker/model_manifest.h"
 #include "worker/pipeline.h"
 
@@ -45,6 +53,8 @@ std::unique_ptr<Pipeline> MakePipeline(const std::map<std::string, std::string>&
   if (!postprocess.ok()) Die(postprocess.status().ToString());
   Pipeline::Options options;
   options.device = flags.at("device");
+  options.instances = std::stoi(flags.at("instances"));
+  options.intra_op_threads = std::stoi(flags.at("intra_op_threads"));
   options.cuda_graphs = flags.at("cuda_graphs") == "true";
   options.postprocess = *postprocess;
   // Guidance needs the empty prompt's ids: BOS, then EOS as padding (CLIP's layout).
@@ -57,11 +67,29 @@ std::unique_ptr<Pipeline> MakePipeline(const std::map<std::string, std::string>&
   }
   absl::StatusOr<int> graphs = (*pipeline)->CaptureGraphs();
   if (!graphs.ok()) Die(graphs.status().ToString());
-  std::fprintf(stderr, "pipeline_benchmark: %s on %s, dtypes %s/%s/%s, %d CUDA graph(s)\n",
-               manifest->name.c_str(), (*pipeline)->device().c_str(),
+  std::fprintf(stderr,
+               "pipeline_benchmark: %s on %s, %d instance(s) x %d intra-op thread(s), dtypes "
+               "%s/%s/%s, %d CUDA graph(s)\n",
+               manifest->name.c_str(), (*pipeline)->device().c_str(), options.instances,
+               options.intra_op_threads,
                DTypeName(manifest->dtypes.text_encoder), DTypeName(manifest->dtypes.generator),
                DTypeName(manifest->dtypes.decoder), *graphs);
   return *std::move(pipeline);
+}
+
+// Replaces --instances and --intra_op_threads of 0 by dmdserve's derived values (on a GPU:
+// 1 instance, every usable CPU for intra-op threads) and prints the CPU budget.
+void SettleThreads(std::map<std::string, std::string>& flags) {
+  const CpuBudget budget = ReadCpuBudget();
+  const int instances = std::stoi(flags.at("instances"));
+  const int threads = std::stoi(flags.at("intra_op_threads"));
+  CpuThreadPlan plan = PlanCpuThreads(budget.usable_cpus, instances, threads);
+  if (flags.at("device") != "cpu") {
+    plan = {instances > 0 ? instances : 1, threads > 0 ? threads : budget.usable_cpus};
+  }
+  flags["instances"] = std::to_string(plan.instances);
+  flags["intra_op_threads"] = std::to_string(plan.intra_op_threads);
+  std::fprintf(stderr, "pipeline_benchmark: CPU budget %s\n", budget.Describe().c_str());
 }
 
 void BM_PipelineRun(benchmark::State& state, const Pipeline* pipeline) {
@@ -100,8 +128,8 @@ void BM_PipelineRun(benchmark::State& state, const Pipeline* pipeline) {
   state.counters["generator_ms"] = per_batch_ms(generator);
   state.counters["decoder_ms"] = per_batch_ms(decoder);
   state.counters["total_ms"] = per_batch_ms(total);
-  state.counters["run_batch"] = run_batch;
-  state.counters["cuda_graph"] = graph ? 1 : 0;
+  state.counters["run_batch"] = benchmark::Counter(run_batch, benchmark::Counter::kAvgThreads);
+  state.counters["cuda_graph"] = benchmark::Counter(graph ? 1 : 0, benchmark::Counter::kAvgThreads);
 }
 
 }  // namespace
@@ -118,6 +146,9 @@ int main(int argc, char** argv) {
       {"cuda_graphs", "false"},
       {"postprocess", "torch"},
       {"jit_optimize", "true"},
+      {"instances", "0"},
+      {"intra_op_threads", "0"},
+      {"malloc_tuning", "true"},
   };
   std::vector<char*> args;
   for (int i = 0; i < argc; ++i) {
@@ -133,6 +164,10 @@ int main(int argc, char** argv) {
     if (!ours) args.push_back(argv[i]);
   }
   torch::jit::setGraphExecutorOptimize(flags["jit_optimize"] == "true");
+  dmdserve::SettleThreads(flags);
+  if (flags["malloc_tuning"] == "true") {
+    if (absl::Status s = dmdserve::ApplyMallocTuning({}); !s.ok()) dmdserve::Die(s.ToString());
+  }
   int n = static_cast<int>(args.size());
   benchmark::Initialize(&n, args.data());
   const std::unique_ptr<dmdserve::Pipeline> pipeline = dmdserve::MakePipeline(flags);
@@ -140,6 +175,7 @@ int main(int argc, char** argv) {
     benchmark::RegisterBenchmark("BM_PipelineRun", dmdserve::BM_PipelineRun, pipeline.get())
         ->ArgName("batch")
         ->Arg(batch_size)
+        ->Threads(std::stoi(flags["instances"]))
         ->UseRealTime()
         ->Unit(benchmark::kMillisecond);
   }
