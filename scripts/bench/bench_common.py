@@ -99,7 +99,7 @@ def git_commit():
     def git(*a):
         return subprocess.run(["git", "-C", REPO, *a], capture_output=True, text=True).stdout
     head = git("rev-parse", "--short=12", "HEAD").strip()
-    return head + ("-dirty" if head and git("status", "--porcelain", "-uno").strip() else "")
+    return head + ("-dirty" if head and git("status", "--porcelain").strip() else "")
 
 
 def cpu_model():
@@ -130,17 +130,19 @@ def today():
 
 class PeerProcess:
     """scripts/bench/python_peer.py serving `bundle` on a free loopback port, started with
-    `flags` (e.g. --max_batch_size=1); its stubs are BUILD/tests/python_gen. `lines` keeps its
-    output (a reader thread appends). One thread drives a PeerProcess."""
+    `flags` (e.g. --max_batch_size=1), `env` entries added to its environment; its stubs are
+    BUILD/tests/python_gen. `lines` keeps its output (a reader thread appends). One thread
+    drives a PeerProcess."""
 
     LISTENING = re.compile(r"python_peer listening on [^:]+:(\d+)")
     BATCHES = re.compile(r"python_peer batches (\{.*\})")
 
-    def __init__(self, build, bundle, flags=()):
+    def __init__(self, build, bundle, flags=(), env=None):
         self.proc = subprocess.Popen(
             [sys.executable, os.path.join(REPO, "scripts", "bench", "python_peer.py"),
              f"--bundle={bundle}", f"--build={build}", "--port=0", *flags],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            env={**os.environ, **(env or {})})
         self.lines, self.port = [], None
         self._cv = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
