@@ -176,7 +176,8 @@ def make_variants(args, bundle):
             os.path.join(args.baseline_bin, "dmdserve"), bundle, flags)))
     for name, (peer_flags, env) in PEER_VARIANTS.items():
         out.append((name, lambda f=peer_flags, e=env: PeerProcess(args.build, bundle, f, e)))
-    return [v for v in out if v[0] in args.variants]
+    chosen = [v for v in out if v[0] in args.variants]
+    return sorted(chosen, key=lambda v: args.variants.index(v[0]))
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -313,6 +314,9 @@ def main():
                              "settings); baseline runs only with --baseline_bin")
     parser.add_argument("--json_out", help="also write the results to this JSON file")
     args = parser.parse_args()
+    unknown = set(args.variants) - {"dmdserve", "baseline", *PEER_VARIANTS}
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(sorted(unknown))}")
     bundle = os.path.abspath(args.bundle)
     cores = usable_cores()
 
