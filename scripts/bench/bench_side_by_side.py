@@ -198,6 +198,8 @@ def summarize(runs, concurrency):
     for name, rs in runs.items():
         out[name] = {c: {
             "images_per_second": median_of(rs, c, lambda r: r["images_per_second"]),
+            "images_per_second_range": (min(r[c]["images_per_second"] for r in rs),
+                                        max(r[c]["images_per_second"] for r in rs)),
             "p50_ms": median_of(rs, c, lambda r: p_ms(r, "p50")),
             "p90_ms": median_of(rs, c, lambda r: p_ms(r, "p90")),
             "p99_ms": median_of(rs, c, lambda r: p_ms(r, "p99")),
@@ -249,6 +251,8 @@ def markdown(result):
     out.append(f"- date: {f['date']}; git commit: {f['git_commit']}")
     out.append(f"- cpu: {f['cpu_model']}; usable cores: {f['usable_cores']} "
                f"(of {f['cpu_count']}); bundle: {f['bundle']}")
+    out.append(f"- load average (1 min) before the run: {f['loadavg_start']:.2f} (other work on "
+               "the machine shows here, and in the ranges over rounds)")
     out.append(f"- rounds: {f['rounds']} of {f['duration_s']} s per concurrency, variants "
                "interleaved; medians below, every run at the end\n")
     out.append(f"fp32 matmul peak ({f['matmul_n']}x{f['matmul_n']}, {f['usable_cores']} "
@@ -268,13 +272,15 @@ def markdown(result):
     for b in sorted(raw):
         out.append(f"| {b} | {raw[b]:.0f} | {raw[b] * fl['total'] / 1e9:.1f} |")
     out.append("\nserved (median over rounds; PNG, one image per request, distinct prompts):\n")
-    out.append("| variant | c | images/s | p50 ms | p90 ms | p99 ms | mean batch | model busy "
-               "| failed |\n|---|---|---|---|---|---|---|---|---|")
+    out.append("| variant | c | images/s | range over rounds | p50 ms | p90 ms | p99 ms "
+               "| mean batch | model busy | failed |\n|---|---|---|---|---|---|---|---|---|---|")
     for name, by_c in result["served"].items():
         for c, m in by_c.items():
             batch, busy = (f"{m[k]:.2f}" if m[k] is not None else "-"
                            for k in ("mean_batch", "model_busy"))
-            out.append(f"| {name} | {c} | {m['images_per_second']:.0f} | {m['p50_ms']:.1f} | "
+            lo_ips, hi_ips = m["images_per_second_range"]
+            out.append(f"| {name} | {c} | {m['images_per_second']:.0f} | "
+                       f"{lo_ips:.0f}-{hi_ips:.0f} | {m['p50_ms']:.1f} | "
                        f"{m['p90_ms']:.1f} | {m['p99_ms']:.1f} | {batch} | {busy} | "
                        f"{m['failed']} |")
     out.append("\nmodel busy: seconds in model runs (batches) per second of the run, summed over "
@@ -324,7 +330,8 @@ def main():
              time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "git_commit": git_commit(),
              "cpu_model": cpu_model(), "usable_cores": cores, "cpu_count": os.cpu_count(),
              "bundle": os.path.relpath(bundle, REPO), "rounds": args.rounds,
-             "duration_s": args.duration_s, "matmul_n": args.matmul_n}
+             "duration_s": args.duration_s, "matmul_n": args.matmul_n,
+             "loadavg_start": os.getloadavg()[0]}
     print("measuring the matmul peak, FLOPs and the raw pipeline...", file=sys.stderr, flush=True)
     peaks = [matmul_peak(cores, args.matmul_n)]
     flops = flops_per_image(bundle)
