@@ -45,7 +45,9 @@ def empty_prompt_ids(bundle: str, manifest: dict) -> list:
     return [bos, eos] + [pad] * (length - 2)
 
 
-def run(bundle: str, inputs: list, width: int, height: int, uncond_ids: list) -> torch.Tensor:
+def load(bundle: str) -> dict:
+    """The bundle's manifest, component dtypes and TorchScript modules, for sample(). Loading
+    once and sampling many times is how a server would use it (scripts/bench/python_peer.py)."""
     with open(os.path.join(bundle, "model.json"), encoding="utf-8") as f:
         manifest = json.load(f)
     dtypes = component_dtypes(manifest)
@@ -53,6 +55,17 @@ def run(bundle: str, inputs: list, width: int, height: int, uncond_ids: list) ->
     for c in COMPONENTS:
         module = torch.jit.load(os.path.join(bundle, manifest["components"][c])).eval()
         modules[c] = module.to(dtypes[c])
+    return {"manifest": manifest, "dtypes": dtypes, "modules": modules}
+
+
+def run(bundle: str, inputs: list, width: int, height: int, uncond_ids: list) -> torch.Tensor:
+    return sample(load(bundle), inputs, width, height, uncond_ids)
+
+
+def sample(loaded: dict, inputs: list, width: int, height: int, uncond_ids: list) -> torch.Tensor:
+    """Images [N, height, width, channels] uint8 of `inputs` ({"input_ids", "seed"} each) with
+    the modules of load(); safe to call from several threads at once."""
+    manifest, dtypes, modules = loaded["manifest"], loaded["dtypes"], loaded["modules"]
     schedule = manifest["schedule"]
     timesteps = schedule["timesteps"]
     alphas = schedule["alphas_cumprod"]

@@ -13,17 +13,11 @@ Usage: scripts/bench/bench_allocator.py [--build build] [--bundle models/fashion
            [--concurrency 1,16] [--duration_s 10] [--rounds 3]
 """
 import argparse
-import json
 import os
-import platform
 import statistics
-import subprocess
-import sys
-import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO)  # run as a script: make the repository root importable
-from tools.dmdserve_process import DmdserveProcess  # noqa: E402
+from bench_common import REPO, dmdctl_bench, machine_line, today
+from tools.dmdserve_process import DmdserveProcess
 
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 
@@ -42,11 +36,7 @@ def bench(args, flags, env):
         server.wait_ready(300)
         results = {}
         for c in args.concurrency:
-            out = subprocess.run(
-                [os.path.join(args.build, "client", "dmdctl"), f"--target={server.target}",
-                 "bench", f"--concurrency={c}", f"--duration_s={args.duration_s}", "--json"],
-                capture_output=True, text=True, check=True)
-            report = json.loads(out.stdout)
+            report = dmdctl_bench(args.build, server.target, c, args.duration_s, check=True)
             results[c] = (report["images_per_second"], report["latency_seconds"]["p50"] * 1e3,
                           report["failed"])
         return results
@@ -69,8 +59,8 @@ def main():
         for name, flags, env in variants():
             runs[name].append(bench(args, flags, env))
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}")
-    print(f"date: {time.strftime('%Y-%m-%d')}; bundle: {args.bundle}; {args.rounds} rounds of "
+    print(machine_line())
+    print(f"date: {today()}; bundle: {args.bundle}; {args.rounds} rounds of "
           f"{args.duration_s} s per concurrency, variants interleaved\n")
     header = " | ".join(f"c={c} images/s | c={c} p50 ms" for c in args.concurrency)
     print(f"| allocator | {header} | failed |")

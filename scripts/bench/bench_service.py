@@ -16,51 +16,12 @@ so that the ratio compares like with like); --json_out also writes the numbers a
 import argparse
 import json
 import os
-import platform
-import re
 import shlex
-import subprocess
 import sys
-import time
-import urllib.request
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO)  # run as a script: make the repository root importable
-from tools.dmdserve_process import DmdserveProcess  # noqa: E402
-
-
-def raw_pipeline(build, bundle, repetitions, flags):
-    out = subprocess.run(
-        [os.path.join(build, "worker", "pipeline_benchmark"), f"--bundle={bundle}",
-         "--benchmark_format=json", f"--benchmark_repetitions={repetitions}",
-         "--benchmark_report_aggregates_only=true", *flags],
-        capture_output=True, text=True, check=True)
-    rates = {}
-    for b in json.loads(out.stdout)["benchmarks"]:
-        if b.get("aggregate_name", "median") != "median":  # a single repetition has no median
-            continue
-        batch = int(re.search(r"batch:(\d+)", b["name"]).group(1))
-        rates[batch] = b["images_per_second"] if "images_per_second" in b else b["items_per_second"]
-    return rates
-
-def batch_totals(metrics_port):
-    """(batches run, images in them) so far, from the server's /metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    def total(name):
-        return sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)", text, re.M))
-    return total("dmdserve_batch_size_images_count"), total("dmdserve_batch_size_images_sum")
-
-
-def raw_at(raw, batch):
-    """Raw images/s at a (fractional) batch size, interpolated linearly between measured sizes."""
-    sizes = sorted(raw)
-    if batch <= sizes[0]:
-        return raw[sizes[0]]
-    for lo, hi in zip(sizes, sizes[1:]):
-        if batch <= hi:
-            return raw[lo] + (raw[hi] - raw[lo]) * (batch - lo) / (hi - lo)
-    return raw[sizes[-1]]
+from bench_common import (batch_totals, dmdctl_bench, machine_line, raw_at, raw_pipeline,
+                          today, write_prompts)
+from tools.dmdserve_process import DmdserveProcess
 
 
 def main():
@@ -88,25 +49,16 @@ def main():
         sys.exit(str(e))
     port, metrics_port = server.port, server.metrics_port
 
-    # Distinct prompts, like the raw benchmark's batches: the pipeline encodes identical prompts
-    # of a batch once, so repeated prompts would flatter the service.
-    prompts_file = os.path.join(args.build, "bench_prompts.txt")
-    with open(prompts_file, "w") as f:
-        for i in range(20000):
-            f.write(f"a photo of item {i} in the catalogue\n")
+    prompts_file = write_prompts(os.path.join(args.build, "bench_prompts.txt"))
 
     rows = []
     batches_seen = batch_totals(metrics_port)
     try:
         for c in [int(x) for x in args.concurrency.split(",")]:
-            out = subprocess.run(
-                [os.path.join(args.build, "client", "dmdctl"), f"--target=127.0.0.1:{port}",
-                 "bench", f"--concurrency={c}", f"--duration_s={args.duration_s}",
-                 f"--num_images={args.num_images}", f"--prompts_file={prompts_file}", "--json"],
-                capture_output=True, text=True)
+            report = dmdctl_bench(args.build, f"127.0.0.1:{port}", c, args.duration_s,
+                                  args.num_images, prompts_file)
             before = batches_seen
             batches_seen = batch_totals(metrics_port)
-            report = json.loads(out.stdout)
             batches = batches_seen[0] - before[0]
             report["mean_batch"] = (batches_seen[1] - before[1]) / batches if batches else 0
             rows.append((c, report))
@@ -114,8 +66,8 @@ def main():
         server.stop()
 
     best_raw_batch = max(raw, key=raw.get)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}")
-    print(f"date: {time.strftime('%Y-%m-%d')}; bundle: {args.bundle}; "
+    print(machine_line())
+    print(f"date: {today()}; bundle: {args.bundle}; "
           f"server flags: {' '.join(args.server_flags) or '(defaults)'}\n")
     print("| raw pipeline batch | images/s |\n|---|---|")
     for batch in sorted(raw):
