@@ -8,15 +8,17 @@ Measures, and prints as one Markdown report (also --json_out FILE):
      counted by intercepting every convolution and matrix product of the TorchScript modules
      at batch 1;
   4. raw pipeline images/s per batch size (BUILD/worker/pipeline_benchmark, --raw_flags), with
-     glibc malloc set as dmdserve sets it at start-up (--raw_malloc_tuning);
+     as many workers and intra-op threads as dmdserve derives, and dmdserve's malloc settings
+     (pipeline_benchmark --malloc_tuning, --raw_malloc_tuning);
   5. served images/s and p50/p90/p99 latency at each --concurrency through `dmdctl bench` (one
      PNG image per request, distinct prompts), for each variant:
        dmdserve          BUILD/server/dmdserve with --server_flags (default flags)
        baseline          --baseline_bin DIR/dmdserve, an older binary (only when given)
        python-batched    scripts/bench/python_peer.py: dynamic batcher <= 16, 2 torch threads
        python-unbatched  python_peer.py: 4 request threads, 1 torch thread each, no batching
-     (--variants picks and orders them; python-batched-malloc, not run by default, is the batched
-     peer with glibc malloc set as dmdserve sets it). Each round starts every variant afresh, in
+       python-batched-malloc  the batched peer with glibc malloc set as dmdserve sets it, to tell
+                         how much of the gap is the allocator
+     (--variants picks and orders them). Each round starts every variant afresh, in
      turn, so drift hits them alike; the tables give the median over --rounds, and every run is
      listed;
   6. derived figures against their targets (pass/miss).
@@ -44,11 +46,11 @@ BATCHED = ["--max_batch_size=16", "--torch_threads=2", "--request_threads=32"]
 PEER_VARIANTS = {
     "python-batched": (BATCHED, {}),
     "python-unbatched": (["--max_batch_size=1", "--request_threads=4", "--torch_threads=1"], {}),
-    # Not run by default: the batched peer with glibc malloc set as dmdserve sets it, to tell how
-    # much of the gap is the allocator.
+    # The batched peer with glibc malloc set as dmdserve sets it, to tell how much of the gap is
+    # the allocator.
     "python-batched-malloc": (BATCHED, DMDSERVE_MALLOC_TUNABLES),
 }
-DEFAULT_VARIANTS = "dmdserve,baseline,python-batched,python-unbatched"
+DEFAULT_VARIANTS = "dmdserve,baseline,python-batched,python-unbatched,python-batched-malloc"
 
 
 class ServerVariant:
@@ -266,8 +268,9 @@ def markdown(result):
     out.append(f"| decoder | {fl['decoder'] / 1e6:.1f} |")
     out.append(f"| **total** | **{fl['total'] / 1e6:.1f}** |\n")
     raw = result["raw_images_per_second"]
-    out.append(f"raw pipeline (pipeline_benchmark {result['raw_flags']}; environment "
-               f"{result['raw_env'] or '(unchanged)'}):\n")
+    out.append(f"raw pipeline (pipeline_benchmark {result['raw_flags']}; as many workers at once, "
+               f"with as many intra-op threads, as dmdserve derives from the CPU budget; "
+               f"images/s summed over them):\n")
     out.append("| batch | images/s | GFLOP/s |\n|---|---|---|")
     for b in sorted(raw):
         out.append(f"| {b} | {raw[b]:.0f} | {raw[b] * fl['total'] / 1e9:.1f} |")
@@ -310,14 +313,13 @@ def main():
     parser.add_argument("--raw_flags", default="", help="extra pipeline_benchmark flags")
     parser.add_argument("--raw_repetitions", type=int, default=3)
     parser.add_argument("--raw_malloc_tuning", default="true", choices=["true", "false"],
-                        help="run pipeline_benchmark with glibc malloc set as dmdserve sets it "
-                             "(--malloc_tuning, on by default), so raw and served compare alike")
+                        help="pipeline_benchmark --malloc_tuning: glibc malloc set as dmdserve "
+                             "sets it (on by default), so raw and served compare alike")
     parser.add_argument("--server_flags", default="", help="dmdserve (and baseline) flags")
     parser.add_argument("--matmul_n", type=int, default=2048)
     parser.add_argument("--variants", type=lambda s: s.split(","), default=DEFAULT_VARIANTS,
-                        help="variants to run, comma-separated, in this order; also available: "
-                             "python-batched-malloc (the batched peer with dmdserve's malloc "
-                             "settings); baseline runs only with --baseline_bin")
+                        help="variants to run, comma-separated, in this order; baseline runs "
+                             "only with --baseline_bin")
     parser.add_argument("--json_out", help="also write the results to this JSON file")
     args = parser.parse_args()
     unknown = set(args.variants) - {"dmdserve", "baseline", *PEER_VARIANTS}
@@ -336,9 +338,8 @@ def main():
     peaks = [matmul_peak(cores, args.matmul_n)]
     flops = flops_per_image(bundle)
     flops["total"] = flops["text_encoder"] + flops["generator"] + flops["decoder"]
-    raw_env = DMDSERVE_MALLOC_TUNABLES if args.raw_malloc_tuning == "true" else {}
-    raw = raw_pipeline(args.build, bundle, args.raw_repetitions, shlex.split(args.raw_flags),
-                       raw_env)
+    raw_flags = [f"--malloc_tuning={args.raw_malloc_tuning}", *shlex.split(args.raw_flags)]
+    raw = raw_pipeline(args.build, bundle, args.raw_repetitions, raw_flags)
 
     prompts_file = write_prompts(os.path.join(os.environ.get("TMPDIR", "/tmp"),
                                               f"bench_prompts_{os.getpid()}.txt"))
@@ -357,8 +358,7 @@ def main():
     lo, hi = min(args.concurrency), max(args.concurrency)
     result = {"facts": facts, "matmul_peak_gflops": peak, "matmul_peaks_gflops": peaks,
               "flops_per_image": flops,
-              "raw_flags": args.raw_flags, "raw_env": " ".join(f"{k}={v}" for k, v in
-                                                                raw_env.items()),
+              "raw_flags": " ".join(raw_flags),
               "raw_images_per_second": raw, "served": served,
               "runs": runs}
     result["derived"] = derived(served, raw, flops, peak, lo, hi)
