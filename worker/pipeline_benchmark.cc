@@ -4,10 +4,12 @@
 //
 //   build/worker/pipeline_benchmark [--bundle=models/tiny-random] [--device=cpu|cuda:N]
 //       [--dtype=SPEC] [--cuda_graphs=true|false] [--postprocess=torch|cuda_kernel]
-//       [--jit_optimize=true|false] [Google Benchmark flags]
+//       [--jit_optimize=true|false] [--channels_last_decoder=true|false]
+//       [--intra_op_threads=N] [Google Benchmark flags]
 //
 // --dtype overrides the manifest's dtypes like dmdserve --dtype; --cuda_graphs captures a CUDA
-// graph per batch size after warm-up (GPUs; docs/GPU.md).
+// graph per batch size after warm-up (GPUs; docs/GPU.md). --channels_last_decoder and
+// --intra_op_threads set the Pipeline::Options fields of those names (0: libtorch's default).
 #include <benchmark/benchmark.h>
 #include <torch/csrc/jit/runtime/graph_executor.h>
 
@@ -47,6 +49,8 @@ std::unique_ptr<Pipeline> MakePipeline(const std::map<std::string, std::string>&
   options.device = flags.at("device");
   options.cuda_graphs = flags.at("cuda_graphs") == "true";
   options.postprocess = *postprocess;
+  options.channels_last_decoder = flags.at("channels_last_decoder") == "true";
+  options.intra_op_threads = std::atoi(flags.at("intra_op_threads").c_str());
   // Guidance needs the empty prompt's ids: BOS, then EOS as padding (CLIP's layout).
   options.uncond_input_ids.assign(manifest->tokenizer.max_length, 49407);
   options.uncond_input_ids[0] = 49406;
@@ -118,6 +122,8 @@ int main(int argc, char** argv) {
       {"cuda_graphs", "false"},
       {"postprocess", "torch"},
       {"jit_optimize", "true"},
+      {"channels_last_decoder", "true"},
+      {"intra_op_threads", "0"},
   };
   std::vector<char*> args;
   for (int i = 0; i < argc; ++i) {
