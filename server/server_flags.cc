@@ -51,6 +51,9 @@ ABSL_FLAG(std::string, postprocess, "torch",
 ABSL_FLAG(int, intra_op_threads, 0,
           "libtorch intra-op threads (process-wide). 0: the usable CPUs divided among the CPU "
           "model workers (2 CPUs: 1, 64: 16). Logged at start-up.");
+ABSL_FLAG(bool, channels_last_decoder, true,
+          "CPU: store the decoders' convolution weights channels-last (NHWC) at load, which "
+          "oneDNN runs without layout reorders (see docs/PERFORMANCE.md). Ignored on GPUs.");
 ABSL_FLAG(bool, malloc_tuning, true,
           "Keep freed activations in the process (glibc malloc: mmap threshold 32 MiB, trim "
           "threshold 256 MiB) instead of returning them to the kernel after every batch.");
@@ -161,6 +164,7 @@ absl::StatusOr<Engine::Options> EngineOptionsFromFlags(std::vector<std::string>&
   e.postprocess = absl::GetFlag(FLAGS_postprocess);
   e.intra_op_threads = absl::GetFlag(FLAGS_intra_op_threads);
   e.tune_malloc = absl::GetFlag(FLAGS_malloc_tuning);
+  e.channels_last_decoder = absl::GetFlag(FLAGS_channels_last_decoder);
   e.jit_optimize = absl::GetFlag(FLAGS_jit_optimize);
   e.max_batch_size = absl::GetFlag(FLAGS_max_batch_size);
   e.max_queue_delay = absl::Microseconds(absl::GetFlag(FLAGS_max_queue_delay_us));

@@ -65,6 +65,7 @@ TEST_F(ServerFlagsTest, DefaultsMatchTheDocumentedOnes) {
   EXPECT_EQ(e.postprocess, "torch");
   EXPECT_EQ(e.intra_op_threads, 0);
   EXPECT_TRUE(e.tune_malloc);
+  EXPECT_TRUE(e.channels_last_decoder);
   EXPECT_TRUE(e.jit_optimize);
   EXPECT_EQ(e.max_batch_size, 0);
   EXPECT_EQ(e.max_queue_delay, absl::ZeroDuration());
@@ -83,7 +84,8 @@ TEST_F(ServerFlagsTest, FlagsReachTheirOptions) {
        "--model_dirs=a,b,c", "--default_model=b", "--device=cuda:1", "--instances_per_device=3",
        "--cuda_graphs=false", "--dtype=float16", "--postprocess=cuda_kernel",
        "--max_queue_delay_us=250", "--allowed_batch_sizes=1,2,4", "--warmup_runs=1",
-       "--malloc_tuning=false"});
+       "--malloc_tuning=false", "--channels_last_decoder=false", "--intra_op_threads=5",
+       "--max_batch_size=4"});
   ASSERT_TRUE(options.ok()) << options.status();
   EXPECT_THAT(warnings_, IsEmpty());
   EXPECT_EQ(options->listen_host, "127.0.0.1");
@@ -106,6 +108,9 @@ TEST_F(ServerFlagsTest, FlagsReachTheirOptions) {
   EXPECT_EQ(e.max_images_per_request, 3);
   EXPECT_EQ(e.warmup_runs, 1);
   EXPECT_FALSE(e.tune_malloc);
+  EXPECT_FALSE(e.channels_last_decoder);
+  EXPECT_EQ(e.intra_op_threads, 5);
+  EXPECT_EQ(e.max_batch_size, 4);
 }
 
 TEST_F(ServerFlagsTest, DevicesWinOverDevice) {

@@ -385,7 +385,8 @@ absl::Status Engine::State::AddReplicas(Model& model, const std::vector<int32_t>
                                           .uncond_input_ids = uncond_input_ids,
                                           .instances = options.instances_per_device,
                                           .cuda_graphs = options.cuda_graphs,
-                                          .postprocess = postprocess});
+                                          .postprocess = postprocess,
+                                          .channels_last_decoder = options.channels_last_decoder});
     if (!pipeline.ok()) return pipeline.status();
     auto replica = std::make_unique<Replica>();
     replica->pipeline = *std::move(pipeline);

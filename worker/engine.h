@@ -248,6 +248,10 @@ class Engine {
     // Decoded image -> uint8 conversion: "torch" (libtorch ops, any device) or "cuda_kernel"
     // (dmdserve's kernel; CUDA builds on GPUs). Default "torch".
     std::string postprocess = "torch";
+    // CPU devices: store each decoder's convolution weights channels-last (NHWC) at load, so
+    // that oneDNN runs them without layout reorders (Pipeline::Options.channels_last_decoder;
+    // the same images up to float rounding). Ignored on CUDA devices. Default on.
+    bool channels_last_decoder = true;
   };
 
   // Settles the thread counts (logging the CPU budget they come from) and loads every bundle

@@ -142,6 +142,16 @@ absl::StatusOr<torch::jit::Module> LoadModule(const std::string& path, absl::str
                                                  path, ": ", FirstLine(error)));
 }
 
+// Stores `module`'s 4-d parameters (convolution weights) channels-last, in place.
+void ToChannelsLast(torch::jit::Module& module) {
+  torch::NoGradGuard no_grad;
+  for (at::Tensor parameter : module.parameters()) {
+    if (parameter.dim() == 4) {
+      parameter.set_data(parameter.contiguous(at::MemoryFormat::ChannelsLast));
+    }
+  }
+}
+
 // Copies a host tensor to `device`; from pinned memory the copy is queued on the current stream
 // and the call returns at once. A no-op for the CPU.
 at::Tensor ToDevice(const at::Tensor& host, const c10::Device& device) {
@@ -411,6 +421,7 @@ absl::StatusOr<std::unique_ptr<Pipeline>> Pipeline::Create(const ModelManifest& 
   state->decoder_dtype = ToScalarType(manifest.dtypes.decoder);
   state->postprocess = options.postprocess;
   state->cuda_graphs = options.cuda_graphs && device->is_cuda();
+  state->channels_last_decoder = options.channels_last_decoder && device->is_cpu();
   if (absl::Status s = state->LoadComponents(); !s.ok()) return s;
   state->AddInstances(options.instances);
   if (absl::Status s = state->EmbedEmptyPrompt(options.uncond_input_ids); !s.ok()) return s;
@@ -429,6 +440,7 @@ absl::Status Pipeline::State::LoadComponents() {
   loaded = LoadModule(files.decoder, "decoder", device, decoder_dtype);
   if (!loaded.ok()) return loaded.status();
   decoder = *std::move(loaded);
+  if (channels_last_decoder) ToChannelsLast(decoder);
   return absl::OkStatus();
 }
 

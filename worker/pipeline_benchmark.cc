@@ -5,15 +5,16 @@
 //
 //   build/worker/pipeline_benchmark [--bundle=models/tiny-random] [--device=cpu|cuda:N]
 //       [--dtype=SPEC] [--cuda_graphs=true|false] [--postprocess=torch|cuda_kernel]
-//       [--jit_optimize=true|false] [--instances=N] [--intra_op_threads=N]
-//       [--malloc_tuning=true|false] [Google Benchmark flags]
+//       [--jit_optimize=true|false] [--channels_last_decoder=true|false] [--instances=N]
+//       [--intra_op_threads=N] [--malloc_tuning=true|false] [Google Benchmark flags]
 //
 // --dtype overrides the manifest's dtypes like dmdserve --dtype; --cuda_graphs captures a CUDA
-// graph per batch size after warm-up (GPUs; docs/GPU.md). --instances and --intra_op_threads
-// (0: derived from the CPU budget exactly as dmdserve derives them, worker/cpu_budget.h) set the
-// concurrent workers and libtorch's intra-op threads; images_per_second sums over the workers.
-// --malloc_tuning (default true) applies dmdserve's glibc malloc thresholds
-// (worker/malloc_tuning.h), so that the raw figures compare with the served ones.
+// graph per batch size after warm-up (GPUs; docs/GPU.md); --channels_last_decoder sets the
+// Pipeline::Options field of that name. --instances and --intra_op_threads (0: derived from the
+// CPU budget exactly as dmdserve derives them, worker/cpu_budget.h) set the concurrent workers
+// and libtorch's intra-op threads; images_per_second sums over the workers. --malloc_tuning
+// (default true) applies dmdserve's glibc malloc thresholds (worker/malloc_tuning.h), so that
+// the raw figures compare with the served ones.
 #include <benchmark/benchmark.h>
 #include <torch/csrc/jit/runtime/graph_executor.h>
 
@@ -57,6 +58,7 @@ std::unique_ptr<Pipeline> MakePipeline(const std::map<std::string, std::string>&
   options.intra_op_threads = std::stoi(flags.at("intra_op_threads"));
   options.cuda_graphs = flags.at("cuda_graphs") == "true";
   options.postprocess = *postprocess;
+  options.channels_last_decoder = flags.at("channels_last_decoder") == "true";
   // Guidance needs the empty prompt's ids: BOS, then EOS as padding (CLIP's layout).
   options.uncond_input_ids.assign(manifest->tokenizer.max_length, 49407);
   options.uncond_input_ids[0] = 49406;
@@ -146,6 +148,7 @@ int main(int argc, char** argv) {
       {"cuda_graphs", "false"},
       {"postprocess", "torch"},
       {"jit_optimize", "true"},
+      {"channels_last_decoder", "true"},
       {"instances", "0"},
       {"intra_op_threads", "0"},
       {"malloc_tuning", "true"},

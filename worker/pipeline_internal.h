@@ -81,6 +81,7 @@ struct Pipeline::State {
   at::ScalarType decoder_dtype = at::kFloat;
   Postprocess postprocess = Postprocess::kTorchOps;
   bool cuda_graphs = false;
+  bool channels_last_decoder = false;  // Options.channels_last_decoder, on a CPU device
   // TorchScript methods are safe to run concurrently; forward() is merely not marked const.
   mutable torch::jit::Module text_encoder;
   mutable torch::jit::Module generator;
@@ -93,7 +94,8 @@ struct Pipeline::State {
   mutable std::vector<Instance*> free_instances ABSL_GUARDED_BY(instances_mu);
 
   // Create's steps after validation (pipeline.cc). Loads the three TorchScript components onto
-  // `device` in the manifest's dtypes; errors name the file.
+  // `device` in the manifest's dtypes (the decoder's convolution weights channels-last with
+  // `channels_last_decoder`); errors name the file.
   absl::Status LoadComponents();
   // Adds `count` free instances, each with its own stream from libtorch's pool on a CUDA device.
   void AddInstances(int count);
