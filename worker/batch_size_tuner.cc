@@ -51,8 +51,8 @@ absl::StatusOr<BatchCost> Measure(const BatchTuningOptions& o, Clock& clock, int
   loop();
   for (std::thread& t : others) t.join();
   if (!first_error.ok()) {
-    return absl::Status(first_error.code(), absl::StrCat("batch size ", batch_size, ": ",
-                                                         first_error.message()));
+    return absl::Status(first_error.code(),
+                        absl::StrCat("batch size ", batch_size, ": ", first_error.message()));
   }
   const double seconds = absl::ToDoubleSeconds(clock.Now() - start);
   const double images = static_cast<double>(batches.load()) * batch_size;

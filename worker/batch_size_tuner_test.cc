@@ -62,9 +62,8 @@ TEST(TuneBatchSizeTest, MeasuresAscendingAndSkipsSizesPastTheKnee) {
   FakeDevice device;
   // images/s: 1 -> 100, 2 -> 200, 4 -> 250, 8 -> 160 (16 never runs).
   device.cost_ms = {{1, 10}, {2, 10}, {4, 16}, {8, 50}, {16, 1}};
-  BatchTuningOptions options{.batch_sizes = {1, 2, 4, 8, 16},
-                             .min_time = absl::Milliseconds(100),
-                             .clock = &device.clock};
+  BatchTuningOptions options{
+      .batch_sizes = {1, 2, 4, 8, 16}, .min_time = absl::Milliseconds(100), .clock = &device.clock};
   absl::StatusOr<BatchSizeChoice> choice = TuneBatchSize(options, device.Run());
   ASSERT_TRUE(choice.ok()) << choice.status();
   EXPECT_EQ(choice->max_batch_size, 4);

@@ -126,8 +126,8 @@ TEST(PlanCpuThreadsTest, DerivedSplitsKeepEveryCoreBusy) {
   struct Case {
     int cpus, instances, threads;
   };
-  for (const Case& c : {Case{1, 1, 1}, Case{2, 2, 1}, Case{3, 3, 1}, Case{4, 4, 1},
-                        Case{6, 3, 2}, Case{8, 4, 2}, Case{64, 4, 16}}) {
+  for (const Case& c : {Case{1, 1, 1}, Case{2, 2, 1}, Case{3, 3, 1}, Case{4, 4, 1}, Case{6, 3, 2},
+                        Case{8, 4, 2}, Case{64, 4, 16}}) {
     const CpuThreadPlan plan = PlanCpuThreads(c.cpus, 0, 0);
     EXPECT_EQ(plan.instances, c.instances) << c.cpus << " CPUs";
     EXPECT_EQ(plan.intra_op_threads, c.threads) << c.cpus << " CPUs";
