@@ -37,7 +37,8 @@ import sys
 import time
 
 from bench_common import (DMDSERVE_MALLOC_TUNABLES, REPO, PeerProcess, batch_totals, cpu_model,
-                          dmdctl_bench, git_commit, raw_pipeline, usable_cores, write_prompts)
+                          dmdctl_bench, git_commit, raw_at, raw_pipeline, usable_cores,
+                          write_prompts)
 from tools import reference_pipeline
 from tools.dmdserve_process import DmdserveProcess
 
@@ -231,6 +232,10 @@ def derived(med, raw, flops, peak, lo, hi):
     best_raw = max(raw.values()) if raw else None
     add(f"dmdserve c={hi} / best raw batch images/s",
         d_hi / best_raw if d_hi and best_raw else None, ">=", 0.95)
+    mean_batch = get("dmdserve", hi, "mean_batch")
+    if d_hi and mean_batch and raw:
+        rows.append((f"dmdserve c={hi} / raw at the mean batch it formed ({mean_batch:.2f})",
+                     d_hi / raw_at(raw, mean_batch), "", None))
     if d_hi and d_lo and raw and 1 in raw:
         add(f"batching gain (c={hi}/c={lo}) / raw gain (best raw / raw batch 1)",
             (d_hi / d_lo) / (best_raw / raw[1]), ">=", 0.8)
