@@ -64,6 +64,9 @@ ABSL_FLAG(int, max_batch_size, 0,
           "Largest batch in images, capped at the model's largest. 0: chosen per model and device "
           "at warm-up by timing the model's batch sizes, where the per-image time stops falling "
           "(reported by ListModels and dmdserve_max_batch_size_images).");
+ABSL_FLAG(int, batch_tuning_ms, 250,
+          "With --max_batch_size=0: how long warm-up times each candidate batch size (at least "
+          "one batch per worker), in milliseconds.");
 ABSL_FLAG(int, max_queue_delay_us, 0,
           "Microseconds the oldest queued image may wait for its batch to fill; 0: a free worker "
           "takes what is queued (batches still form under load; see docs/PERFORMANCE.md).");
@@ -167,6 +170,7 @@ absl::StatusOr<Engine::Options> EngineOptionsFromFlags(std::vector<std::string>&
   e.channels_last_decoder = absl::GetFlag(FLAGS_channels_last_decoder);
   e.jit_optimize = absl::GetFlag(FLAGS_jit_optimize);
   e.max_batch_size = absl::GetFlag(FLAGS_max_batch_size);
+  e.batch_tuning_time = absl::Milliseconds(absl::GetFlag(FLAGS_batch_tuning_ms));
   e.max_queue_delay = absl::Microseconds(absl::GetFlag(FLAGS_max_queue_delay_us));
   e.max_queued_images = absl::GetFlag(FLAGS_max_queue_images);
   absl::StatusOr<std::vector<int>> batch_sizes =

@@ -68,6 +68,7 @@ TEST_F(ServerFlagsTest, DefaultsMatchTheDocumentedOnes) {
   EXPECT_TRUE(e.channels_last_decoder);
   EXPECT_TRUE(e.jit_optimize);
   EXPECT_EQ(e.max_batch_size, 0);
+  EXPECT_EQ(e.batch_tuning_time, absl::Milliseconds(250));
   EXPECT_EQ(e.max_queue_delay, absl::ZeroDuration());
   EXPECT_EQ(e.max_queued_images, 256);
   EXPECT_THAT(e.allowed_batch_sizes, IsEmpty());
@@ -85,7 +86,7 @@ TEST_F(ServerFlagsTest, FlagsReachTheirOptions) {
        "--cuda_graphs=false", "--dtype=float16", "--postprocess=cuda_kernel",
        "--max_queue_delay_us=250", "--allowed_batch_sizes=1,2,4", "--warmup_runs=1",
        "--malloc_tuning=false", "--channels_last_decoder=false", "--intra_op_threads=5",
-       "--max_batch_size=4"});
+       "--max_batch_size=4", "--batch_tuning_ms=40"});
   ASSERT_TRUE(options.ok()) << options.status();
   EXPECT_THAT(warnings_, IsEmpty());
   EXPECT_EQ(options->listen_host, "127.0.0.1");
@@ -111,6 +112,7 @@ TEST_F(ServerFlagsTest, FlagsReachTheirOptions) {
   EXPECT_FALSE(e.channels_last_decoder);
   EXPECT_EQ(e.intra_op_threads, 5);
   EXPECT_EQ(e.max_batch_size, 4);
+  EXPECT_EQ(e.batch_tuning_time, absl::Milliseconds(40));
 }
 
 TEST_F(ServerFlagsTest, DevicesWinOverDevice) {
