@@ -152,4 +152,10 @@ CpuThreadPlan PlanCpuThreads(int usable_cpus, int instances, int intra_op_thread
   return plan;
 }
 
+CpuThreadPlan PlanThreads(int usable_cpus, bool serves_cpu, int instances, int intra_op_threads) {
+  if (serves_cpu) return PlanCpuThreads(usable_cpus, instances, intra_op_threads);
+  return {instances > 0 ? instances : 1,
+          intra_op_threads > 0 ? intra_op_threads : std::max(1, usable_cpus)};
+}
+
 }  // namespace dmdserve

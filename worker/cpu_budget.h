@@ -62,6 +62,11 @@ inline constexpr int kMaxDefaultCpuInstances = 4;
 // with one given, the other is usable / given (at least 1).
 CpuThreadPlan PlanCpuThreads(int usable_cpus, int instances, int intra_op_threads);
 
+// The plan for a set of devices: PlanCpuThreads when they include the CPU; otherwise (GPUs
+// only) 1 model worker per device and every usable CPU for libtorch's host-side work, each
+// unless given (> 0).
+CpuThreadPlan PlanThreads(int usable_cpus, bool serves_cpu, int instances, int intra_op_threads);
+
 }  // namespace dmdserve
 
 #endif  // DMDSERVE_WORKER_CPU_BUDGET_H_

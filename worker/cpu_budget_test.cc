@@ -146,5 +146,17 @@ TEST(PlanCpuThreadsTest, GivenCountsAreKeptAndTheOtherFillsTheBudget) {
   EXPECT_EQ(both.intra_op_threads, 7);
 }
 
+TEST(PlanThreadsTest, GpusOnlyGetOneWorkerAndEveryCpuForHostWork) {
+  const CpuThreadPlan gpu = PlanThreads(16, /*serves_cpu=*/false, 0, 0);
+  EXPECT_EQ(gpu.instances, 1);
+  EXPECT_EQ(gpu.intra_op_threads, 16);
+  const CpuThreadPlan given = PlanThreads(16, /*serves_cpu=*/false, 3, 2);
+  EXPECT_EQ(given.instances, 3);
+  EXPECT_EQ(given.intra_op_threads, 2);
+  const CpuThreadPlan cpu = PlanThreads(16, /*serves_cpu=*/true, 0, 0);
+  EXPECT_EQ(cpu.instances, 4);
+  EXPECT_EQ(cpu.intra_op_threads, 4);
+}
+
 }  // namespace
 }  // namespace dmdserve

@@ -144,15 +144,8 @@ void Engine::State::PlanThreads() {
   const bool on_cpu =
       std::any_of(devices.begin(), devices.end(), [](const auto& device) { return !device->cuda; });
   const CpuBudget budget = ReadCpuBudget();
-  CpuThreadPlan plan;
-  if (on_cpu) {
-    plan =
-        PlanCpuThreads(budget.usable_cpus, options.instances_per_device, options.intra_op_threads);
-  } else {
-    plan.instances = options.instances_per_device > 0 ? options.instances_per_device : 1;
-    plan.intra_op_threads =
-        options.intra_op_threads > 0 ? options.intra_op_threads : budget.usable_cpus;
-  }
+  const CpuThreadPlan plan = dmdserve::PlanThreads(
+      budget.usable_cpus, on_cpu, options.instances_per_device, options.intra_op_threads);
   const auto origin = [](int given) { return given > 0 ? "given" : "derived"; };
   spdlog::info(
       "CPU budget: {}; {} model worker(s) per model and device ({}) x {} intra-op "

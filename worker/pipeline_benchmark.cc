@@ -85,10 +85,8 @@ void SettleThreads(std::map<std::string, std::string>& flags) {
   const CpuBudget budget = ReadCpuBudget();
   const int instances = std::stoi(flags.at("instances"));
   const int threads = std::stoi(flags.at("intra_op_threads"));
-  CpuThreadPlan plan = PlanCpuThreads(budget.usable_cpus, instances, threads);
-  if (flags.at("device") != "cpu") {
-    plan = {instances > 0 ? instances : 1, threads > 0 ? threads : budget.usable_cpus};
-  }
+  const CpuThreadPlan plan =
+      PlanThreads(budget.usable_cpus, flags.at("device") == "cpu", instances, threads);
   flags["instances"] = std::to_string(plan.instances);
   flags["intra_op_threads"] = std::to_string(plan.intra_op_threads);
   std::fprintf(stderr, "pipeline_benchmark: CPU budget %s\n", budget.Describe().c_str());
