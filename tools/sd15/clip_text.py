@@ -1,15 +1,21 @@
-"""SD1.5's text encoder in the layout of transformers' CLIPTextModel (CLIP ViT-L/14 text tower).
+"""CLIP text encoders in the layout of transformers' CLIPTextModel and
+CLIPTextModelWithProjection: SD1.5's (CLIP ViT-L/14) and SDXL's two (ViT-L/14, OpenCLIP bigG/14).
 
   input_ids [B, L] -> token embedding + learned position embedding
   -> num_hidden_layers pre-LN blocks: LayerNorm, causal multi-head self-attention, residual;
-     LayerNorm, MLP (fc1, quick_gelu x*sigmoid(1.702x), fc2), residual
-  -> final_layer_norm -> last_hidden_state [B, L, hidden_size] (what SD feeds to the UNet)
+     LayerNorm, MLP (fc1, quick_gelu x*sigmoid(1.702x) or exact GELU, fc2), residual
+  -> final_layer_norm -> last_hidden_state [B, L, hidden_size] (what SD1.5 feeds to the UNet)
+
+SDXL conditions its UNet on the penultimate hidden state (the residual stream after all but the
+last layer, before final_layer_norm) of both encoders, concatenated, and on the second encoder's
+text_embeds: text_projection (Linear, no bias) of the final_layer_norm output at the EOS token.
+See sdxl_text_conditioning().
 
 Only the causal mask applies (SD pipelines pass no padding mask). The `position_ids` buffer that
 older transformers versions saved is not a parameter here; checkpoint_io drops it on load.
 """
 
-from typing import Any, Dict
+from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -96,11 +102,26 @@ class CLIPTextTransformer(nn.Module):
         self.encoder = CLIPEncoder(r)
         self.final_layer_norm = nn.LayerNorm(r["hidden_size"], eps=r["layer_norm_eps"])
 
+    def causal_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """[L, L] additive mask of x [B, L, D]: -inf above the diagonal (no attending ahead)."""
+        n = x.size(1)
+        return torch.full([n, n], float("-inf"), dtype=x.dtype, device=x.device).triu(1)
+
+    @torch.jit.export
+    def hidden_states(self, input_ids: torch.Tensor) -> List[torch.Tensor]:
+        """transformers' hidden_states: the embeddings, then the residual stream after each
+        layer (num_hidden_layers + 1 tensors [B, L, hidden_size], none after final_layer_norm)."""
+        x = self.embeddings(input_ids)
+        mask = self.causal_mask(x)
+        states = [x]
+        for layer in self.encoder.layers:
+            x = layer(x, mask)
+            states.append(x)
+        return states
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embeddings(input_ids)
-        n = input_ids.size(1)
-        mask = torch.full([n, n], float("-inf"), dtype=x.dtype, device=x.device).triu(1)
-        return self.final_layer_norm(self.encoder(x, mask))
+        return self.final_layer_norm(self.encoder(x, self.causal_mask(x)))
 
 
 class CLIPTextModel(nn.Module):
@@ -118,9 +139,50 @@ class CLIPTextModel(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.text_model(input_ids)
 
+    @torch.jit.export
+    def penultimate_hidden_state(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """hidden_states[-2] [B, L, hidden_size]: what SDXL takes from its first encoder."""
+        return self.text_model.hidden_states(input_ids)[-2]
+
+
+class CLIPTextModelWithProjection(nn.Module):
+    """SDXL's second text encoder. forward(input_ids int64 [B, L]) -> (penultimate hidden state
+    [B, L, hidden_size], text_embeds [B, projection_dim]). Build with from_config(config dict)."""
+
+    def __init__(self, r: Dict[str, Any]):
+        super().__init__()
+        self.text_model = CLIPTextTransformer(r)
+        self.text_projection = nn.Linear(r["hidden_size"], r["projection_dim"], bias=False)
+
+    @staticmethod
+    def from_config(cfg: Dict[str, Any]) -> "CLIPTextModelWithProjection":
+        return CLIPTextModelWithProjection(resolve_text(cfg))
+
+    def forward(self, input_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        states = self.text_model.hidden_states(input_ids)
+        last = self.text_model.final_layer_norm(states[-1])
+        return states[-2], self.text_projection(pooled_output(last, input_ids))
+
+
+def sdxl_text_conditioning(text_encoder: CLIPTextModel,
+                           text_encoder_2: CLIPTextModelWithProjection, input_ids: torch.Tensor,
+                           input_ids_2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's prompt conditioning, as diffusers' StableDiffusionXLPipeline.encode_prompt (no clip
+    skip) and DMD2 compute it: (encoder_hidden_states [B, L, hidden + hidden_2] = both penultimate
+    hidden states, the first encoder's first; text_embeds [B, projection_dim_2]).
+
+    input_ids come from `tokenizer` (padded with EOS 49407), input_ids_2 from `tokenizer_2`
+    (padded with "!" = id 0); the padding id changes the hidden states after the EOS token.
+    """
+    states_2, text_embeds = text_encoder_2(input_ids_2)
+    states = text_encoder.penultimate_hidden_state(input_ids)
+    return torch.cat([states, states_2], dim=-1), text_embeds
+
 
 def pooled_output(last_hidden_state: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """CLIPTextModel's pooler_output: the hidden state at the first EOS token, which has the
-    largest id in CLIP's vocabulary (argmax of input_ids). SD1.5 does not use it."""
+    largest id in CLIP's vocabulary (argmax of input_ids, as transformers does for configs with
+    eos_token_id 2, SD1.5's and SDXL's). SD1.5 does not use it; SDXL projects the second
+    encoder's (CLIPTextModelWithProjection)."""
     rows = torch.arange(input_ids.size(0), device=input_ids.device)
     return last_hidden_state[rows, input_ids.argmax(dim=-1)]

@@ -2,11 +2,15 @@
 
 A diffusers config.json lists only some constructor arguments; the rest take the class defaults.
 resolve_* fills them in exactly as the reference does and rejects configs that need a feature
-these modules do not implement (for example use_linear_projection, which SD2.x uses), so that a
-model is never built silently wrong. Keys starting with "_" (`_class_name`, ...) are metadata.
+these modules do not implement, so that a model is never built silently wrong. Keys starting with
+"_" (`_class_name`, ...) are metadata.
+
+The UNet is resolved for an architecture family: "sd15" (the default, what the SD1.5 bundle
+exporter serves) rejects SDXL's features (use_linear_projection, transformer_layers_per_block,
+the "text_time" added conditioning); "sdxl" accepts them as well as every SD1.5 config.
 """
 
-from typing import Any, Dict, Iterable
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 # UNet2DConditionModel: arguments these modules implement, with diffusers' defaults.
 UNET_VARIABLE = {
@@ -28,7 +32,20 @@ UNET_VARIABLE = {
     "dropout": 0.0,  # inference only: dropout is off
 }
 
+# UNet2DConditionModel: the SDXL features, with diffusers' defaults (which are SD1.5's values).
+# Fixed to these defaults for the "sd15" family, variable for "sdxl".
+UNET_SDXL_FEATURES = {
+    "transformer_layers_per_block": 1,
+    "use_linear_projection": False,
+    "addition_embed_type": None,
+    "addition_time_embed_dim": None,
+    "projection_class_embeddings_input_dim": None,
+}
+
+UNET_FAMILIES = ("sd15", "sdxl")
+
 # UNet2DConditionModel: arguments that must keep their default (the SD1.5 architecture).
+# upcast_attention: SDXL's config.json writes null, which diffusers treats as False.
 UNET_FIXED = {
     "center_input_sample": False,
     "mid_block_type": "UNetMidBlock2DCrossAttn",
@@ -36,16 +53,12 @@ UNET_FIXED = {
     "downsample_padding": 1,
     "mid_block_scale_factor": 1,
     "act_fn": "silu",
-    "transformer_layers_per_block": 1,
     "reverse_transformer_layers_per_block": None,
     "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
     "num_attention_heads": None,
     "dual_cross_attention": False,
-    "use_linear_projection": False,
     "class_embed_type": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
     "num_class_embeds": None,
     "upcast_attention": False,
     "resnet_time_scale_shift": "default",
@@ -58,7 +71,6 @@ UNET_FIXED = {
     "time_cond_proj_dim": None,
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None,
     "attention_type": "default",
     "class_embeddings_concat": False,
     "mid_block_only_cross_attention": None,
@@ -102,6 +114,7 @@ TEXT_VARIABLE = {
     "max_position_embeddings": 77,
     "hidden_act": "quick_gelu",
     "layer_norm_eps": 1e-5,
+    "projection_dim": 512,  # CLIPTextModelWithProjection's text_projection only
 }
 
 
@@ -110,7 +123,8 @@ class ConfigError(ValueError):
 
 
 def _resolve(what: str, cfg: Dict[str, Any], variable: Dict[str, Any], fixed: Dict[str, Any],
-             strict_keys: bool) -> Dict[str, Any]:
+             strict_keys: bool, equal_to_fixed: Optional[Callable[[str, Any], bool]] = None
+             ) -> Dict[str, Any]:
     if not isinstance(cfg, dict):
         raise ConfigError(f"{what}: config must be a JSON object, got {type(cfg).__name__}")
     out = {**variable, **fixed}
@@ -118,9 +132,9 @@ def _resolve(what: str, cfg: Dict[str, Any], variable: Dict[str, Any], fixed: Di
         if key.startswith("_"):
             continue
         if key in fixed:
-            if value != fixed[key]:
+            if value != fixed[key] and not (equal_to_fixed and equal_to_fixed(key, value)):
                 raise ConfigError(f"{what}: {key}={value!r} is not supported "
-                                  f"(only {fixed[key]!r}, the SD1.5 architecture)")
+                                  f"(only {fixed[key]!r} is implemented)")
         elif key not in variable:
             if strict_keys:
                 raise ConfigError(f"{what}: unknown config key {key!r}")
@@ -138,10 +152,24 @@ def _positive_ints(values: Iterable[Any]) -> bool:
     return all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
 
 
-def resolve_unet(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """UNet2DConditionModel config -> every argument (as diffusers resolves it), validated."""
+def _unet_fixed_alias(key: str, value: Any) -> bool:
+    """Values diffusers treats like the fixed default (SDXL writes upcast_attention null)."""
+    return key == "upcast_attention" and value is None
+
+
+def resolve_unet(cfg: Dict[str, Any], family: str = "sd15") -> Dict[str, Any]:
+    """UNet2DConditionModel config -> every argument (as diffusers resolves it), validated.
+
+    family "sd15" accepts the SD1.5 architecture only; "sdxl" also SDXL's features (see the
+    module comment). The result has the same keys for both.
+    """
     what = "unet config"
-    r = _resolve(what, cfg, UNET_VARIABLE, UNET_FIXED, strict_keys=True)
+    _require(what, family in UNET_FAMILIES, f"unknown architecture family {family!r}")
+    if family == "sdxl":
+        variable, fixed = {**UNET_VARIABLE, **UNET_SDXL_FEATURES}, UNET_FIXED
+    else:
+        variable, fixed = UNET_VARIABLE, {**UNET_FIXED, **UNET_SDXL_FEATURES}
+    r = _resolve(what, cfg, variable, fixed, strict_keys=True, equal_to_fixed=_unet_fixed_alias)
     channels = r["block_out_channels"]
     n = len(channels)
     _require(what, isinstance(channels, list) and n > 0 and _positive_ints(channels),
@@ -169,7 +197,46 @@ def resolve_unet(cfg: Dict[str, Any]) -> Dict[str, Any]:
         _require(what, c % h == 0, f"{c} channels are not divisible by {h} attention heads")
     _require(what, channels[0] % 2 == 0,
              f"block_out_channels[0] (the timestep embedding size) must be even, got {channels[0]}")
+    _check_sdxl_features(what, r)
     return r
+
+
+def _check_sdxl_features(what: str, r: Dict[str, Any]) -> None:
+    n = len(r["block_out_channels"])
+    layers = r["transformer_layers_per_block"]
+    layers = [layers] * n if isinstance(layers, int) else layers
+    _require(what, isinstance(layers, list) and len(layers) == n and _positive_ints(layers),
+             f"transformer_layers_per_block must be an int or one int per block, got "
+             f"{r['transformer_layers_per_block']!r}")
+    _require(what, isinstance(r["use_linear_projection"], bool),
+             f"use_linear_projection must be a bool, got {r['use_linear_projection']!r}")
+    kind = r["addition_embed_type"]
+    _require(what, kind in (None, "text_time"),
+             f"addition_embed_type {kind!r} is not supported (null or 'text_time')")
+    if kind == "text_time":
+        time_dim = r["addition_time_embed_dim"]
+        in_dim = r["projection_class_embeddings_input_dim"]
+        _require(what, _positive_ints([time_dim]) and time_dim % 2 == 0,
+                 f"addition_time_embed_dim must be a positive even int, got {time_dim!r}")
+        _require(what, _positive_ints([in_dim]) and in_dim > 6 * time_dim,
+                 f"projection_class_embeddings_input_dim must exceed 6 * addition_time_embed_dim "
+                 f"(the pooled text embedding comes first), got {in_dim!r}")
+
+
+def unet_transformer_layers(r: Dict[str, Any]) -> list:
+    """Transformer blocks per Transformer2DModel at each level (down path order); the up path
+    uses the reversed list and the mid block the last entry, as diffusers does."""
+    layers = r["transformer_layers_per_block"]
+    return [layers] * len(r["block_out_channels"]) if isinstance(layers, int) else list(layers)
+
+
+def unet_added_cond_dims(r: Dict[str, Any]) -> Tuple[int, int]:
+    """("text_time" conditioning) (sinusoid size per time id, pooled text embedding size); (0, 0)
+    without added conditioning."""
+    if r["addition_embed_type"] != "text_time":
+        return 0, 0
+    time_dim = r["addition_time_embed_dim"]
+    return time_dim, r["projection_class_embeddings_input_dim"] - 6 * time_dim
 
 
 def unet_heads(r: Dict[str, Any]) -> list:

@@ -1,9 +1,10 @@
-"""SD1.5's denoising UNet in the layout of diffusers' UNet2DConditionModel.
+"""The SD1.5 and SDXL denoising UNets in the layout of diffusers' UNet2DConditionModel.
 
 Structure (SD1.5: block_out_channels 320/640/1280/1280, 8 heads, cross-attention on 768-d CLIP
-states):
+states; SDXL: 320/640/1280, 5/10/20 heads, 2048-d states, see below):
 
   timestep -> sinusoidal embedding (cos half first) -> time_embedding (linear, SiLU, linear)
+  [SDXL] + add_embedding(concat(pooled text embedding, sinusoid of each of the 6 time ids))
   sample -> conv_in -> down_blocks (ResNets [+ cross-attention transformers], stride-2 conv)
          -> mid_block (ResNet, transformer, ResNet)
          -> up_blocks (skip concat + ResNets [+ transformers], nearest 2x + conv)
@@ -11,19 +12,32 @@ states):
 
 Each transformer (Transformer2DModel) is GroupNorm (eps 1e-6), 1x1 conv in, one block of
 self-attention, cross-attention and GEGLU feed-forward (each after a LayerNorm, residual), 1x1
-conv out, residual. Parameter names and order equal diffusers' state_dict(), so SD1.5 and DMD2
-checkpoints load with strict key matching.
+conv out, residual. Parameter names and order equal diffusers' state_dict(), so SD1.5, SDXL and
+DMD2 checkpoints load with strict key matching.
+
+What the config selects (SDXL's values in brackets; tools/sd15/config.py resolves them):
+- transformer_layers_per_block [1, 2, 10]: blocks per Transformer2DModel at each level; the up
+  path uses the reversed list, the mid block the last entry.
+- use_linear_projection [true]: proj_in/proj_out are Linear layers applied in token layout
+  (GroupNorm, NCHW -> [B, H*W, C], proj_in, blocks, proj_out, back to NCHW) instead of 1x1 convs
+  applied in NCHW.
+- addition_embed_type "text_time": time_ids [B, 6] (original size, crop top-left, target size,
+  height first) each get the timestep's sinusoid of addition_time_embed_dim [256] values;
+  concat([text_embeds, the 6 sinusoids in order]) [B, 2816] -> add_embedding (linear, SiLU,
+  linear) is added to the timestep embedding.
+Both sinusoids are computed in float32 whatever the model dtype, as diffusers does.
 """
 
 import math
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tools.sd15.blocks import Downsample2D, ResnetBlock2D, Upsample2D, attention
-from tools.sd15.config import resolve_unet, unet_heads
+from tools.sd15.config import (resolve_unet, unet_added_cond_dims, unet_heads,
+                               unet_transformer_layers)
 
 TRANSFORMER_GROUPNORM_EPS = 1e-6
 LAYERNORM_EPS = 1e-5
@@ -87,34 +101,56 @@ class BasicTransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
+class TransformerSpec:
+    """How every Transformer2DModel of one UNet level is built: attention heads, transformer
+    blocks, cross-attention context width, GroupNorm groups, linear or 1x1-conv projections."""
+
+    def __init__(self, heads: int, layers: int, context_dim: int, groups: int, linear: bool):
+        self.heads = heads
+        self.layers = layers
+        self.context_dim = context_dim
+        self.groups = groups
+        self.linear = linear
+
+
 class Transformer2DModel(nn.Module):
-    def __init__(self, channels: int, heads: int, context_dim: int, groups: int):
+    def __init__(self, channels: int, spec: TransformerSpec):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels, eps=TRANSFORMER_GROUPNORM_EPS)
-        self.proj_in = nn.Conv2d(channels, channels, 1)
-        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads,
-                                                                       context_dim)])
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.linear = spec.linear
+        self.norm = nn.GroupNorm(spec.groups, channels, eps=TRANSFORMER_GROUPNORM_EPS)
+        self.proj_in = (nn.Linear(channels, channels) if spec.linear
+                        else nn.Conv2d(channels, channels, 1))
+        self.transformer_blocks = nn.ModuleList(
+            [BasicTransformerBlock(channels, spec.heads, spec.context_dim)
+             for _ in range(spec.layers)])
+        self.proj_out = (nn.Linear(channels, channels) if spec.linear
+                         else nn.Conv2d(channels, channels, 1))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b = x.size(0)
         c = x.size(1)
         height = x.size(2)
         width = x.size(3)
-        h = self.proj_in(self.norm(x))
-        h = h.permute(0, 2, 3, 1).reshape(b, height * width, c)
+        h = self.norm(x)
+        if self.linear:
+            h = self.proj_in(h.permute(0, 2, 3, 1).reshape(b, height * width, c))
+        else:
+            h = self.proj_in(h).permute(0, 2, 3, 1).reshape(b, height * width, c)
         for block in self.transformer_blocks:
             h = block(h, context)
-        h = h.reshape(b, height, width, c).permute(0, 3, 1, 2)
-        return self.proj_out(h) + x
+        if self.linear:
+            h = self.proj_out(h).reshape(b, height, width, c).permute(0, 3, 1, 2)
+        else:
+            h = self.proj_out(h.reshape(b, height, width, c).permute(0, 3, 1, 2))
+        return h + x
 
 
 class CrossAttnDownBlock2D(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int, layers: int,
-                 heads: int, context_dim: int, groups: int, eps: float, downsample: bool):
+                 spec: TransformerSpec, groups: int, eps: float, downsample: bool):
         super().__init__()
         self.attentions = nn.ModuleList(
-            [Transformer2DModel(out_channels, heads, context_dim, groups) for _ in range(layers)])
+            [Transformer2DModel(out_channels, spec) for _ in range(layers)])
         self.resnets = nn.ModuleList(
             [ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels,
                            groups, eps) for i in range(layers)])
@@ -166,12 +202,12 @@ def _up_resnets(prev_channels: int, skip_in_channels: int, out_channels: int, te
 
 class CrossAttnUpBlock2D(nn.Module):
     def __init__(self, prev_channels: int, skip_in_channels: int, out_channels: int,
-                 temb_channels: int, layers: int, heads: int, context_dim: int, groups: int,
-                 eps: float, upsample: bool):
+                 temb_channels: int, layers: int, spec: TransformerSpec, groups: int, eps: float,
+                 upsample: bool):
         super().__init__()
         self.num_layers = layers
         self.attentions = nn.ModuleList(
-            [Transformer2DModel(out_channels, heads, context_dim, groups) for _ in range(layers)])
+            [Transformer2DModel(out_channels, spec) for _ in range(layers)])
         self.resnets = _up_resnets(prev_channels, skip_in_channels, out_channels, temb_channels,
                                    layers, groups, eps)
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)] if upsample else [])
@@ -210,10 +246,10 @@ class UpBlock2D(nn.Module):
 class UNetMidBlock2DCrossAttn(nn.Module):
     """ResNet, transformer, ResNet (diffusers' single-layer mid block)."""
 
-    def __init__(self, channels: int, temb_channels: int, heads: int, context_dim: int,
-                 groups: int, eps: float):
+    def __init__(self, channels: int, temb_channels: int, spec: TransformerSpec, groups: int,
+                 eps: float):
         super().__init__()
-        self.attentions = nn.ModuleList([Transformer2DModel(channels, heads, context_dim, groups)])
+        self.attentions = nn.ModuleList([Transformer2DModel(channels, spec)])
         self.resnets = nn.ModuleList(
             [ResnetBlock2D(channels, channels, temb_channels, groups, eps) for _ in range(2)])
 
@@ -233,75 +269,124 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
+class Timesteps(nn.Module):
+    """diffusers' Timesteps (no parameters): each value -> a sinusoidal embedding of `dim` values,
+    frequencies exp(-ln(10000) * i / (dim / 2 - freq_shift)), cos half first when
+    flip_sin_to_cos. Computed in float32 (values cast to float32) whatever the caller's dtype."""
+
+    def __init__(self, dim: int, flip_sin_to_cos: bool, freq_shift: float):
+        super().__init__()
+        self.dim = dim
+        self.flip_sin_to_cos = flip_sin_to_cos
+        self.freq_shift = freq_shift
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        half = self.dim // 2
+        exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32,
+                                                      device=values.device)
+        freqs = torch.exp(exponent / (half - self.freq_shift))
+        args = values.to(torch.float32)[:, None] * freqs[None, :]
+        if self.flip_sin_to_cos:
+            return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+
+
 class UNet2DConditionModel(nn.Module):
-    """forward(sample [B, C, h, w], timestep int64 [B], encoder_hidden_states [B, L, D]) -> the
-    prediction [B, C, h, w]; any latent size >= 1 (sizes not divisible by 8 are handled like
-    diffusers does). Build with from_config(config dict)."""
+    """forward(sample [B, C, h, w], timestep int64 [B], encoder_hidden_states [B, L, D],
+    text_embeds [B, P], time_ids [B, 6]) -> the prediction [B, C, h, w]; any latent size >= 1
+    (sizes not divisible by 8 are handled like diffusers does). text_embeds and time_ids are the
+    "text_time" added conditioning (SDXL): required with it, ignored without it (SD1.5). Build
+    with from_config(config dict, family)."""
 
     def __init__(self, r: Dict[str, Any]):
         super().__init__()
         channels = r["block_out_channels"]
         heads = unet_heads(r)
+        transformer_layers = unet_transformer_layers(r)
         groups = r["norm_num_groups"]
         eps = r["norm_eps"]
-        context_dim = r["cross_attention_dim"]
         layers = r["layers_per_block"]
         temb_channels = 4 * channels[0]
         n = len(channels)
-        self.time_proj_dim = channels[0]
-        self.flip_sin_to_cos = bool(r["flip_sin_to_cos"])
-        self.freq_shift = float(r["freq_shift"])
+        specs = [TransformerSpec(heads[i], transformer_layers[i], r["cross_attention_dim"],
+                                 groups, r["use_linear_projection"]) for i in range(n)]
+        self.time_proj = Timesteps(channels[0], bool(r["flip_sin_to_cos"]),
+                                   float(r["freq_shift"]))
+        add_time_dim, _ = unet_added_cond_dims(r)  # 0 without added conditioning: unused
+        self.add_time_proj = Timesteps(add_time_dim, bool(r["flip_sin_to_cos"]),
+                                       float(r["freq_shift"]))
 
         self.conv_in = nn.Conv2d(r["in_channels"], channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], temb_channels)
+        self.add_embedding = (
+            TimestepEmbedding(r["projection_class_embeddings_input_dim"], temb_channels)
+            if add_time_dim > 0 else None)
         down = []
         for i, kind in enumerate(r["down_block_types"]):
             cin = channels[max(i - 1, 0)]
             last = i == n - 1
             if kind == "CrossAttnDownBlock2D":
-                down.append(CrossAttnDownBlock2D(cin, channels[i], temb_channels, layers,
-                                                 heads[i], context_dim, groups, eps, not last))
+                down.append(CrossAttnDownBlock2D(cin, channels[i], temb_channels, layers, specs[i],
+                                                 groups, eps, not last))
             else:
                 down.append(DownBlock2D(cin, channels[i], temb_channels, layers, groups, eps,
                                         not last))
         self.down_blocks = nn.ModuleList(down)
         up = []
         rev = channels[::-1]
-        rev_heads = heads[::-1]
+        rev_specs = specs[::-1]
         for i, kind in enumerate(r["up_block_types"]):
             prev = rev[max(i - 1, 0)]
             skip_in = rev[min(i + 1, n - 1)]
             last = i == n - 1
             if kind == "CrossAttnUpBlock2D":
                 up.append(CrossAttnUpBlock2D(prev, skip_in, rev[i], temb_channels, layers + 1,
-                                             rev_heads[i], context_dim, groups, eps, not last))
+                                             rev_specs[i], groups, eps, not last))
             else:
                 up.append(UpBlock2D(prev, skip_in, rev[i], temb_channels, layers + 1, groups, eps,
                                     not last))
         self.up_blocks = nn.ModuleList(up)
-        self.mid_block = UNetMidBlock2DCrossAttn(channels[-1], temb_channels, heads[-1],
-                                                 context_dim, groups, eps)
+        self.mid_block = UNetMidBlock2DCrossAttn(channels[-1], temb_channels, specs[-1], groups,
+                                                 eps)
         self.conv_norm_out = nn.GroupNorm(groups, channels[0], eps=eps)
         self.conv_out = nn.Conv2d(channels[0], r["out_channels"], 3, padding=1)
 
     @staticmethod
-    def from_config(cfg: Dict[str, Any]) -> "UNet2DConditionModel":
-        return UNet2DConditionModel(resolve_unet(cfg))
+    def from_config(cfg: Dict[str, Any], family: str = "sd15") -> "UNet2DConditionModel":
+        """family: "sd15" accepts SD1.5 configs only, "sdxl" SDXL's too (config.resolve_unet)."""
+        return UNet2DConditionModel(resolve_unet(cfg, family))
 
     def timestep_embedding(self, timestep: torch.Tensor) -> torch.Tensor:
-        """Sinusoidal embedding in float32: frequencies exp(-ln(10000) * i / (half - shift))."""
-        half = self.time_proj_dim // 2
-        exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32,
-                                                      device=timestep.device)
-        freqs = torch.exp(exponent / (half - self.freq_shift))
-        args = timestep.to(torch.float32)[:, None] * freqs[None, :]
-        if self.flip_sin_to_cos:
-            return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+        """The timestep's sinusoidal embedding [B, block_out_channels[0]] in float32."""
+        return self.time_proj(timestep)
+
+    def time_ids_embedding(self, time_ids: torch.Tensor) -> torch.Tensor:
+        """time_ids [B, 6] -> [B, 6 * addition_time_embed_dim] float32: each id's sinusoid, in
+        time_ids order."""
+        return self.add_time_proj(time_ids.flatten()).reshape(time_ids.size(0), -1)
+
+    def added_embedding_input(self, text_embeds: torch.Tensor,
+                              time_ids: torch.Tensor) -> torch.Tensor:
+        """add_embedding's input: the pooled text embedding first, then the time id sinusoids."""
+        time_embeds = self.time_ids_embedding(time_ids).to(text_embeds.dtype)
+        return torch.cat([text_embeds, time_embeds], dim=-1)
+
+    def embedding(self, timestep: torch.Tensor, text_embeds: Optional[torch.Tensor],
+                  time_ids: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """What every ResNet gets: time_embedding(sinusoid) [+ add_embedding(...)] [B, 4 C0]."""
+        emb = self.time_embedding(self.timestep_embedding(timestep).to(dtype))
+        if self.add_embedding is not None:
+            if text_embeds is None or time_ids is None:
+                raise ValueError("this UNet needs text_embeds and time_ids (text_time "
+                                 "conditioning)")
+            added = self.added_embedding_input(text_embeds, time_ids).to(dtype)
+            emb = emb + self.add_embedding(added)
+        return emb
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
-                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        temb = self.time_embedding(self.timestep_embedding(timestep).to(sample.dtype))
+                encoder_hidden_states: torch.Tensor, text_embeds: Optional[torch.Tensor] = None,
+                time_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        temb = self.embedding(timestep, text_embeds, time_ids, sample.dtype)
         h = self.conv_in(sample)
         skips: List[torch.Tensor] = [h]
         for block in self.down_blocks:

@@ -16,6 +16,7 @@ from tools import reference_pipeline as reference_pipeline_module
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PARITY = os.path.join(REPO_ROOT, "tools", "tests", "testdata", "sd-parity")
+SDXL_PARITY = os.path.join(REPO_ROOT, "tools", "tests", "testdata", "sdxl-parity")
 TINY_FOLDER = os.path.join(PARITY, "tiny-sd15-diffusers")
 DMD_REPLACEMENT = os.path.join(TINY_FOLDER, "unet_dmd_replacement.bin")
 TOKENIZER_VECTORS = os.path.join(REPO_ROOT, "worker", "testdata",
@@ -27,19 +28,20 @@ SD15_ALPHA_999 = 0.0046600960195064545
 SD15_SCALING = 0.18215
 
 
-def fixture(component: str, name: str) -> dict:
-    return torch.load(os.path.join(PARITY, component, name))
+def fixture(component: str, name: str, root: str = PARITY) -> dict:
+    """A .pt fixture of `root` (sd-parity by default, or SDXL_PARITY)."""
+    return torch.load(os.path.join(root, component, name))
 
 
-def fixture_json(component: str, name: str) -> dict:
-    with open(os.path.join(PARITY, component, name), encoding="utf-8") as f:
+def fixture_json(component: str, name: str, root: str = PARITY) -> dict:
+    with open(os.path.join(root, component, name), encoding="utf-8") as f:
         return json.load(f)
 
 
-def key_list(name: str) -> list:
+def key_list(name: str, root: str = PARITY) -> list:
     """[(key, shape tuple)] of a `<key> [d0,d1,...]` key list file, in file order."""
     out = []
-    with open(os.path.join(PARITY, name), encoding="utf-8") as f:
+    with open(os.path.join(root, name), encoding="utf-8") as f:
         for line in f:
             key, shape = line.split()
             dims = shape.strip("[]")
