@@ -101,9 +101,16 @@ def byte_alphabet():
 
 
 class Tokenizer:
+    """CLIP's tokenizer. pad_token: the padding token string of the model's tokenizer_config
+    (default CLIP's EOS "<|endoftext|>", SD1.5's and SDXL's `tokenizer`). A pad token that is
+    not one of CLIP's two specials (SDXL's `tokenizer_2` pads with "!", id 0) is also an added
+    token, as in transformers' slow CLIPTokenizer: the text is split on it before anything else
+    (HTML unescaping, whitespace cleaning, BPE), each occurrence becomes the pad id on its own,
+    and the pieces between are tokenized separately. So "boot!!" is "boot", 0, 0 with
+    tokenizer_2 but "boot", "!!" (748) with openai's tokenizer."""
     SPECIALS = ("<|startoftext|>", "<|endoftext|>")
 
-    def __init__(self, vocab_dir):
+    def __init__(self, vocab_dir, pad_token=None):
         with open(os.path.join(vocab_dir, "vocab.json"), encoding="utf-8") as f:
             self.vocab = json.load(f)
         with open(os.path.join(vocab_dir, "merges.txt"), encoding="utf-8") as f:
@@ -115,6 +122,13 @@ class Tokenizer:
         self.alphabet = byte_alphabet()
         self.bos = self.vocab["<|startoftext|>"]
         self.eos = self.pad = self.vocab["<|endoftext|>"]
+        self.added_token = None
+        if pad_token is not None:
+            if pad_token not in self.vocab:
+                raise ValueError(f"pad token {pad_token!r} is not in {vocab_dir}/vocab.json")
+            self.pad = self.vocab[pad_token]
+            if pad_token not in self.SPECIALS:
+                self.added_token = pad_token
 
     def bpe(self, token):
         """CLIP's merge loop: merge every occurrence of the lowest-ranked adjacent pair, left to
@@ -137,6 +151,16 @@ class Tokenizer:
         return word
 
     def encode(self, text):
+        if self.added_token is None:
+            return self._encode_piece(text)
+        ids = []
+        for i, piece in enumerate(text.split(self.added_token)):
+            if i:
+                ids.append(self.pad)
+            ids.extend(self._encode_piece(piece))
+        return ids
+
+    def _encode_piece(self, text):
         ids = []
         for token in PRETOKEN.findall(clean(text)):
             if token in self.SPECIALS:

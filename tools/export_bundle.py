@@ -27,6 +27,7 @@ from tools.sd15.checkpoint_io import CheckpointError  # noqa: E402
 from tools.sd15.config import ConfigError, vae_downsample_factor  # noqa: E402
 from tools.sd15.diffusers_folder import DiffusersFolder, FolderError  # noqa: E402
 from tools.sd15.schedule import ScheduleError  # noqa: E402
+from tools.sd15.sdxl_folder import is_sdxl_folder  # noqa: E402
 
 ERRORS = (bundle.BundleError, CheckpointError, ConfigError, FolderError, recipes.RecipeError,
           ScheduleError)
@@ -101,6 +102,11 @@ def log(message: str) -> None:
 
 def export(args: argparse.Namespace) -> None:
     started = time.monotonic()
+    if is_sdxl_folder(args.diffusers_dir):
+        raise FolderError(
+            f"{args.diffusers_dir} is an SDXL pipeline (StableDiffusionXLPipeline): exporting "
+            "SDXL bundles is not supported yet (tools/sd15/sdxl_folder.py loads its models, but "
+            "there is no SDXL bundle layout, manifest or recipe); export an SD1.5 folder")
     folder = DiffusersFolder.open(args.diffusers_dir, args.unet_checkpoint)
     if args.recipe == "dmd2-sd15-1step":
         steps = 1 if args.steps is None else args.steps
