@@ -142,6 +142,10 @@ class SDXLFolderTest(unittest.TestCase):
                 tok = self.folder.reference_tokenizer(name)
                 rows = [tok.for_model(tok.encode(p))[0] for p in PROMPTS]
                 self.assertEqual(rows, fixture(component, "inputs.pt")["input_ids"].tolist())
+        # tokenizer_2's ids differ from EOS padding, so the check above sees the pad token.
+        eos_padded = Tokenizer(self.folder.tokenizer_dirs["tokenizer_2"])
+        rows = [eos_padded.for_model(eos_padded.encode(p))[0] for p in PROMPTS]
+        self.assertNotEqual(rows, fixture("text_encoder_2", "inputs.pt")["input_ids"].tolist())
 
     def test_conditioning_from_the_folder_matches_the_unet_fixture_inputs(self):
         f = self.folder
