@@ -85,49 +85,21 @@ class DiffusersFolder:
     def open(path: str, unet_weights: Optional[str] = None) -> "DiffusersFolder":
         """unet_weights: a UNet state-dict file (e.g. DMD2's pytorch_model.bin) used instead of
         unet/'s weights, which then need not exist (only unet/config.json)."""
-        if not os.path.isdir(path):
-            raise FolderError(f"{path}: not a directory")
+        index = read_index(path)
         index_path = os.path.join(path, "model_index.json")
-        if not os.path.isfile(index_path):
-            raise FolderError(f"{path}: no model_index.json (not a diffusers pipeline folder)")
-        index = _read_json(index_path)
         problems: List[str] = []
-        if not isinstance(index, dict):
-            raise FolderError(f"{index_path}: must be a JSON object")
         if "text_encoder_2" in index or ("unet" not in index and "transformer" in index):
             raise FolderError(f"{index_path}: {index.get('_class_name')} is not an SD1.5-style "
                               "pipeline (SDXL and transformer-based pipelines are not supported)")
         configs: Dict[str, dict] = {}
         weights: Dict[str, str] = {}
         for name, (entry, files) in COMPONENTS.items():
-            if index.get(name) != entry:
-                problems.append(f"model_index.json: {name} is {index.get(name)!r}, "
-                                f"expected {entry!r}")
-            folder = os.path.join(path, name)
-            config = os.path.join(folder, "config.json")
-            if os.path.isfile(config):
-                configs[name] = _read_json(config)
-            else:
-                problems.append(f"missing {name}/config.json")
-            found = [f for f in files if os.path.isfile(os.path.join(folder, f))]
-            if name == "unet" and unet_weights:
-                if not os.path.isfile(unet_weights):
-                    problems.append(f"UNet checkpoint {unet_weights}: no such file")
-                weights[name] = unet_weights
-            elif found:
-                weights[name] = os.path.join(folder, found[0])
-            elif os.path.isfile(os.path.join(folder, files[0] + ".index.json")):
-                problems.append(f"{name}: sharded checkpoints are not supported")
-            else:
-                problems.append(f"missing {name} weights ({' or '.join(files)})")
+            find_component(path, index, name, entry, files,
+                           unet_weights if name == "unet" else None, configs, weights, problems)
         for f in TOKENIZER_FILES:
             if not os.path.isfile(os.path.join(path, "tokenizer", f)):
                 problems.append(f"missing tokenizer/{f}")
-        scheduler = os.path.join(path, "scheduler", "scheduler_config.json")
-        if os.path.isfile(scheduler):
-            configs["scheduler"] = _read_json(scheduler)
-        else:
-            problems.append("missing scheduler/scheduler_config.json")
+        read_scheduler_config(path, configs, problems)
         if problems:
             raise FolderError(f"{path}: not a usable SD1.5 diffusers folder: "
                               + "; ".join(problems))
@@ -145,23 +117,9 @@ class DiffusersFolder:
                               f"{u['out_channels']} != vae latent_channels {v['latent_channels']}")
 
     def tokenizer_settings(self) -> Dict[str, Any]:
-        """max_length and the bos/eos/pad token strings (tokenizer_config.json, then
-        special_tokens_map.json, then CLIP's defaults)."""
-        settings: Dict[str, Any] = dict(DEFAULT_SPECIAL_TOKENS)
-        max_length = self.text_config["max_position_embeddings"]
-        for name in ("special_tokens_map.json", "tokenizer_config.json"):
-            path = os.path.join(self.tokenizer_dir, name)
-            if not os.path.isfile(path):
-                continue
-            data = _read_json(path)
-            for key in DEFAULT_SPECIAL_TOKENS:
-                token = _token_string(data.get(key))
-                if token is not None:
-                    settings[key] = token
-            if isinstance(data.get("model_max_length"), int):
-                max_length = min(max_length, data["model_max_length"])
-        settings["max_length"] = max_length
-        return settings
+        """max_length and the bos/eos/pad token strings (see read_tokenizer_settings)."""
+        return read_tokenizer_settings(self.tokenizer_dir,
+                                       self.text_config["max_position_embeddings"])
 
     def load_text_encoder(self) -> CLIPTextModel:
         sd = checkpoint_io.read_state_dict(self.weights["text_encoder"])
@@ -176,6 +134,77 @@ class DiffusersFolder:
         path = self.weights["unet"]
         return _build(UNet2DConditionModel, self.unet_config, checkpoint_io.read_state_dict(path),
                       path)
+
+
+def read_index(path: str) -> dict:
+    """model_index.json of the pipeline folder `path`, which must be a JSON object."""
+    if not os.path.isdir(path):
+        raise FolderError(f"{path}: not a directory")
+    index_path = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index_path):
+        raise FolderError(f"{path}: no model_index.json (not a diffusers pipeline folder)")
+    index = _read_json(index_path)
+    if not isinstance(index, dict):
+        raise FolderError(f"{index_path}: must be a JSON object")
+    return index
+
+
+def find_component(path: str, index: dict, name: str, entry: list, files: List[str],
+                   replacement: Optional[str], configs: Dict[str, dict],
+                   weights: Dict[str, str], problems: List[str]) -> None:
+    """Checks model_index.json's entry for component `name`, reads name/config.json into
+    `configs` and locates its weights (the first of `files` present, or the `replacement` file)
+    into `weights`; appends what is wrong to `problems`."""
+    if index.get(name) != entry:
+        problems.append(f"model_index.json: {name} is {index.get(name)!r}, expected {entry!r}")
+    folder = os.path.join(path, name)
+    config = os.path.join(folder, "config.json")
+    if os.path.isfile(config):
+        configs[name] = _read_json(config)
+    else:
+        problems.append(f"missing {name}/config.json")
+    found = [f for f in files if os.path.isfile(os.path.join(folder, f))]
+    if replacement:
+        if not os.path.isfile(replacement):
+            problems.append(f"UNet checkpoint {replacement}: no such file")
+        weights[name] = replacement
+    elif found:
+        weights[name] = os.path.join(folder, found[0])
+    elif os.path.isfile(os.path.join(folder, files[0] + ".index.json")):
+        problems.append(f"{name}: sharded checkpoints are not supported")
+    else:
+        problems.append(f"missing {name} weights ({' or '.join(files)})")
+
+
+
+def read_scheduler_config(path: str, configs: Dict[str, dict], problems: List[str]) -> None:
+    """scheduler/scheduler_config.json into configs["scheduler"], or a problem."""
+    scheduler = os.path.join(path, "scheduler", "scheduler_config.json")
+    if os.path.isfile(scheduler):
+        configs["scheduler"] = _read_json(scheduler)
+    else:
+        problems.append("missing scheduler/scheduler_config.json")
+
+
+def read_tokenizer_settings(tokenizer_dir: str, max_position_embeddings: int) -> Dict[str, Any]:
+    """max_length and the bos/eos/pad token strings of the tokenizer folder `tokenizer_dir`:
+    tokenizer_config.json, then special_tokens_map.json, then CLIP's defaults; max_length is the
+    text encoder's `max_position_embeddings`, lowered by a smaller `model_max_length`."""
+    settings: Dict[str, Any] = dict(DEFAULT_SPECIAL_TOKENS)
+    max_length = max_position_embeddings
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = os.path.join(tokenizer_dir, name)
+        if not os.path.isfile(path):
+            continue
+        data = _read_json(path)
+        for key in DEFAULT_SPECIAL_TOKENS:
+            token = _token_string(data.get(key))
+            if token is not None:
+                settings[key] = token
+        if isinstance(data.get("model_max_length"), int):
+            max_length = min(max_length, data["model_max_length"])
+    settings["max_length"] = max_length
+    return settings
 
 
 def vae_decoder_state_dict(sd: checkpoint_io.StateDict) -> checkpoint_io.StateDict:

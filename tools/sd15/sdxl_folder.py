@@ -28,10 +28,10 @@ from tools import clip_tokenizer_reference
 from tools.sd15 import checkpoint_io
 from tools.sd15.clip_text import CLIPTextModel, CLIPTextModelWithProjection
 from tools.sd15.config import ConfigError, resolve_text, resolve_unet, resolve_vae
-from tools.sd15.diffusers_folder import (COMPONENTS as SD15_COMPONENTS, DEFAULT_SPECIAL_TOKENS,
-                                         TEXT_POSITION_IDS, TOKENIZER_FILES, FolderError,
-                                         _build, _read_json, _token_string,
-                                         vae_decoder_state_dict)
+from tools.sd15.diffusers_folder import (COMPONENTS as SD15_COMPONENTS, TEXT_POSITION_IDS,
+                                         TOKENIZER_FILES, FolderError, _build, _read_json,
+                                         find_component, read_index, read_scheduler_config,
+                                         read_tokenizer_settings, vae_decoder_state_dict)
 from tools.sd15.unet import UNet2DConditionModel
 from tools.sd15.vae import VAEDecoder
 
@@ -83,14 +83,7 @@ class SDXLFolder:
     def open(path: str, unet_weights: Optional[str] = None) -> "SDXLFolder":
         """unet_weights: a UNet state-dict file (e.g. DMD2's SDXL generator .bin) used instead of
         unet/'s weights, which then need not exist (only unet/config.json)."""
-        if not os.path.isdir(path):
-            raise FolderError(f"{path}: not a directory")
-        index_path = os.path.join(path, "model_index.json")
-        if not os.path.isfile(index_path):
-            raise FolderError(f"{path}: no model_index.json (not a diffusers pipeline folder)")
-        index = _read_json(index_path)
-        if not isinstance(index, dict):
-            raise FolderError(f"{index_path}: must be a JSON object")
+        index = read_index(path)
         problems: List[str] = []
         if index.get("_class_name") != PIPELINE_CLASS:
             problems.append(f"model_index.json: _class_name is {index.get('_class_name')!r}, "
@@ -98,8 +91,8 @@ class SDXLFolder:
         configs: Dict[str, dict] = {}
         weights: Dict[str, str] = {}
         for name, (entry, files) in COMPONENTS.items():
-            _find_component(path, index, name, entry, files,
-                            unet_weights if name == "unet" else None, configs, weights, problems)
+            find_component(path, index, name, entry, files,
+                           unet_weights if name == "unet" else None, configs, weights, problems)
         for tokenizer in TOKENIZERS:
             if index.get(tokenizer) != ["transformers", "CLIPTokenizer"]:
                 problems.append(f"model_index.json: {tokenizer} is {index.get(tokenizer)!r}, "
@@ -107,11 +100,7 @@ class SDXLFolder:
             for f in TOKENIZER_FILES:
                 if not os.path.isfile(os.path.join(path, tokenizer, f)):
                     problems.append(f"missing {tokenizer}/{f}")
-        scheduler = os.path.join(path, "scheduler", "scheduler_config.json")
-        if os.path.isfile(scheduler):
-            configs["scheduler"] = _read_json(scheduler)
-        else:
-            problems.append("missing scheduler/scheduler_config.json")
+        read_scheduler_config(path, configs, problems)
         if problems:
             raise FolderError(f"{path}: not a usable SDXL diffusers folder: "
                               + "; ".join(problems))
@@ -138,24 +127,10 @@ class SDXLFolder:
                               f"{u['out_channels']} != vae latent_channels {v['latent_channels']}")
 
     def tokenizer_settings(self, name: str = "tokenizer") -> Dict[str, Any]:
-        """max_length and the bos/eos/pad token strings of `tokenizer` or `tokenizer_2`
-        (tokenizer_config.json, then special_tokens_map.json, then CLIP's defaults)."""
-        settings: Dict[str, Any] = dict(DEFAULT_SPECIAL_TOKENS)
+        """max_length and the bos/eos/pad token strings of `tokenizer` or `tokenizer_2` (see
+        diffusers_folder.read_tokenizer_settings)."""
         config = self.text_config if name == "tokenizer" else self.text_2_config
-        max_length = config["max_position_embeddings"]
-        for file in ("special_tokens_map.json", "tokenizer_config.json"):
-            path = os.path.join(self.tokenizer_dirs[name], file)
-            if not os.path.isfile(path):
-                continue
-            data = _read_json(path)
-            for key in DEFAULT_SPECIAL_TOKENS:
-                token = _token_string(data.get(key))
-                if token is not None:
-                    settings[key] = token
-            if isinstance(data.get("model_max_length"), int):
-                max_length = min(max_length, data["model_max_length"])
-        settings["max_length"] = max_length
-        return settings
+        return read_tokenizer_settings(self.tokenizer_dirs[name], config["max_position_embeddings"])
 
     def reference_tokenizer(self, name: str = "tokenizer") -> clip_tokenizer_reference.Tokenizer:
         """The Python reference tokenizer of `tokenizer` or `tokenizer_2`, with the folder's pad
@@ -182,29 +157,3 @@ class SDXLFolder:
         path = self.weights["unet"]
         return _build(UNet2DConditionModel, self.unet_config,
                       checkpoint_io.read_state_dict(path), path)
-
-
-def _find_component(path: str, index: dict, name: str, entry: list, files: List[str],
-                    replacement: Optional[str], configs: Dict[str, dict],
-                    weights: Dict[str, str], problems: List[str]) -> None:
-    """Reads name/config.json into configs and locates its weights (or the replacement file);
-    appends what is wrong to problems."""
-    if index.get(name) != entry:
-        problems.append(f"model_index.json: {name} is {index.get(name)!r}, expected {entry!r}")
-    folder = os.path.join(path, name)
-    config = os.path.join(folder, "config.json")
-    if os.path.isfile(config):
-        configs[name] = _read_json(config)
-    else:
-        problems.append(f"missing {name}/config.json")
-    found = [f for f in files if os.path.isfile(os.path.join(folder, f))]
-    if replacement:
-        if not os.path.isfile(replacement):
-            problems.append(f"UNet checkpoint {replacement}: no such file")
-        weights[name] = replacement
-    elif found:
-        weights[name] = os.path.join(folder, found[0])
-    elif os.path.isfile(os.path.join(folder, files[0] + ".index.json")):
-        problems.append(f"{name}: sharded checkpoints are not supported")
-    else:
-        problems.append(f"missing {name} weights ({' or '.join(files)})")
