@@ -86,17 +86,6 @@ ModelInfo MakeModelInfo(const ModelManifest& m, const Engine::Options& o) {
   }
   return info;
 }
-// A batch of `batch_size` distinct prompts (so that the text encoder runs on all of them), for
-// timing batch sizes.
-std::vector<Pipeline::Input> TuningBatch(const ModelManifest& m, int batch_size) {
-  std::vector<Pipeline::Input> batch(batch_size);
-  for (int i = 0; i < batch_size; ++i) {
-    batch[i].input_ids.assign(m.tokenizer.max_length, 0);
-    batch[i].input_ids[0] = i;
-    batch[i].seed = i;
-  }
-  return batch;
-}
 
 }  // namespace
 
@@ -318,7 +307,8 @@ absl::Status Engine::ChooseBatchSizes(Model& model) {
     if (st.options.max_batch_size == 0) {
       const Pipeline& pipeline = *replica->pipeline;
       absl::StatusOr<BatchSizeChoice> choice = TuneBatchSize(tuning, [&](int batch_size) {
-        return pipeline.Run(TuningBatch(model.manifest, batch_size), size.width, size.height)
+        return pipeline
+            .Run(Pipeline::SyntheticBatch(model.manifest, batch_size), size.width, size.height)
             .status();
       });
       if (!choice.ok()) return WithContext(choice.status(), "batch-size measurement");

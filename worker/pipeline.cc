@@ -527,18 +527,22 @@ absl::StatusOr<Pipeline::Output> Pipeline::Run(absl::Span<const Input> batch, in
   return output;
 }
 
+std::vector<Pipeline::Input> Pipeline::SyntheticBatch(const ModelManifest& manifest,
+                                                     int batch_size) {
+  std::vector<Input> batch(batch_size);
+  for (int i = 0; i < batch_size; ++i) {
+    batch[i].input_ids.assign(manifest.tokenizer.max_length, 0);
+    batch[i].input_ids[0] = i;
+    batch[i].seed = i;
+  }
+  return batch;
+}
+
 absl::Status Pipeline::Warmup() const {
   const ModelManifest& m = state_->manifest;
   for (const ModelManifest::Size& size : m.supported_sizes) {
     for (const int batch_size : m.batch_sizes) {
-      // Distinct prompts, so that the text encoder also sees every batch size.
-      std::vector<Input> batch(batch_size);
-      for (int i = 0; i < batch_size; ++i) {
-        batch[i].input_ids.assign(m.tokenizer.max_length, 0);
-        batch[i].input_ids[0] = i;
-        batch[i].seed = i;
-      }
-      absl::StatusOr<Output> output = Run(batch, size.width, size.height);
+      absl::StatusOr<Output> output = Run(SyntheticBatch(m, batch_size), size.width, size.height);
       if (!output.ok()) {
         return absl::Status(
             output.status().code(),

@@ -130,6 +130,10 @@ class Pipeline {
   // (the message names the component; libtorch's details go to the log).
   absl::StatusOr<Output> Run(absl::Span<const Input> batch, int width, int height) const;
 
+  // A batch of `batch_size` distinct synthetic prompts (so that the text encoder runs on all of
+  // them) with seeds 0..batch_size-1, for warm-up and for timing batch sizes.
+  static std::vector<Input> SyntheticBatch(const ModelManifest& manifest, int batch_size);
+
   // Runs every supported size at every manifest batch size once, so that the first requests do
   // not pay for TorchScript's profiling runs and allocator growth. An error names the size and
   // batch size that failed.
