@@ -137,7 +137,9 @@ TEST(EngineTest, AbsentSeedIsDrawnAndReported) {
 
 // The same model + prompt + seed gives the same image alone and inside a full batch of others.
 TEST(EngineTest, ImageDependsOnlyOnPromptAndSeedNotOnBatchmates) {
-  auto engine = MakeEngine({.max_queue_delay = absl::Milliseconds(50)});
+  // A fixed batch cap: the warm-up measurement may choose 1 for the tiny model, and the test
+  // needs the probe to share a batch.
+  auto engine = MakeEngine({.max_batch_size = 8, .max_queue_delay = absl::Milliseconds(50)});
   ASSERT_NE(engine, nullptr);
   Outcome alone;
   ASSERT_TRUE(engine->Submit(Params("an ankle boot", 1, 1234), alone.Callbacks()).ok());
@@ -376,7 +378,9 @@ TEST(EngineTest, OutOfMemoryFailsItsBatchWithResourceExhaustedAndWorkersKeepGoin
                    "/tests/fixtures/make_faulty_bundle.py --fault oom --src ", kTinyBundle,
                    " --out ", dir, " --trigger-id ", TokenId("boom"));
   ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
-  auto engine = MakeEngine({.model_dirs = {dir}});
+  // A fixed batch cap, so that the request's 2 images ride in one batch whatever the warm-up
+  // measurement would choose.
+  auto engine = MakeEngine({.model_dirs = {dir}, .max_batch_size = 2});
   ASSERT_NE(engine, nullptr);
   Outcome oom, fine;
   ASSERT_TRUE(engine->Submit(Params("boom", 2, 1), oom.Callbacks()).ok());
