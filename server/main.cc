@@ -12,6 +12,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "server/fd_limit.h"
 #include "server/json_log_formatter.h"
 #include "server/server.h"
 #include "server/server_flags.h"
@@ -63,6 +64,12 @@ std::unique_ptr<dmdserve::DmdServer> StartServer() {
   options->version =
       absl::StrCat(DMDSERVE_VERSION, " (libtorch ", dmdserve::LibtorchVersion(), ")");
   spdlog::info("dmdserve {} starting", options->version);
+  if (absl::StatusOr<dmdserve::FdLimits> fds = dmdserve::RaiseFdLimit(); !fds.ok()) {
+    spdlog::warn("open-file limit unchanged: {}", std::string(fds.status().message()));
+  } else if (fds->soft != fds->soft_before) {
+    spdlog::info("open-file limit raised from {} to {} (hard limit {})", fds->soft_before,
+                 fds->soft, fds->hard);
+  }
   absl::StatusOr<std::unique_ptr<dmdserve::DmdServer>> server =
       dmdserve::DmdServer::Create(*std::move(options));
   if (!server.ok()) Fatal(absl::StrCat("startup failed: ", server.status().ToString()));
