@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -155,14 +156,18 @@ TEST_F(ModelManifestTest, OptionalFieldsHaveDocumentedDefaults) {
   EXPECT_EQ(m->max_images_per_request, 6);  // the largest batch size
 }
 
-TEST_F(ModelManifestTest, V1ManifestsHaveV1Semantics) {
-  absl::StatusOr<ModelManifest> m = LoadJson(FullManifest());
-  ASSERT_TRUE(m.ok()) << m.status();
-  EXPECT_EQ(m->format_version, 1);
-  EXPECT_FALSE(m->tokenizer_2.has_value());
-  EXPECT_EQ(m->conditioning, Conditioning::kText);
-  EXPECT_EQ(m->unconditional, Unconditional::kEmptyPrompt);
-  EXPECT_EQ(m->schedule.initial_noise_scale, 1.0);
+TEST_F(ModelManifestTest, WithoutV2FieldsEitherFormatHasV1Semantics) {
+  for (const int version : {1, 2}) {
+    json manifest = FullManifest();
+    manifest["format"] = absl::StrCat("dmdserve.bundle/v", version);
+    absl::StatusOr<ModelManifest> m = LoadJson(manifest);
+    ASSERT_TRUE(m.ok()) << m.status();
+    EXPECT_EQ(m->format_version, version);
+    EXPECT_FALSE(m->tokenizer_2.has_value()) << version;
+    EXPECT_EQ(m->conditioning, Conditioning::kText) << version;
+    EXPECT_EQ(m->unconditional, Unconditional::kEmptyPrompt) << version;
+    EXPECT_EQ(m->schedule.initial_noise_scale, 1.0) << version;
+  }
 }
 
 TEST_F(ModelManifestTest, LoadsEveryV2Field) {
@@ -180,51 +185,6 @@ TEST_F(ModelManifestTest, LoadsEveryV2Field) {
   EXPECT_EQ(m->schedule.initial_noise_scale, 0.75);
   EXPECT_EQ(m->name, "test-model_1.0");  // the v1 fields as before
   EXPECT_EQ(m->schedule.step_mode, StepMode::kRenoise);
-}
-
-TEST_F(ModelManifestTest, V2FieldsAreOptionalInV2) {
-  json manifest = FullManifest();
-  manifest["format"] = "dmdserve.bundle/v2";
-  absl::StatusOr<ModelManifest> m = LoadJson(manifest);
-  ASSERT_TRUE(m.ok()) << m.status();
-  EXPECT_EQ(m->format_version, 2);
-  EXPECT_FALSE(m->tokenizer_2.has_value());
-  EXPECT_EQ(m->conditioning, Conditioning::kText);
-  EXPECT_EQ(m->unconditional, Unconditional::kEmptyPrompt);
-  EXPECT_EQ(m->schedule.initial_noise_scale, 1.0);
-}
-
-TEST_F(ModelManifestTest, BadV2FieldsNameTheField) {
-  struct Case {
-    const char* pointer;
-    json value;
-    const char* field;
-    const char* shown;
-  };
-  const Case cases[] = {
-      {"/tokenizer_2/max_length", 77, "tokenizer_2.max_length", "must equal tokenizer.max_length"},
-      {"/tokenizer_2/vocab", nullptr, "tokenizer_2.vocab", "missing required field"},
-      {"/tokenizer_2/pad", "!", "tokenizer_2.pad", "unknown field"},
-      {"/tokenizer_2/pad_token", "", "tokenizer_2.pad_token", "\"\""},
-      {"/conditioning", "pooled", "conditioning", "\"text\", \"text_time\", got \"pooled\""},
-      {"/unconditional", "none", "unconditional", "got \"none\""},
-      {"/schedule/initial_noise_scale", 0, "schedule.initial_noise_scale", "(0, 1], got 0"},
-      {"/schedule/initial_noise_scale", 1.5, "schedule.initial_noise_scale", "got 1.5"},
-  };
-  for (const Case& c : cases) {
-    json manifest = FullV2Manifest();
-    const json::json_pointer pointer(c.pointer);
-    if (c.value.is_null()) {
-      manifest.at(pointer.parent_pointer()).erase(pointer.back());
-    } else {
-      manifest[pointer] = c.value;
-    }
-    absl::StatusOr<ModelManifest> m = LoadJson(manifest);
-    ASSERT_FALSE(m.ok()) << c.pointer;
-    EXPECT_EQ(m.status().code(), absl::StatusCode::kInvalidArgument) << m.status();
-    EXPECT_THAT(m.status().message(), HasSubstr(std::string(c.field) + ": ")) << c.pointer;
-    EXPECT_THAT(m.status().message(), HasSubstr(c.shown)) << c.pointer;
-  }
 }
 
 TEST_F(ModelManifestTest, DTypeStringAppliesToEveryComponent) {
@@ -283,18 +243,19 @@ TEST_F(ModelManifestTest, SizesAndLatentShapes) {
 }
 
 struct BadCase {
-  std::string pointer;  // JSON pointer into FullManifest() to replace
+  std::string pointer;  // JSON pointer into FullManifest() (FullV2Manifest() if v2) to replace
   json value;           // new value; null: remove the member
   absl::StatusCode code;
   std::string field;  // JSON path the error must name
   std::string shown;  // the bad value as the error must show it
+  bool v2 = false;
 };
 
 class BadManifestTest : public ModelManifestTest, public ::testing::WithParamInterface<BadCase> {};
 
 TEST_P(BadManifestTest, ErrorNamesFileFieldAndValue) {
   const BadCase& c = GetParam();
-  json manifest = FullManifest();
+  json manifest = c.v2 ? FullV2Manifest() : FullManifest();
   const json::json_pointer pointer(c.pointer);
   if (c.value.is_null()) {
     manifest.at(pointer.parent_pointer()).erase(pointer.back());
@@ -380,7 +341,21 @@ INSTANTIATE_TEST_SUITE_P(
         BadCase{"/batch_sizes/0", json(18446744073709551615ULL), kInvalid, "batch_sizes[0]",
                 "got 18446744073709551615"},
         BadCase{"/batch_sizes", json::array(), kInvalid, "batch_sizes", "[]"},
-        BadCase{"/max_images_per_request", 0, kInvalid, "max_images_per_request", "got 0"}));
+        BadCase{"/max_images_per_request", 0, kInvalid, "max_images_per_request", "got 0"},
+        // v2 fields, in a v2 manifest.
+        BadCase{"/tokenizer_2/max_length", 77, kInvalid, "tokenizer_2.max_length",
+                "must equal tokenizer.max_length", true},
+        BadCase{"/tokenizer_2/vocab", nullptr, kInvalid, "tokenizer_2.vocab",
+                "missing required field", true},
+        BadCase{"/tokenizer_2/pad", "!", kInvalid, "tokenizer_2.pad", "unknown field", true},
+        BadCase{"/tokenizer_2/pad_token", "", kInvalid, "tokenizer_2.pad_token", "\"\"", true},
+        BadCase{"/conditioning", "pooled", kInvalid, "conditioning",
+                "\"text\", \"text_time\", got \"pooled\"", true},
+        BadCase{"/unconditional", "none", kInvalid, "unconditional", "got \"none\"", true},
+        BadCase{"/schedule/initial_noise_scale", 0, kInvalid, "schedule.initial_noise_scale",
+                "(0, 1], got 0", true},
+        BadCase{"/schedule/initial_noise_scale", 1.5, kInvalid, "schedule.initial_noise_scale",
+                "got 1.5", true}));
 
 TEST_F(ModelManifestTest, MissingBundleOrManifestIsNotFound) {
   absl::StatusOr<ModelManifest> m = ModelManifest::Load(dir_ + "/no-such-bundle");
