@@ -163,9 +163,6 @@ RECIPE_FUNCTIONS: Dict[str, Callable[..., Plan]] = {
 FAMILIES = {"dmd2-sd15-1step": (SD15,), "dmd2-sdxl-4step": (SDXL,), "dmd2-sdxl-1step": (SDXL,),
             "sdxl-turbo": (SDXL,), "sdxl-lightning": (SDXL,), "ddim": (SD15, SDXL)}
 RECIPES = tuple(FAMILIES)
-# SDXL recipes that need nothing of a checkpoint folder but its scheduler config.
-EPSILON_RECIPES = ("dmd2-sd15-1step", "dmd2-sdxl-4step", "dmd2-sdxl-1step", "sdxl-turbo",
-                   "sdxl-lightning")
 
 
 def _total(cfg: Dict[str, Any]) -> int:
