@@ -16,13 +16,20 @@ Components (float32, torch.jit.script):
                 timestep embedding and one cross-attention over the text embeddings (a trained
                 epsilon model at t=999 also predicts roughly the noisy sample itself).
   decoder       float[B, 4, h, w] -> float[B, 1, 4h, 4w] in [-1, 1] (conv, 2x upsample twice, tanh).
+
+--sdxl makes a dmdserve.bundle/v2 bundle shaped like an SDXL export instead: two tokenizers (the
+second pads with "!"), a text encoder (int64[B, L], int64[B, L]) -> (float[B, L, 64], float[B, 16])
+made of two of the encoders above (hidden states concatenated; the pooled embedding is a
+projection of the second's output at the EOS position, argmax of its ids, as CLIP's), and a
+generator that also takes (text_embeds float[B, 16], time_ids float[B, 6]) and adds a per-channel
+correction computed from them, so that a wrong time id or pooled row changes the image.
 """
 
 import argparse
 import math
 import os
 import sys
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +104,7 @@ class TextEncoder(nn.Module):
 
 
 class Generator(nn.Module):
-    def __init__(self, dim: int = 32):
+    def __init__(self, dim: int = 32, text_dim: int = TEXT_DIM):
         super().__init__()
         self.dim = dim
         self.heads = HEADS
@@ -109,8 +116,8 @@ class Generator(nn.Module):
         self.conv1 = nn.Conv2d(dim, dim, 3, padding=1)
         self.attn_norm = nn.GroupNorm(8, dim)
         self.to_q = nn.Linear(dim, dim)
-        self.to_k = nn.Linear(TEXT_DIM, dim)
-        self.to_v = nn.Linear(TEXT_DIM, dim)
+        self.to_k = nn.Linear(text_dim, dim)
+        self.to_v = nn.Linear(text_dim, dim)
         self.attn_out = nn.Linear(dim, dim)
         self.norm_out = nn.GroupNorm(8, dim)
         self.conv_out = nn.Conv2d(dim, LATENT_CHANNELS, 3, padding=1)
@@ -138,6 +145,57 @@ class Generator(nn.Module):
         return sample + self.residual_scale * self.conv_out(F.silu(self.norm_out(h)))
 
 
+POOLED_DIM = 16
+TIME_ID_DIM = 8
+
+
+class TwoTokenizerTextEncoder(nn.Module):
+    """SDXL's text conditioning in miniature: (hidden states of both encoders, pooled)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = TextEncoder()
+        self.encoder_2 = TextEncoder()
+        self.projection = nn.Linear(TEXT_DIM, POOLED_DIM, bias=False)
+
+    def forward(self, input_ids: torch.Tensor,
+                input_ids_2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        hidden_2 = self.encoder_2(input_ids_2)
+        eos = input_ids_2.argmax(dim=1)
+        pooled = self.projection(hidden_2[torch.arange(hidden_2.size(0)), eos])
+        return torch.cat([self.encoder(input_ids), hidden_2], dim=-1), pooled
+
+
+class TextTimeGenerator(nn.Module):
+    """The generator above on both encoders' states, plus SDXL-style added conditions: each time
+    id embedded sinusoidally, concatenated after the pooled embedding, projected to a
+    per-channel correction of the prediction."""
+
+    def __init__(self):
+        super().__init__()
+        self.core = Generator(text_dim=2 * TEXT_DIM)
+        self.add_fc1 = nn.Linear(POOLED_DIM + 6 * TIME_ID_DIM, 32)
+        self.add_fc2 = nn.Linear(32, LATENT_CHANNELS)
+        self.add_scale = 0.05
+        self.time_id_dim = TIME_ID_DIM
+
+    def time_id_embedding(self, time_ids: torch.Tensor) -> torch.Tensor:
+        half = self.time_id_dim // 2
+        exponent = torch.arange(half, dtype=torch.float32, device=time_ids.device) / half
+        args = time_ids.to(torch.float32).flatten()[:, None] * torch.exp(
+            -math.log(10000.0) * exponent)[None]
+        embedded = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+        return embedded.reshape(time_ids.size(0), 6 * self.time_id_dim)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
+                encoder_hidden_states: torch.Tensor, text_embeds: torch.Tensor,
+                time_ids: torch.Tensor) -> torch.Tensor:
+        added = torch.cat([text_embeds, self.time_id_embedding(time_ids).to(text_embeds.dtype)], 1)
+        correction = self.add_fc2(F.silu(self.add_fc1(added)))
+        return (self.core(sample, timestep, encoder_hidden_states)
+                + self.add_scale * correction[:, :, None, None])
+
+
 class Decoder(nn.Module):
     def __init__(self):
         super().__init__()
@@ -154,6 +212,17 @@ class Decoder(nn.Module):
         h = F.silu(self.conv1(h.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)))
         h = F.silu(self.conv2(h.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)))
         return torch.tanh(self.conv_out(h))
+
+
+def v2_fields(unconditional: str) -> dict:
+    """The --sdxl manifest's v2 fields (docs/BUNDLE.md); the schedule field is added apart."""
+    return {
+        "format": "dmdserve.bundle/v2",
+        "tokenizer_2": {"vocab": "tokenizer/vocab.json", "merges": "tokenizer/merges.txt",
+                        "max_length": MAX_LENGTH, "pad_token": "!"},
+        "conditioning": "text_time",
+        "unconditional": unconditional,
+    }
 
 
 def manifest(name: str, steps: int, step_mode: str, guidance: float, dtype: str) -> dict:
@@ -191,6 +260,12 @@ def main() -> None:
                         help="guidance_scale; > 1 enables classifier-free guidance")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                         help="dtype in model.json (the files stay float32; the pipeline converts)")
+    parser.add_argument("--sdxl", action="store_true",
+                        help="a dmdserve.bundle/v2 bundle shaped like an SDXL export (see above)")
+    parser.add_argument("--unconditional", choices=["empty_prompt", "zeros"],
+                        default="empty_prompt", help="--sdxl: the unconditional input of CFG")
+    parser.add_argument("--initial-noise-scale", type=float, default=1.0,
+                        help="--sdxl: schedule.initial_noise_scale")
     parser.add_argument("--tokenizer-dir",
                         default=os.path.join(REPO_ROOT, "models", "tokenizers", "openai-clip"),
                         help="folder with the CLIP vocab.json, merges.txt and LICENSE to copy")
@@ -204,13 +279,21 @@ def main() -> None:
         parser.error("--steps must be in [1, 1000]")
 
     torch.manual_seed(args.seed)
-    components = {"text_encoder": TextEncoder(), "generator": Generator(), "decoder": Decoder()}
+    if args.sdxl:
+        components = {"text_encoder": TwoTokenizerTextEncoder(), "generator": TextTimeGenerator(),
+                      "decoder": Decoder()}
+    else:
+        components = {"text_encoder": TextEncoder(), "generator": Generator(),
+                      "decoder": Decoder()}
     os.makedirs(os.path.join(args.out, bundle_files.TOKENIZER_SUBDIR), exist_ok=True)
     for name, module in components.items():
         bundle_files.save_component(module.eval(), args.out, name + ".pt")
     bundle_files.copy_tokenizer(args.tokenizer_dir, args.out, TOKENIZER_FILES)
-    bundle_files.write_manifest(args.out, manifest(args.name, args.steps, args.step_mode,
-                                                   args.guidance, args.dtype))
+    model_json = manifest(args.name, args.steps, args.step_mode, args.guidance, args.dtype)
+    if args.sdxl:
+        model_json.update(v2_fields(args.unconditional))
+        model_json["schedule"]["initial_noise_scale"] = args.initial_noise_scale
+    bundle_files.write_manifest(args.out, model_json)
 
 
 if __name__ == "__main__":

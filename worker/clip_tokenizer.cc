@@ -257,6 +257,17 @@ absl::Status ClipTokenizer::FindSpecialTokens(const Options& options) {
       special_ids_.emplace(literal, id);
     }
   }
+  const bool pad_is_special =
+      std::find(std::begin(kSpecialTokens), std::end(kSpecialTokens), options.pad_token) !=
+      std::end(kSpecialTokens);
+  if (!pad_is_special) {
+    std::u32string pad;
+    if (absl::Status s = text_cleanup::DecodeUtf8(options.pad_token, &pad); !s.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("pad_token '", options.pad_token, "': ", s.message()));
+    }
+    pad_text_ = std::move(pad);
+  }
   return absl::OkStatus();
 }
 
@@ -265,13 +276,29 @@ absl::StatusOr<std::vector<int32_t>> ClipTokenizer::Encode(std::string_view text
   if (absl::Status status = text_cleanup::DecodeUtf8(text, &decoded); !status.ok()) return status;
   const std::u32string cleaned = text_cleanup::CleanUp(std::move(decoded));
   std::vector<int32_t> ids;
+  if (pad_text_.empty()) {
+    EncodeCleaned(cleaned, &ids);
+    return ids;
+  }
+  // The pad token stands for itself: encode the text between its occurrences.
+  size_t begin = 0;
+  for (size_t at = cleaned.find(pad_text_); at != std::u32string::npos;
+       at = cleaned.find(pad_text_, begin)) {
+    EncodeCleaned(cleaned.substr(begin, at - begin), &ids);
+    ids.push_back(pad_id_);
+    begin = at + pad_text_.size();
+  }
+  EncodeCleaned(cleaned.substr(begin), &ids);
+  return ids;
+}
+
+void ClipTokenizer::EncodeCleaned(const std::u32string& cleaned, std::vector<int32_t>* ids) const {
   std::string word;
   PreTokenize(cleaned, [&](size_t begin, size_t end) {
     word.clear();
     for (size_t i = begin; i < end; ++i) AppendUtf8(cleaned[i], &word);
-    EncodeWord(word, &ids);
+    EncodeWord(word, ids);
   });
-  return ids;
 }
 
 absl::StatusOr<ClipTokenizer::ModelInput> ClipTokenizer::EncodeForModel(std::string_view text,

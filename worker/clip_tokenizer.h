@@ -11,6 +11,10 @@
 //   3. Each piece's UTF-8 bytes are mapped to GPT-2's printable byte alphabet and merged by BPE
 //      with the `</w>` end-of-word marker, in merges.txt rank order. A piece that is exactly
 //      `<|startoftext|>` or `<|endoftext|>` becomes that special token's id.
+//   A pad token other than those two (SDXL's second tokenizer pads with "!") is a special token
+//   too, as in Hugging Face's CLIPTokenizer: the cleaned text is split at each of its occurrences,
+//   each becomes the pad id on its own, and the pieces between are encoded as above ("boot!!" ->
+//   boot</w>, pad, pad; CLIP's own tokenizer gives boot</w>, !!</w>).
 //
 // Example:
 //   ClipTokenizer::Options options;
@@ -130,6 +134,8 @@ class ClipTokenizer {
   // The id of `token` in vocab.json, or -1.
   int32_t FindId(const std::string& token) const;
 
+  // Appends the ids of cleaned text (steps 2 and 3 of the file comment).
+  void EncodeCleaned(const std::u32string& cleaned, std::vector<int32_t>* ids) const;
   // Appends the ids of one pre-tokenized word (UTF-8, already cleaned and lower-cased).
   void EncodeWord(std::string_view word, std::vector<int32_t>* ids) const;
   // Byte-level BPE of `word`, without the cache.
@@ -145,6 +151,8 @@ class ClipTokenizer {
   int32_t bos_id_ = 0;
   int32_t eos_id_ = 0;
   int32_t pad_id_ = 0;
+  // The pad token's text when it is not `<|startoftext|>` / `<|endoftext|>`: it splits the text.
+  std::u32string pad_text_;
   size_t shard_capacity_ = 0;  // 0: cache disabled
   mutable std::array<CacheShard, kCacheShards> cache_;
 };

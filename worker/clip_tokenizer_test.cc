@@ -217,6 +217,48 @@ TEST(ClipTokenizerTest, EncodeForModelLaysOutAndTruncates) {
   EXPECT_EQ(input->truncated_tokens, 0);
 }
 
+// Concatenates id lists.
+std::vector<int32_t> Concat(std::initializer_list<std::vector<int32_t>> parts) {
+  std::vector<int32_t> out;
+  for (const std::vector<int32_t>& part : parts) out.insert(out.end(), part.begin(), part.end());
+  return out;
+}
+
+TEST(ClipTokenizerTest, APadTokenOtherThanEosStandsForItselfInText) {
+  // SDXL's second tokenizer pads with "!" (id 0); Hugging Face's CLIPTokenizer splits the text on
+  // it, so "!!" is two pad ids rather than BPE's "!!</w>" (748).
+  auto clip = MakeTokenizer(DefaultOptions());
+  ClipTokenizer::Options options = DefaultOptions();
+  options.pad_token = "!";
+  auto bang = MakeTokenizer(options);
+  ASSERT_NE(clip, nullptr);
+  ASSERT_NE(bang, nullptr);
+  auto encode = [](const ClipTokenizer& t, std::string_view text) {
+    absl::StatusOr<std::vector<int32_t>> ids = t.Encode(text);
+    EXPECT_TRUE(ids.ok()) << ids.status();
+    return ids.ok() ? *ids : std::vector<int32_t>{};
+  };
+  const int32_t pad = VocabId("!");
+  ASSERT_EQ(pad, 0);
+  ASSERT_EQ(bang->pad_id(), pad);
+  const std::vector<int32_t> boot = encode(*clip, "A Photo of an Ankle-Boot");
+  EXPECT_EQ(encode(*clip, "A Photo of an Ankle-Boot!!"), Concat({boot, {748}}));
+  EXPECT_EQ(encode(*bang, "A Photo of an Ankle-Boot!!"), Concat({boot, {pad, pad}}));
+  EXPECT_EQ(encode(*bang, "wow!!! a cat! hello!?"),
+            Concat({encode(*clip, "wow"), {pad, pad, pad}, encode(*clip, "a cat"), {pad},
+                    encode(*clip, "hello"), {pad}, encode(*clip, "?")}));
+  // Text without the pad token is encoded exactly as before.
+  EXPECT_EQ(encode(*bang, "a photo of a cat?"), encode(*clip, "a photo of a cat?"));
+  // Padding and truncation count the split ids like any other.
+  absl::StatusOr<ClipTokenizer::ModelInput> input = bang->EncodeForModel("cat!!", 6);
+  ASSERT_TRUE(input.ok()) << input.status();
+  EXPECT_THAT(input->input_ids, ElementsAreArray({clip->bos_id(), 2368, pad, pad, clip->eos_id(),
+                                                  pad}));
+  input = bang->EncodeForModel("!!!!!", 4);
+  ASSERT_TRUE(input.ok()) << input.status();
+  EXPECT_EQ(input->truncated_tokens, 3);
+}
+
 TEST(ClipTokenizerTest, RejectsMaxLengthBelowTwo) {
   auto tokenizer = MakeTokenizer(DefaultOptions());
   ASSERT_NE(tokenizer, nullptr);

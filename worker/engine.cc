@@ -135,12 +135,18 @@ absl::Status Engine::Submit(GenerateParams params, GenerateCallbacks callbacks) 
   absl::StatusOr<ClipTokenizer::ModelInput> tokens =
       model.tokenizer->EncodeForModel(params.prompt, model.manifest.tokenizer.max_length);
   if (!tokens.ok()) return WithContext(tokens.status(), "prompt");
+  absl::StatusOr<ClipTokenizer::ModelInput> tokens_2 = ClipTokenizer::ModelInput();
+  if (model.tokenizer_2 != nullptr) {
+    tokens_2 = model.tokenizer_2->EncodeForModel(params.prompt, model.manifest.tokenizer.max_length);
+    if (!tokens_2.ok()) return WithContext(tokens_2.status(), "prompt");
+  }
 
   auto request = std::make_shared<Request>();
   request->seed = params.seed.has_value() ? *params.seed : absl::Uniform<uint64_t>(absl::BitGen());
   request->model = model.info.name;
   request->input_ids = std::move(tokens->input_ids);
-  request->truncated_tokens = tokens->truncated_tokens;
+  request->input_ids_2 = std::move(tokens_2->input_ids);
+  request->truncated_tokens = std::max(tokens->truncated_tokens, tokens_2->truncated_tokens);
   request->clock = st.clock;
   request->accepted = st.clock->Now();
   const int n = params.num_images;

@@ -31,7 +31,8 @@ struct Engine::Request {
   uint64_t seed = 0;
   std::string model;
   std::vector<int32_t> input_ids;
-  int truncated_tokens = 0;
+  std::vector<int32_t> input_ids_2;  // the second tokenizer's, for a model with tokenizer_2
+  int truncated_tokens = 0;          // the larger count of the two tokenizers
   absl::Time accepted;
   Clock* clock = nullptr;
 
@@ -93,7 +94,7 @@ struct Engine::WorkItem {
   // This image's seed: the request's seed + its index (mod 2^64), the noise contract.
   uint64_t seed() const { return request->seed + index; }
   // What the pipeline needs to make this image.
-  Pipeline::Input input() const { return {request->input_ids, seed()}; }
+  Pipeline::Input input() const { return {request->input_ids, seed(), request->input_ids_2}; }
 };
 
 // One device of Options.devices, shared by the worker groups of every model on it.
@@ -116,6 +117,7 @@ struct Engine::Replica {
 struct Engine::Model {
   ModelManifest manifest;
   std::unique_ptr<ClipTokenizer> tokenizer;
+  std::unique_ptr<ClipTokenizer> tokenizer_2;  // set when the manifest has tokenizer_2
   std::vector<std::unique_ptr<Replica>> replicas;     // one per device, in Options order
   std::unique_ptr<DynamicBatcher<WorkItem>> batcher;  // key: index into info.supported_sizes
   ModelInfo info;  // static part; `ready` lives in the atomic below, `batching` in the vector
@@ -144,7 +146,7 @@ struct Engine::State {
 
   // Create's steps: resolve Options.devices into `devices`; load the bundle in `dir` (errors name
   // it) into `models` and `by_name`, in LoadModel's steps: the manifest (Options.dtype applied;
-  // its model name must be new), the tokenizer (returning the empty prompt's input_ids), a replica
+  // its model name must be new), the tokenizers (returning the empty prompt's ids), a replica
   // per device and the batcher; set `default_model` (Options.default_model; empty: the first).
   absl::Status AddDevices();
   // Settles Options.instances_per_device and .intra_op_threads (0: from the CPU budget) and logs
@@ -152,8 +154,12 @@ struct Engine::State {
   void PlanThreads();
   absl::Status LoadModel(const std::string& dir, Pipeline::Postprocess postprocess);
   absl::Status LoadManifest(const std::string& dir, const std::string& where, Model& model) const;
-  absl::StatusOr<std::vector<int32_t>> LoadTokenizer(Model& model) const;
-  absl::Status AddReplicas(Model& model, const std::vector<int32_t>& uncond_input_ids,
+  struct EmptyPrompt {
+    std::vector<int32_t> input_ids;
+    std::vector<int32_t> input_ids_2;  // empty without tokenizer_2
+  };
+  absl::StatusOr<EmptyPrompt> LoadTokenizers(Model& model) const;
+  absl::Status AddReplicas(Model& model, const EmptyPrompt& empty_prompt,
                            Pipeline::Postprocess postprocess) const;
   absl::Status AddBatcher(Model& model);
   absl::Status ChooseDefaultModel();

@@ -149,9 +149,9 @@ absl::Status Engine::State::LoadModel(const std::string& dir, Pipeline::Postproc
   const std::string where = absl::StrCat("model bundle ", dir);
   auto model = std::make_unique<Model>();
   if (absl::Status s = LoadManifest(dir, where, *model); !s.ok()) return s;
-  absl::StatusOr<std::vector<int32_t>> uncond_input_ids = LoadTokenizer(*model);
-  if (!uncond_input_ids.ok()) return WithContext(uncond_input_ids.status(), where);
-  if (absl::Status s = AddReplicas(*model, *uncond_input_ids, postprocess); !s.ok()) {
+  absl::StatusOr<EmptyPrompt> empty_prompt = LoadTokenizers(*model);
+  if (!empty_prompt.ok()) return WithContext(empty_prompt.status(), where);
+  if (absl::Status s = AddReplicas(*model, *empty_prompt, postprocess); !s.ok()) {
     return WithContext(s, where);
   }
   if (absl::Status s = AddBatcher(*model); !s.ok()) return WithContext(s, "batcher options");
@@ -181,8 +181,11 @@ absl::Status Engine::State::LoadManifest(const std::string& dir, const std::stri
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<int32_t>> Engine::State::LoadTokenizer(Model& model) const {
-  const ModelManifest::Tokenizer& t = model.manifest.tokenizer;
+namespace {
+
+// A manifest tokenizer block's ClipTokenizer and its encoding of the empty prompt.
+absl::StatusOr<std::unique_ptr<ClipTokenizer>> MakeTokenizer(const ModelManifest::Tokenizer& t,
+                                                              std::vector<int32_t>* empty_prompt) {
   absl::StatusOr<std::unique_ptr<ClipTokenizer>> tokenizer =
       ClipTokenizer::Create({.vocab_path = t.vocab_path,
                              .merges_path = t.merges_path,
@@ -190,20 +193,36 @@ absl::StatusOr<std::vector<int32_t>> Engine::State::LoadTokenizer(Model& model) 
                              .eos_token = t.eos_token,
                              .pad_token = t.pad_token});
   if (!tokenizer.ok()) return tokenizer.status();
-  model.tokenizer = *std::move(tokenizer);
-  absl::StatusOr<ClipTokenizer::ModelInput> uncond =
-      model.tokenizer->EncodeForModel("", t.max_length);
-  if (!uncond.ok()) return uncond.status();
-  return std::move(uncond->input_ids);
+  absl::StatusOr<ClipTokenizer::ModelInput> empty = (*tokenizer)->EncodeForModel("", t.max_length);
+  if (!empty.ok()) return empty.status();
+  *empty_prompt = std::move(empty->input_ids);
+  return tokenizer;
 }
 
-absl::Status Engine::State::AddReplicas(Model& model, const std::vector<int32_t>& uncond_input_ids,
+}  // namespace
+
+absl::StatusOr<Engine::State::EmptyPrompt> Engine::State::LoadTokenizers(Model& model) const {
+  EmptyPrompt empty_prompt;
+  absl::StatusOr<std::unique_ptr<ClipTokenizer>> tokenizer =
+      MakeTokenizer(model.manifest.tokenizer, &empty_prompt.input_ids);
+  if (!tokenizer.ok()) return WithContext(tokenizer.status(), "tokenizer");
+  model.tokenizer = *std::move(tokenizer);
+  if (model.manifest.tokenizer_2.has_value()) {
+    tokenizer = MakeTokenizer(*model.manifest.tokenizer_2, &empty_prompt.input_ids_2);
+    if (!tokenizer.ok()) return WithContext(tokenizer.status(), "tokenizer_2");
+    model.tokenizer_2 = *std::move(tokenizer);
+  }
+  return empty_prompt;
+}
+
+absl::Status Engine::State::AddReplicas(Model& model, const EmptyPrompt& empty_prompt,
                                         Pipeline::Postprocess postprocess) const {
   for (const std::unique_ptr<DeviceState>& device : devices) {
     absl::StatusOr<std::unique_ptr<Pipeline>> pipeline =
         Pipeline::Create(model.manifest, {.device = device->name,
                                           .intra_op_threads = options.intra_op_threads,
-                                          .uncond_input_ids = uncond_input_ids,
+                                          .uncond_input_ids = empty_prompt.input_ids,
+                                          .uncond_input_ids_2 = empty_prompt.input_ids_2,
                                           .instances = options.instances_per_device,
                                           .cuda_graphs = options.cuda_graphs,
                                           .postprocess = postprocess,

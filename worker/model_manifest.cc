@@ -224,6 +224,10 @@ constexpr absl::string_view kStepModeNames[] = {"ddim", "renoise"};
 constexpr StepMode kStepModes[] = {StepMode::kDdim, StepMode::kRenoise};
 constexpr absl::string_view kPredictionTypeNames[] = {"epsilon", "sample"};
 constexpr PredictionType kPredictionTypes[] = {PredictionType::kEpsilon, PredictionType::kSample};
+constexpr absl::string_view kConditioningNames[] = {"text", "text_time"};
+constexpr Conditioning kConditionings[] = {Conditioning::kText, Conditioning::kTextTime};
+constexpr absl::string_view kUnconditionalNames[] = {"empty_prompt", "zeros"};
+constexpr Unconditional kUnconditionals[] = {Unconditional::kEmptyPrompt, Unconditional::kZeros};
 
 void ReadImage(Reader& r, const json& root, ModelManifest& m) {
   const json& image = r.Object(root, "image", /*required=*/true,
@@ -270,24 +274,59 @@ void ReadLatent(Reader& r, const json& root, ModelManifest& m) {
   }
 }
 
-void ReadTokenizer(Reader& r, const json& root, ModelManifest& m) {
+// Reads the tokenizer object at `path` ("tokenizer" or "tokenizer_2") into `tokenizer`.
+void ReadTokenizer(Reader& r, const json& root, const std::string& path, const std::string& dir,
+                   ModelManifest::Tokenizer& tokenizer) {
   const json& tok =
-      r.Object(root, "tokenizer", /*required=*/true,
+      r.Object(root, path, /*required=*/true,
                {"vocab", "merges", "max_length", "bos_token", "eos_token", "pad_token"});
-  m.tokenizer.vocab_path = r.File(tok, "tokenizer.vocab", m.bundle_dir);
-  m.tokenizer.merges_path = r.File(tok, "tokenizer.merges", m.bundle_dir);
-  m.tokenizer.max_length = r.Int(tok, "tokenizer.max_length", {2, kMaxTokens}, 77);
-  for (auto [path, token] : {std::pair{"tokenizer.bos_token", &m.tokenizer.bos_token},
-                             std::pair{"tokenizer.eos_token", &m.tokenizer.eos_token},
-                             std::pair{"tokenizer.pad_token", &m.tokenizer.pad_token}}) {
-    *token = r.String(tok, path, *token);
-    if (r.ok() && token->empty()) r.FailValue(path, *token, "must be a non-empty token");
+  auto field = [&path](absl::string_view key) { return absl::StrCat(path, ".", key); };
+  tokenizer.vocab_path = r.File(tok, field("vocab"), dir);
+  tokenizer.merges_path = r.File(tok, field("merges"), dir);
+  tokenizer.max_length = r.Int(tok, field("max_length"), {2, kMaxTokens}, 77);
+  for (auto [key, token] : {std::pair{"bos_token", &tokenizer.bos_token},
+                            std::pair{"eos_token", &tokenizer.eos_token},
+                            std::pair{"pad_token", &tokenizer.pad_token}}) {
+    *token = r.String(tok, field(key), *token);
+    if (r.ok() && token->empty()) r.FailValue(field(key), *token, "must be a non-empty token");
+  }
+}
+
+// The v2 fields outside the schedule: tokenizer_2, conditioning, unconditional.
+void ReadV2Fields(Reader& r, const json& root, ModelManifest& m) {
+  if (root.contains("tokenizer_2")) {
+    ModelManifest::Tokenizer& second = m.tokenizer_2.emplace();
+    ReadTokenizer(r, root, "tokenizer_2", m.bundle_dir, second);
+    if (r.ok() && second.max_length != m.tokenizer.max_length) {
+      r.FailValue("tokenizer_2.max_length", second.max_length,
+                  absl::StrCat("must equal tokenizer.max_length ", m.tokenizer.max_length));
+    }
+  }
+  m.conditioning = kConditionings[r.Choice(root, "conditioning", kConditioningNames, 0)];
+  m.unconditional = kUnconditionals[r.Choice(root, "unconditional", kUnconditionalNames, 0)];
+}
+
+// INVALID_ARGUMENT naming the first v2 field a v1 manifest uses.
+void CheckNoV2Fields(Reader& r, const json& root) {
+  std::vector<std::string> used;
+  for (const char* key : {"tokenizer_2", "conditioning", "unconditional"}) {
+    if (root.contains(key)) used.push_back(key);
+  }
+  const auto schedule = root.find("schedule");
+  if (schedule != root.end() && schedule->is_object() &&
+      schedule->contains("initial_noise_scale")) {
+    used.push_back("schedule.initial_noise_scale");
+  }
+  if (!used.empty()) {
+    r.Fail(used.front(), absl::StrCat("needs \"format\": \"", ModelManifest::kFormatV2,
+                                      "\" (this manifest says \"", ModelManifest::kFormat, "\")"));
   }
 }
 
 void ReadSchedule(Reader& r, const json& root, ModelManifest& m) {
   const json& schedule =
-      r.Object(root, "schedule", /*required=*/true, {"timesteps", "alphas_cumprod", "step_mode"});
+      r.Object(root, "schedule", /*required=*/true,
+               {"timesteps", "alphas_cumprod", "step_mode", "initial_noise_scale"});
   const json& timesteps = r.Array(schedule, "schedule.timesteps", /*required=*/true);
   for (size_t k = 0; k < timesteps.size() && r.ok(); ++k) {
     const std::string path = Index("schedule.timesteps", k);
@@ -314,6 +353,11 @@ void ReadSchedule(Reader& r, const json& root, ModelManifest& m) {
     m.schedule.alphas_cumprod.push_back(a);
   }
   m.schedule.step_mode = kStepModes[r.Choice(schedule, "schedule.step_mode", kStepModeNames, 0)];
+  const double scale = r.Number(schedule, "schedule.initial_noise_scale", 1.0);
+  if (r.ok() && !(scale > 0.0 && scale <= 1.0)) {
+    r.FailValue("schedule.initial_noise_scale", scale, "must be in (0, 1]");
+  }
+  m.schedule.initial_noise_scale = scale;
 }
 
 void ReadDTypes(Reader& r, const json& root, ModelManifest& m) {
@@ -409,13 +453,17 @@ absl::StatusOr<ModelManifest> ModelManifest::Load(const std::string& bundle_dir)
 
   Reader r(m.manifest_path);
   r.CheckObject(root, "",
-                {"format", "name", "description", "image", "latent", "tokenizer", "components",
-                 "prediction_type", "schedule", "guidance_scale", "latent_scaling_factor", "dtype",
-                 "batch_sizes", "max_images_per_request"});
+                {"format", "name", "description", "image", "latent", "tokenizer", "tokenizer_2",
+                 "conditioning", "unconditional", "components", "prediction_type", "schedule",
+                 "guidance_scale", "latent_scaling_factor", "dtype", "batch_sizes",
+                 "max_images_per_request"});
   const std::string format = r.String(root, "format");
-  if (r.ok() && format != kFormat) {
-    r.FailValue("format", format, absl::StrCat("must be \"", kFormat, "\""));
+  if (r.ok() && format != kFormat && format != kFormatV2) {
+    r.FailValue("format", format,
+                absl::StrCat("must be \"", kFormat, "\" or \"", kFormatV2, "\""));
   }
+  m.format_version = format == kFormatV2 ? 2 : 1;
+  if (m.format_version == 1) CheckNoV2Fields(r, root);
   m.name = r.String(root, "name");
   if (r.ok() && !ValidName(m.name)) {
     r.FailValue("name", m.name, "must be 1 to 64 characters of [A-Za-z0-9._-]");
@@ -423,7 +471,8 @@ absl::StatusOr<ModelManifest> ModelManifest::Load(const std::string& bundle_dir)
   m.description = r.String(root, "description", "");
   ReadImage(r, root, m);
   ReadLatent(r, root, m);
-  ReadTokenizer(r, root, m);
+  ReadTokenizer(r, root, "tokenizer", bundle_dir, m.tokenizer);
+  ReadV2Fields(r, root, m);
   const json& components =
       r.Object(root, "components", /*required=*/true, {"text_encoder", "generator", "decoder"});
   m.components.text_encoder = r.File(components, "components.text_encoder", bundle_dir);

@@ -1,5 +1,7 @@
 // ModelManifest: the parsed and validated `model.json` of a model bundle (format
-// "dmdserve.bundle/v1"; every field is documented in docs/BUNDLE.md).
+// "dmdserve.bundle/v1" or "dmdserve.bundle/v2"; every field is documented in docs/BUNDLE.md).
+// v2 adds what SDXL-shaped models need (a second tokenizer, added conditions, zero unconditional
+// embeddings, an initial-noise scale); a v1 manifest that uses a v2 field is an error.
 //
 // A bundle is a directory holding model.json, the three TorchScript components it names (text
 // encoder, generator, decoder) and the tokenizer files. Load() reads and checks the whole manifest
@@ -14,6 +16,7 @@
 
 #include <array>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -35,6 +38,18 @@ enum class StepMode {
   kRenoise,  // fresh noise from the image's generator (DMD2's multi-step sampling)
 };
 
+// What conditions the generator besides the timestep.
+enum class Conditioning {
+  kText,      // encoder_hidden_states only (v1)
+  kTextTime,  // SDXL: also the text encoder's pooled embedding and the time ids [H, W, 0, 0, H, W]
+};
+
+// The unconditional input of classifier-free guidance.
+enum class Unconditional {
+  kEmptyPrompt,  // the text encoder's output for the empty prompt
+  kZeros,        // zero hidden states and pooled embedding (force_zeros_for_empty_prompt)
+};
+
 // Floating-point type a TorchScript component runs in.
 enum class DType { kFloat32, kFloat16, kBFloat16 };
 
@@ -42,8 +57,9 @@ enum class DType { kFloat32, kFloat16, kBFloat16 };
 const char* DTypeName(DType dtype);
 
 struct ModelManifest {
-  // The only `format` value this version reads.
+  // The `format` values this version reads.
   static constexpr char kFormat[] = "dmdserve.bundle/v1";
+  static constexpr char kFormatV2[] = "dmdserve.bundle/v2";
 
   struct Size {
     int width = 0;   // pixels
@@ -75,6 +91,7 @@ struct ModelManifest {
     std::vector<int> timesteps;          // strictly decreasing, in [0, 1000); one per step
     std::vector<double> alphas_cumprod;  // ᾱ at each timestep, in (0, 1), strictly increasing
     StepMode step_mode = StepMode::kDdim;
+    double initial_noise_scale = 1.0;  // v2: the first step's z is this times randn; in (0, 1]
   };
 
   // Reads `bundle_dir`/model.json and validates it (see the file comment).
@@ -84,6 +101,7 @@ struct ModelManifest {
   std::string manifest_path;  // bundle_dir/model.json
   std::string name;           // [A-Za-z0-9._-]{1,64}
   std::string description;
+  int format_version = 1;  // 1 or 2
   int width = 0;  // default image size in pixels
   int height = 0;
   int channels = 0;                   // 1 (grey) or 3 (RGB)
@@ -91,6 +109,11 @@ struct ModelManifest {
   int latent_channels = 0;
   int downsample_factor = 0;  // image pixels per latent cell, along each axis
   Tokenizer tokenizer;
+  // v2: the second tokenizer (SDXL's pads with "!"); its max_length equals tokenizer's. When set,
+  // the text encoder takes both tokenizations.
+  std::optional<Tokenizer> tokenizer_2;
+  Conditioning conditioning = Conditioning::kText;
+  Unconditional unconditional = Unconditional::kEmptyPrompt;
   Components components;
   PredictionType prediction_type = PredictionType::kEpsilon;
   Schedule schedule;

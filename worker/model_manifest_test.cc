@@ -33,8 +33,11 @@ void CreateReferencedFiles(const json& manifest, const std::string& dir) {
   for (const char* key : {"text_encoder", "generator", "decoder"}) {
     WriteFile(fs::path(dir) / manifest["components"][key].get<std::string>(), "");
   }
-  for (const char* key : {"vocab", "merges"}) {
-    WriteFile(fs::path(dir) / manifest["tokenizer"][key].get<std::string>(), "");
+  for (const char* tokenizer : {"tokenizer", "tokenizer_2"}) {
+    if (!manifest.contains(tokenizer)) continue;
+    for (const char* key : {"vocab", "merges"}) {
+      WriteFile(fs::path(dir) / manifest[tokenizer][key].get<std::string>(), "");
+    }
   }
 }
 
@@ -72,11 +75,23 @@ json MinimalManifest() {
   return m;
 }
 
+// A valid v2 manifest using every v2 field.
+json FullV2Manifest() {
+  json m = FullManifest();
+  m["format"] = "dmdserve.bundle/v2";
+  m["tokenizer_2"] = json::parse(R"({"vocab": "tok2/vocab.json", "merges": "tok2/merges.txt",
+                                      "max_length": 16, "pad_token": "!"})");
+  m["conditioning"] = "text_time";
+  m["unconditional"] = "zeros";
+  m["schedule"]["initial_noise_scale"] = 0.75;
+  return m;
+}
+
 class ModelManifestTest : public ::testing::Test {
  protected:
   // Writes `manifest` as dir_/model.json (with its files) and loads it.
   absl::StatusOr<ModelManifest> LoadJson(const json& manifest) {
-    CreateReferencedFiles(FullManifest(), dir_);
+    CreateReferencedFiles(FullV2Manifest(), dir_);
     WriteFile(fs::path(dir_) / "model.json", manifest.dump(2));
     return ModelManifest::Load(dir_);
   }
@@ -138,6 +153,78 @@ TEST_F(ModelManifestTest, OptionalFieldsHaveDocumentedDefaults) {
   EXPECT_EQ(m->dtypes.generator, DType::kFloat32);
   EXPECT_EQ(m->dtypes.decoder, DType::kFloat32);
   EXPECT_EQ(m->max_images_per_request, 6);  // the largest batch size
+}
+
+TEST_F(ModelManifestTest, V1ManifestsHaveV1Semantics) {
+  absl::StatusOr<ModelManifest> m = LoadJson(FullManifest());
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ(m->format_version, 1);
+  EXPECT_FALSE(m->tokenizer_2.has_value());
+  EXPECT_EQ(m->conditioning, Conditioning::kText);
+  EXPECT_EQ(m->unconditional, Unconditional::kEmptyPrompt);
+  EXPECT_EQ(m->schedule.initial_noise_scale, 1.0);
+}
+
+TEST_F(ModelManifestTest, LoadsEveryV2Field) {
+  absl::StatusOr<ModelManifest> m = LoadJson(FullV2Manifest());
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ(m->format_version, 2);
+  ASSERT_TRUE(m->tokenizer_2.has_value());
+  EXPECT_EQ(m->tokenizer_2->vocab_path, (fs::path(dir_) / "tok2/vocab.json").string());
+  EXPECT_EQ(m->tokenizer_2->merges_path, (fs::path(dir_) / "tok2/merges.txt").string());
+  EXPECT_EQ(m->tokenizer_2->max_length, 16);
+  EXPECT_EQ(m->tokenizer_2->pad_token, "!");
+  EXPECT_EQ(m->tokenizer_2->eos_token, "<|endoftext|>");  // defaults, not tokenizer's "</s>"
+  EXPECT_EQ(m->conditioning, Conditioning::kTextTime);
+  EXPECT_EQ(m->unconditional, Unconditional::kZeros);
+  EXPECT_EQ(m->schedule.initial_noise_scale, 0.75);
+  EXPECT_EQ(m->name, "test-model_1.0");  // the v1 fields as before
+  EXPECT_EQ(m->schedule.step_mode, StepMode::kRenoise);
+}
+
+TEST_F(ModelManifestTest, V2FieldsAreOptionalInV2) {
+  json manifest = FullManifest();
+  manifest["format"] = "dmdserve.bundle/v2";
+  absl::StatusOr<ModelManifest> m = LoadJson(manifest);
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ(m->format_version, 2);
+  EXPECT_FALSE(m->tokenizer_2.has_value());
+  EXPECT_EQ(m->conditioning, Conditioning::kText);
+  EXPECT_EQ(m->unconditional, Unconditional::kEmptyPrompt);
+  EXPECT_EQ(m->schedule.initial_noise_scale, 1.0);
+}
+
+TEST_F(ModelManifestTest, BadV2FieldsNameTheField) {
+  struct Case {
+    const char* pointer;
+    json value;
+    const char* field;
+    const char* shown;
+  };
+  const Case cases[] = {
+      {"/tokenizer_2/max_length", 77, "tokenizer_2.max_length", "must equal tokenizer.max_length"},
+      {"/tokenizer_2/vocab", nullptr, "tokenizer_2.vocab", "missing required field"},
+      {"/tokenizer_2/pad", "!", "tokenizer_2.pad", "unknown field"},
+      {"/tokenizer_2/pad_token", "", "tokenizer_2.pad_token", "\"\""},
+      {"/conditioning", "pooled", "conditioning", "\"text\", \"text_time\", got \"pooled\""},
+      {"/unconditional", "none", "unconditional", "got \"none\""},
+      {"/schedule/initial_noise_scale", 0, "schedule.initial_noise_scale", "(0, 1], got 0"},
+      {"/schedule/initial_noise_scale", 1.5, "schedule.initial_noise_scale", "got 1.5"},
+  };
+  for (const Case& c : cases) {
+    json manifest = FullV2Manifest();
+    const json::json_pointer pointer(c.pointer);
+    if (c.value.is_null()) {
+      manifest.at(pointer.parent_pointer()).erase(pointer.back());
+    } else {
+      manifest[pointer] = c.value;
+    }
+    absl::StatusOr<ModelManifest> m = LoadJson(manifest);
+    ASSERT_FALSE(m.ok()) << c.pointer;
+    EXPECT_EQ(m.status().code(), absl::StatusCode::kInvalidArgument) << m.status();
+    EXPECT_THAT(m.status().message(), HasSubstr(std::string(c.field) + ": ")) << c.pointer;
+    EXPECT_THAT(m.status().message(), HasSubstr(c.shown)) << c.pointer;
+  }
 }
 
 TEST_F(ModelManifestTest, DTypeStringAppliesToEveryComponent) {
@@ -228,7 +315,11 @@ constexpr absl::StatusCode kNotFound = absl::StatusCode::kNotFound;
 INSTANTIATE_TEST_SUITE_P(
     Fields, BadManifestTest,
     ::testing::Values(
-        BadCase{"/format", "dmdserve.bundle/v2", kInvalid, "format", "\"dmdserve.bundle/v2\""},
+        BadCase{"/format", "dmdserve.bundle/v3", kInvalid, "format", "\"dmdserve.bundle/v3\""},
+        BadCase{"/conditioning", "text_time", kInvalid, "conditioning",
+                "needs \"format\": \"dmdserve.bundle/v2\""},
+        BadCase{"/schedule/initial_noise_scale", 0.5, kInvalid, "schedule.initial_noise_scale",
+                "needs \"format\": \"dmdserve.bundle/v2\""},
         BadCase{"/name", "has space", kInvalid, "name", "\"has space\""},
         BadCase{"/name", nullptr, kInvalid, "name", "missing required field"},
         BadCase{"/name", 7, kInvalid, "name", "must be a string, got 7"},
@@ -334,7 +425,10 @@ std::vector<json> DocumentedManifests() {
     } else if (in_block && line == "```") {
       in_block = false;
       json parsed = json::parse(block);
-      if (parsed.value("format", "") == ModelManifest::kFormat) manifests.push_back(parsed);
+      const std::string format = parsed.value("format", "");
+      if (format == ModelManifest::kFormat || format == ModelManifest::kFormatV2) {
+        manifests.push_back(parsed);
+      }
     } else if (in_block) {
       block += line + "\n";
     }
@@ -376,6 +470,11 @@ TEST(DocumentedManifestsTest, Dmd2ExamplesInBundleDocLoad) {
   EXPECT_EQ(sdxl.latent_scaling_factor, 0.13025);
   EXPECT_EQ(sdxl.dtypes.decoder, DType::kFloat32);
   EXPECT_EQ(sdxl.dtypes.generator, DType::kFloat16);
+  EXPECT_EQ(sdxl.format_version, 2);
+  ASSERT_TRUE(sdxl.tokenizer_2.has_value());
+  EXPECT_EQ(sdxl.tokenizer_2->pad_token, "!");
+  EXPECT_EQ(sdxl.conditioning, Conditioning::kTextTime);
+  EXPECT_EQ(sdxl.unconditional, Unconditional::kZeros);
 }
 
 TEST(CommittedBundleTest, TinyRandomLoads) {

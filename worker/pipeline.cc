@@ -116,11 +116,17 @@ absl::StatusOr<c10::Device> ValidateOptions(const ModelManifest& manifest,
   absl::StatusOr<c10::Device> device = TorchDevice(options.device);
   if (!device.ok()) return device.status();
   if (absl::Status s = ValidatePostprocess(options.postprocess, *device); !s.ok()) return s;
-  if (manifest.uses_guidance()) {
+  if (manifest.uses_guidance() && manifest.unconditional == Unconditional::kEmptyPrompt) {
     absl::Status valid = ValidateIds(options.uncond_input_ids, manifest.tokenizer.max_length,
                                      "Pipeline::Options.uncond_input_ids (needed because "
                                      "guidance_scale > 1)");
     if (!valid.ok()) return valid;
+    if (manifest.tokenizer_2.has_value()) {
+      valid = ValidateIds(options.uncond_input_ids_2, manifest.tokenizer.max_length,
+                          "Pipeline::Options.uncond_input_ids_2 (needed because guidance_scale > "
+                          "1 and the model has tokenizer_2)");
+      if (!valid.ok()) return valid;
+    }
   }
   return device;
 }
@@ -153,8 +159,9 @@ void ToChannelsLast(torch::jit::Module& module) {
 }
 
 // Copies a host tensor to `device`; from pinned memory the copy is queued on the current stream
-// and the call returns at once. A no-op for the CPU.
+// and the call returns at once. A no-op for the CPU and for an undefined tensor.
 at::Tensor ToDevice(const at::Tensor& host, const c10::Device& device) {
+  if (!host.defined()) return host;
   return host.to(device, host.scalar_type(), /*non_blocking=*/true);
 }
 
@@ -210,17 +217,24 @@ absl::Status Pipeline::State::CheckShape(absl::string_view component, const at::
                    "; do model.json and the TorchScript files match?"));
 }
 
-absl::StatusOr<at::Tensor> Pipeline::State::Call(torch::jit::Module& module,
-                                                 absl::string_view component,
-                                                 std::vector<c10::IValue> inputs) const {
-  c10::IValue output;
+absl::StatusOr<c10::IValue> Pipeline::State::Invoke(torch::jit::Module& module,
+                                                    absl::string_view component,
+                                                    std::vector<c10::IValue> inputs) const {
   try {
-    output = module.forward(std::move(inputs));
+    return module.forward(std::move(inputs));
   } catch (const c10::Error& e) {
     return Failed(component, e.what_without_backtrace());
   } catch (const std::exception& e) {
     return Failed(component, e.what());
   }
+}
+
+absl::StatusOr<at::Tensor> Pipeline::State::Call(torch::jit::Module& module,
+                                                 absl::string_view component,
+                                                 std::vector<c10::IValue> inputs) const {
+  absl::StatusOr<c10::IValue> invoked = Invoke(module, component, std::move(inputs));
+  if (!invoked.ok()) return invoked.status();
+  c10::IValue output = *std::move(invoked);
   if (output.isTuple() && !output.toTupleRef().elements().empty()) {
     output = output.toTupleRef().elements()[0];
   } else if (output.isList() && !output.toListRef().empty()) {
@@ -234,15 +248,39 @@ absl::StatusOr<at::Tensor> Pipeline::State::Call(torch::jit::Module& module,
   return output.toTensor();
 }
 
+absl::StatusOr<std::vector<at::Tensor>> Pipeline::State::CallForTuple(
+    torch::jit::Module& module, absl::string_view component, std::vector<c10::IValue> inputs,
+    size_t count) const {
+  absl::StatusOr<c10::IValue> output = Invoke(module, component, std::move(inputs));
+  if (!output.ok()) return output.status();
+  std::vector<at::Tensor> tensors;
+  bool all_tensors = output->isTuple();
+  if (all_tensors) {
+    for (const c10::IValue& element : output->toTupleRef().elements()) {
+      all_tensors = all_tensors && element.isTensor();
+      if (all_tensors) tensors.push_back(element.toTensor());
+    }
+  }
+  if (!all_tensors || tensors.size() != count) {
+    return absl::InternalError(absl::StrCat("model ", manifest.name, ": ", component,
+                                            " returned a ", output->tagKind(), ", expected a tuple",
+                                            " of ", count, " tensors"));
+  }
+  return tensors;
+}
+
 HostInputs Pipeline::State::StageInputs(absl::Span<const Input> batch, int64_t run_size, bool dedup,
                                         int width, int height) const {
   const int64_t n = static_cast<int64_t>(batch.size());
   auto input = [&](int64_t i) -> const Input& { return batch[std::min(i, n - 1)]; };
+  auto same_prompt = [](const Input& a, const Input& b) {
+    return a.input_ids == b.input_ids && a.input_ids_2 == b.input_ids_2;
+  };
   std::vector<int64_t> first;  // per ids row: the first image with that prompt
   std::vector<int64_t> rows;   // per image: its ids row
   for (int64_t i = 0; i < run_size; ++i) {
     size_t row = 0;
-    while (dedup && row < first.size() && input(first[row]).input_ids != input(i).input_ids) ++row;
+    while (dedup && row < first.size() && !same_prompt(input(first[row]), input(i))) ++row;
     if (!dedup || row == first.size()) {
       row = first.size();
       first.push_back(i);
@@ -255,11 +293,17 @@ HostInputs Pipeline::State::StageInputs(absl::Span<const Input> batch, int64_t r
   };
   const int64_t max_length = manifest.tokenizer.max_length;
   HostInputs inputs;
+  const bool second = manifest.tokenizer_2.has_value();
   inputs.ids = at::empty({static_cast<int64_t>(first.size()), max_length}, host(at::kLong));
-  int64_t* ids = inputs.ids.data_ptr<int64_t>();
+  if (second) inputs.ids_2 = at::empty_like(inputs.ids);
   for (size_t r = 0; r < first.size(); ++r) {
-    const std::vector<int32_t>& prompt = input(first[r]).input_ids;
-    std::copy(prompt.begin(), prompt.end(), ids + r * max_length);
+    const Input& prompt = input(first[r]);
+    std::copy(prompt.input_ids.begin(), prompt.input_ids.end(),
+              inputs.ids.data_ptr<int64_t>() + r * max_length);
+    if (second) {
+      std::copy(prompt.input_ids_2.begin(), prompt.input_ids_2.end(),
+                inputs.ids_2.data_ptr<int64_t>() + r * max_length);
+    }
   }
   if (dedup) {
     inputs.rows = at::empty({run_size}, host(at::kLong));
@@ -279,43 +323,96 @@ HostInputs Pipeline::State::StageInputs(absl::Span<const Input> batch, int64_t r
   return inputs;
 }
 
-absl::StatusOr<at::Tensor> Pipeline::State::EncodeText(const at::Tensor& ids) const {
-  absl::StatusOr<at::Tensor> embedding = Call(text_encoder, "text_encoder", {ids});
-  if (!embedding.ok()) return embedding;
-  absl::Status shape = CheckShape("text_encoder", *embedding, {ids.size(0), ids.size(1), -1});
+absl::StatusOr<Pipeline::State::TextEmbedding> Pipeline::State::EncodeText(
+    const at::Tensor& ids, const at::Tensor& ids_2) const {
+  std::vector<c10::IValue> inputs = {ids};
+  if (manifest.tokenizer_2.has_value()) inputs.push_back(ids_2);
+  TextEmbedding embedding;
+  const int64_t rows = ids.size(0);
+  if (manifest.conditioning == Conditioning::kText) {
+    absl::StatusOr<at::Tensor> hidden = Call(text_encoder, "text_encoder", std::move(inputs));
+    if (!hidden.ok()) return hidden.status();
+    embedding.hidden = *std::move(hidden);
+  } else {
+    absl::StatusOr<std::vector<at::Tensor>> outputs =
+        CallForTuple(text_encoder, "text_encoder", std::move(inputs), 2);
+    if (!outputs.ok()) return outputs.status();
+    embedding.hidden = (*outputs)[0];
+    embedding.pooled = (*outputs)[1];
+    absl::Status shape = CheckShape("text_encoder (pooled)", embedding.pooled, {rows, -1});
+    if (!shape.ok()) return shape;
+  }
+  absl::Status shape = CheckShape("text_encoder", embedding.hidden, {rows, ids.size(1), -1});
   if (!shape.ok()) return shape;
   return embedding;
 }
 
-absl::StatusOr<at::Tensor> Pipeline::State::EmbedPrompts(const at::Tensor& ids,
-                                                         const at::Tensor& rows) const {
-  absl::StatusOr<at::Tensor> encoded = EncodeText(ids);
+absl::StatusOr<Pipeline::State::TextEmbedding> Pipeline::State::EmbedPrompts(
+    const at::Tensor& ids, const at::Tensor& ids_2, const at::Tensor& rows) const {
+  absl::StatusOr<TextEmbedding> encoded = EncodeText(ids, ids_2);
   if (!encoded.ok()) return encoded;
-  const at::Tensor embedding =
-      (rows.defined() ? encoded->index_select(0, rows) : *encoded).to(generator_dtype);
-  if (!manifest.uses_guidance()) return embedding;
-  return at::cat({uncond_embedding.expand({embedding.size(0), -1, -1}), embedding});
+  // Each image's row, in the generator's dtype.
+  auto per_image = [&rows, this](const at::Tensor& t) {
+    return t.defined() ? (rows.defined() ? t.index_select(0, rows) : t).to(generator_dtype) : t;
+  };
+  TextEmbedding cond{per_image(encoded->hidden), per_image(encoded->pooled)};
+  if (!manifest.uses_guidance()) return cond;
+  // [uncond; cond]: the empty prompt's embedding, or zeros.
+  auto with_uncond = [this](const at::Tensor& c, const at::Tensor& uncond) {
+    if (!c.defined()) return c;
+    const at::Tensor u = manifest.unconditional == Unconditional::kZeros
+                             ? at::zeros_like(c)
+                             : uncond.expand(c.sizes());
+    return at::cat({u, c});
+  };
+  return TextEmbedding{with_uncond(cond.hidden, uncond_embedding.hidden),
+                       with_uncond(cond.pooled, uncond_embedding.pooled)};
+}
+
+at::Tensor Pipeline::State::TimeIds(int64_t rows, int width, int height) const {
+  // original size (H, W), crop top-left (0, 0), target size (H, W); filled on the device, so
+  // that a CUDA graph can capture it.
+  at::Tensor time_ids = at::zeros({rows, 6}, at::TensorOptions(generator_dtype).device(device));
+  for (const int column : {0, 4}) time_ids.select(1, column).fill_(height);
+  for (const int column : {1, 5}) time_ids.select(1, column).fill_(width);
+  return time_ids;
+}
+
+absl::StatusOr<at::Tensor> Pipeline::State::Predict(const at::Tensor& z, int t,
+                                                    const TextEmbedding& embedding,
+                                                    const at::Tensor& time_ids) const {
+  const at::Tensor t_in = at::full({z.size(0)}, t, at::TensorOptions(at::kLong).device(device));
+  std::vector<c10::IValue> inputs = {z.to(generator_dtype), t_in, embedding.hidden};
+  if (manifest.conditioning == Conditioning::kTextTime) {
+    inputs.push_back(embedding.pooled);
+    inputs.push_back(time_ids);
+  }
+  absl::StatusOr<at::Tensor> predicted = Call(generator, "generator", std::move(inputs));
+  if (!predicted.ok()) return predicted;
+  absl::Status shape = CheckShape("generator", *predicted, z.sizes().vec());
+  if (!shape.ok()) return shape;
+  return predicted->to(at::kFloat);
 }
 
 absl::StatusOr<at::Tensor> Pipeline::State::Sample(const at::Tensor& noise,
-                                                   const at::Tensor& embedding) const {
+                                                   const TextEmbedding& embedding, int width,
+                                                   int height) const {
   const bool guidance = manifest.uses_guidance();
   const std::vector<int>& timesteps = manifest.schedule.timesteps;
   const std::vector<double>& alphas = manifest.schedule.alphas_cumprod;
+  const at::Tensor time_ids = manifest.conditioning == Conditioning::kTextTime
+                                  ? TimeIds(embedding.hidden.size(0), width, height)
+                                  : at::Tensor();
   int64_t draw = 0;
   at::Tensor z = noise.select(1, draw++).contiguous();
+  if (manifest.schedule.initial_noise_scale != 1.0) z = z * manifest.schedule.initial_noise_scale;
   at::Tensor x0;
   for (size_t k = 0; k < timesteps.size(); ++k) {
     const double a = alphas[k];
-    const at::Tensor z_in = guidance ? at::cat({z, z}) : z;
-    const at::Tensor t_in =
-        at::full({z_in.size(0)}, timesteps[k], at::TensorOptions(at::kLong).device(device));
     absl::StatusOr<at::Tensor> predicted =
-        Call(generator, "generator", {z_in.to(generator_dtype), t_in, embedding});
+        Predict(guidance ? at::cat({z, z}) : z, timesteps[k], embedding, time_ids);
     if (!predicted.ok()) return predicted;
-    absl::Status shape = CheckShape("generator", *predicted, z_in.sizes().vec());
-    if (!shape.ok()) return shape;
-    at::Tensor pred = predicted->to(at::kFloat);
+    at::Tensor pred = *std::move(predicted);
     if (guidance) {
       const std::vector<at::Tensor> halves = pred.chunk(2);
       pred = halves[0] + (halves[1] - halves[0]) * manifest.guidance_scale;
@@ -380,11 +477,11 @@ absl::StatusOr<Pipeline::Output> Pipeline::State::RunEager(const Instance& insta
   Output output;
   output.run_batch_size = static_cast<int>(n);
   const HostInputs host = StageInputs(batch, n, /*dedup=*/true, width, height);
-  absl::StatusOr<at::Tensor> embedding =
-      EmbedPrompts(ToDevice(host.ids, device), ToDevice(host.rows, device));
+  absl::StatusOr<TextEmbedding> embedding = EmbedPrompts(
+      ToDevice(host.ids, device), ToDevice(host.ids_2, device), ToDevice(host.rows, device));
   if (!embedding.ok()) return embedding.status();
   output.timings.text_encoder = lap();
-  absl::StatusOr<at::Tensor> x0 = Sample(ToDevice(host.noise, device), *embedding);
+  absl::StatusOr<at::Tensor> x0 = Sample(ToDevice(host.noise, device), *embedding, width, height);
   if (!x0.ok()) return x0.status();
   output.timings.generator = lap();
   absl::StatusOr<at::Tensor> pixels = Decode(*x0, width, height);
@@ -424,7 +521,7 @@ absl::StatusOr<std::unique_ptr<Pipeline>> Pipeline::Create(const ModelManifest& 
   state->channels_last_decoder = options.channels_last_decoder && device->is_cpu();
   if (absl::Status s = state->LoadComponents(); !s.ok()) return s;
   state->AddInstances(options.instances);
-  if (absl::Status s = state->EmbedEmptyPrompt(options.uncond_input_ids); !s.ok()) return s;
+  if (absl::Status s = state->EmbedEmptyPrompt(options); !s.ok()) return s;
   return std::unique_ptr<Pipeline>(new Pipeline(std::move(state)));
 }
 
@@ -459,15 +556,20 @@ void Pipeline::State::AddInstances(int count) {
   }
 }
 
-absl::Status Pipeline::State::EmbedEmptyPrompt(const std::vector<int32_t>& uncond_input_ids) {
+absl::Status Pipeline::State::EmbedEmptyPrompt(const Options& options) {
+  auto ids_tensor = [this](const std::vector<int32_t>& ids) {
+    if (ids.empty()) return at::Tensor();
+    const std::vector<int64_t> ids64(ids.begin(), ids.end());
+    return at::tensor(ids64, at::kLong).reshape({1, -1}).to(device);
+  };
   try {
-    if (manifest.uses_guidance()) {
+    if (manifest.uses_guidance() && manifest.unconditional == Unconditional::kEmptyPrompt) {
       c10::InferenceMode inference_mode;
-      const std::vector<int64_t> ids(uncond_input_ids.begin(), uncond_input_ids.end());
-      absl::StatusOr<at::Tensor> uncond =
-          EncodeText(at::tensor(ids, at::kLong).reshape({1, -1}).to(device));
+      absl::StatusOr<TextEmbedding> uncond =
+          EncodeText(ids_tensor(options.uncond_input_ids), ids_tensor(options.uncond_input_ids_2));
       if (!uncond.ok()) return uncond.status();
-      uncond_embedding = uncond->to(generator_dtype);
+      uncond_embedding.hidden = uncond->hidden.to(generator_dtype);
+      if (uncond->pooled.defined()) uncond_embedding.pooled = uncond->pooled.to(generator_dtype);
     }
     if (device.is_cuda()) torch::cuda::synchronize(device.index());
   } catch (const c10::Error& e) {
@@ -496,6 +598,14 @@ absl::StatusOr<Pipeline::Output> Pipeline::Run(absl::Span<const Input> batch, in
   for (size_t i = 0; i < batch.size(); ++i) {
     absl::Status valid = ValidateIds(batch[i].input_ids, m.tokenizer.max_length,
                                      absl::StrCat("Pipeline::Run: batch[", i, "].input_ids"));
+    if (valid.ok() && m.tokenizer_2.has_value()) {
+      valid = ValidateIds(batch[i].input_ids_2, m.tokenizer.max_length,
+                          absl::StrCat("Pipeline::Run: batch[", i, "].input_ids_2"));
+    } else if (valid.ok() && !batch[i].input_ids_2.empty()) {
+      valid = absl::InvalidArgumentError(
+          absl::StrCat("Pipeline::Run: batch[", i, "].input_ids_2 must be empty: model ", m.name,
+                       " has one tokenizer"));
+    }
     if (!valid.ok()) return valid;
   }
   const State& s = *state_;
@@ -533,6 +643,7 @@ std::vector<Pipeline::Input> Pipeline::SyntheticBatch(const ModelManifest& manif
   for (int i = 0; i < batch_size; ++i) {
     batch[i].input_ids.assign(manifest.tokenizer.max_length, 0);
     batch[i].input_ids[0] = i;
+    if (manifest.tokenizer_2.has_value()) batch[i].input_ids_2 = batch[i].input_ids;
     batch[i].seed = i;
   }
   return batch;

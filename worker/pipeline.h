@@ -3,7 +3,8 @@
 //
 // Run() implements the sampling loop of docs/ARCHITECTURE.md exactly: per-image CPU noise
 // generators seeded with the image's seed (the noise contract), the text encoder once per distinct
-// prompt in the batch, `manifest.steps()` generator calls (with classifier-free guidance on a
+// prompt in the batch (on both tokenizations for a bundle with two tokenizers; SDXL's added
+// conditions, the pooled embedding and time ids, go to the generator: docs/BUNDLE.md, v2), `manifest.steps()` generator calls (with classifier-free guidance on a
 // doubled [uncond; cond] batch when guidance_scale > 1), epsilon -> x0 arithmetic in float32, the
 // decoder, and conversion to uint8 HWC on the device. tools/reference_pipeline.py is the same
 // loop in Python; pipeline_test checks that both agree.
@@ -70,6 +71,9 @@ class Pipeline {
     // manifest.tokenizer.max_length long. Required when manifest.guidance_scale > 1 (Create runs
     // the text encoder on them once for the unconditional embedding); ignored otherwise.
     std::vector<int32_t> uncond_input_ids;
+    // The empty prompt's input_ids from the second tokenizer (manifest.tokenizer_2). Required
+    // when guidance uses the empty prompt and the manifest has a second tokenizer.
+    std::vector<int32_t> uncond_input_ids_2;
     // Execution instances (see the class comment): how many Run() calls proceed at once. >= 1.
     // Default 1. Give it the number of threads that call Run().
     int instances = 1;
@@ -91,6 +95,8 @@ class Pipeline {
   struct Input {
     std::vector<int32_t> input_ids;  // manifest.tokenizer.max_length ids, each >= 0
     uint64_t seed = 0;               // this image's noise seed
+    // The second tokenizer's ids (same length) when the manifest has tokenizer_2; else empty.
+    std::vector<int32_t> input_ids_2;
   };
   // Wall time of one Run and of its stages. A CUDA-graph replay runs every stage at once: its
   // stage times are zero and only `total` is measured.

@@ -43,6 +43,7 @@ absl::StatusOr<Pipeline::Output> Pipeline::State::Replay(const Instance& instanc
       StageInputs(batch, graph.batch_size, /*dedup=*/false, static_cast<int>(graph.pixels.size(2)),
                   static_cast<int>(graph.pixels.size(1)));
   graph.ids.copy_(host.ids, /*non_blocking=*/true);
+  if (graph.ids_2.defined()) graph.ids_2.copy_(host.ids_2, /*non_blocking=*/true);
   graph.noise.copy_(host.noise, /*non_blocking=*/true);
   graph.graph.replay();
   Output output;
@@ -105,6 +106,7 @@ std::unique_ptr<CapturedGraph> Pipeline::State::NewGraph(const ModelManifest::Si
   graph->ids = at::zeros({batch_size, manifest.tokenizer.max_length},
                          at::TensorOptions(at::kLong).device(device));
   graph->ids.select(1, 0).copy_(at::arange(batch_size, at::TensorOptions(at::kLong)));
+  if (manifest.tokenizer_2.has_value()) graph->ids_2 = graph->ids.clone();
   graph->noise = at::randn({batch_size, draws, latent[0], latent[1], latent[2]},
                            at::TensorOptions(at::kFloat).device(device));
   return graph;
@@ -112,9 +114,9 @@ std::unique_ptr<CapturedGraph> Pipeline::State::NewGraph(const ModelManifest::Si
 
 absl::StatusOr<at::Tensor> Pipeline::State::RunGraphStages(const CapturedGraph& graph,
                                                            const ModelManifest::Size& size) const {
-  absl::StatusOr<at::Tensor> embedding = EmbedPrompts(graph.ids, at::Tensor());
-  if (!embedding.ok()) return embedding;
-  absl::StatusOr<at::Tensor> x0 = Sample(graph.noise, *embedding);
+  absl::StatusOr<TextEmbedding> embedding = EmbedPrompts(graph.ids, graph.ids_2, at::Tensor());
+  if (!embedding.ok()) return embedding.status();
+  absl::StatusOr<at::Tensor> x0 = Sample(graph.noise, *embedding, size.width, size.height);
   if (!x0.ok()) return x0;
   return Decode(*x0, size.width, size.height);
 }

@@ -42,6 +42,7 @@ inline absl::string_view FirstLine(absl::string_view text) {
 // A batch's inputs in host memory (pinned for a CUDA device), one copy each from the device.
 struct HostInputs {
   at::Tensor ids;    // [rows, L] int64: one row per distinct prompt, or one per image
+  at::Tensor ids_2;  // the same rows from the second tokenizer; undefined without tokenizer_2
   at::Tensor rows;   // [n] int64: each image's row in `ids`; undefined when one row per image
   at::Tensor noise;  // [n, draws, C, h, w] float32: every draw of each image's noise generator
 };
@@ -53,10 +54,17 @@ struct CapturedGraph {
   int batch_size = 0;
   at::cuda::CUDAGraph graph;
   at::Tensor ids;     // [batch_size, L] int64, one row per image
+  at::Tensor ids_2;   // likewise for the second tokenizer; undefined without tokenizer_2
   at::Tensor noise;   // [batch_size, draws, C, h, w] float32
   at::Tensor pixels;  // [batch_size, H, W, channels] uint8
 };
 #endif
+
+// The text encoder's outputs for some prompts.
+struct TextEmbedding {
+  at::Tensor hidden;  // [rows, L, D]: the generator's encoder_hidden_states
+  at::Tensor pooled;  // [rows, P]: the pooled embedding; defined only for "text_time" bundles
+};
 
 }  // namespace pipeline_internal
 
@@ -73,6 +81,7 @@ struct Pipeline::Instance {
 
 struct Pipeline::State {
   using HostInputs = pipeline_internal::HostInputs;
+  using TextEmbedding = pipeline_internal::TextEmbedding;
 
   ModelManifest manifest;
   c10::Device device{c10::kCPU};
@@ -86,9 +95,9 @@ struct Pipeline::State {
   mutable torch::jit::Module text_encoder;
   mutable torch::jit::Module generator;
   mutable torch::jit::Module decoder;
-  // Text embedding of the empty prompt, [1, L, D] in the generator's dtype on `device`; set only
-  // when the manifest uses guidance.
-  at::Tensor uncond_embedding;
+  // Text embedding of the empty prompt, [1, L, D] (and [1, P]) in the generator's dtype on
+  // `device`; set only when the manifest uses guidance with the empty prompt.
+  TextEmbedding uncond_embedding;
   std::vector<std::unique_ptr<Instance>> instances;
   mutable absl::Mutex instances_mu;
   mutable std::vector<Instance*> free_instances ABSL_GUARDED_BY(instances_mu);
@@ -99,10 +108,10 @@ struct Pipeline::State {
   absl::Status LoadComponents();
   // Adds `count` free instances, each with its own stream from libtorch's pool on a CUDA device.
   void AddInstances(int count);
-  // With guidance, computes `uncond_embedding` from the empty prompt's `uncond_input_ids`. Then
-  // waits for the device's default stream, on which the weights and the embedding were made (the
-  // instances' streams do not wait for it).
-  absl::Status EmbedEmptyPrompt(const std::vector<int32_t>& uncond_input_ids);
+  // With guidance on the empty prompt, computes `uncond_embedding` from its input ids (Options).
+  // Then waits for the device's default stream, on which the weights and the embedding were made
+  // (the instances' streams do not wait for it).
+  absl::Status EmbedEmptyPrompt(const Options& options);
 
   // Waits for a free instance and takes it; Release gives it back.
   Instance* Acquire() const;
@@ -116,6 +125,15 @@ struct Pipeline::State {
   // INTERNAL unless `tensor` (output of `component`) has the `expected` shape (-1: any size).
   absl::Status CheckShape(absl::string_view component, const at::Tensor& tensor,
                           const std::vector<int64_t>& expected) const;
+  // Runs `module` on `inputs`; libtorch errors become a status (Failed).
+  absl::StatusOr<c10::IValue> Invoke(torch::jit::Module& module, absl::string_view component,
+                                     std::vector<c10::IValue> inputs) const;
+  // `module`'s output as a tuple of exactly `count` tensors; INTERNAL naming `component` when
+  // it is anything else.
+  absl::StatusOr<std::vector<at::Tensor>> CallForTuple(torch::jit::Module& module,
+                                                       absl::string_view component,
+                                                       std::vector<c10::IValue> inputs,
+                                                       size_t count) const;
   // Runs `module` on `inputs` and returns its output (the first element of a tuple or list).
   absl::StatusOr<at::Tensor> Call(torch::jit::Module& module, absl::string_view component,
                                   std::vector<c10::IValue> inputs) const;
@@ -127,13 +145,23 @@ struct Pipeline::State {
   // then each re-noise step's noise, in step order.
   HostInputs StageInputs(absl::Span<const Input> batch, int64_t run_size, bool dedup, int width,
                          int height) const;
-  // The text encoder's output for `ids` ([rows, max_length] int64 on the device): [rows, L, D].
-  absl::StatusOr<at::Tensor> EncodeText(const at::Tensor& ids) const;
-  // The generator's text input: [n, L, D], or [2n, L, D] = [uncond; cond] with guidance. `rows`
-  // (on the device) picks each image's row of the encoded `ids`; undefined: row i for image i.
-  absl::StatusOr<at::Tensor> EmbedPrompts(const at::Tensor& ids, const at::Tensor& rows) const;
-  // The sampling loop on `noise` (HostInputs::noise on the device): x0, float32 [n, C, h, w].
-  absl::StatusOr<at::Tensor> Sample(const at::Tensor& noise, const at::Tensor& embedding) const;
+  // The text encoder's outputs for `ids` (and `ids_2`, with tokenizer_2), [rows, max_length]
+  // int64 on the device: hidden states [rows, L, D] (and pooled [rows, P] for text_time).
+  absl::StatusOr<TextEmbedding> EncodeText(const at::Tensor& ids, const at::Tensor& ids_2) const;
+  // The generator's text inputs in its dtype: [n, ...], or [2n, ...] = [uncond; cond] with
+  // guidance. `rows` (on the device) picks each image's row of the encoded ids; undefined: row i
+  // for image i.
+  absl::StatusOr<TextEmbedding> EmbedPrompts(const at::Tensor& ids, const at::Tensor& ids_2,
+                                             const at::Tensor& rows) const;
+  // The sampling loop on `noise` (HostInputs::noise on the device) for `height` x `width`
+  // images: x0, float32 [n, C, h, w].
+  absl::StatusOr<at::Tensor> Sample(const at::Tensor& noise, const TextEmbedding& embedding,
+                                    int width, int height) const;
+  // One generator call on `z` ([n, C, h, w], already doubled with guidance) at timestep `t`.
+  absl::StatusOr<at::Tensor> Predict(const at::Tensor& z, int t, const TextEmbedding& embedding,
+                                     const at::Tensor& time_ids) const;
+  // SDXL's time ids [H, W, 0, 0, H, W] for `rows` images, in the generator's dtype on the device.
+  at::Tensor TimeIds(int64_t rows, int width, int height) const;
   // Decodes x0 into uint8 NHWC pixels on the device.
   absl::StatusOr<at::Tensor> Decode(const at::Tensor& x0, int width, int height) const;
   // The first `n` images of `pixels`, brought to host memory (one copy from a GPU).

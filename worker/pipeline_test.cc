@@ -67,18 +67,34 @@ ModelManifest LoadManifest(const std::string& bundle) {
 
 // input_ids as the CLIP tokenizer lays them out: BOS, `words`, EOS, pad up to max_length, with the
 // special tokens' ids looked up in the bundle's vocab.json.
-std::vector<int32_t> InputIds(const ModelManifest& manifest, const std::vector<int32_t>& words) {
-  const json vocab = json::parse(ReadFile(manifest.tokenizer.vocab_path));
-  std::vector<int32_t> ids = {vocab.at(manifest.tokenizer.bos_token).get<int32_t>()};
+std::vector<int32_t> InputIds(const ModelManifest::Tokenizer& tokenizer,
+                              const std::vector<int32_t>& words) {
+  const json vocab = json::parse(ReadFile(tokenizer.vocab_path));
+  std::vector<int32_t> ids = {vocab.at(tokenizer.bos_token).get<int32_t>()};
   ids.insert(ids.end(), words.begin(), words.end());
-  ids.push_back(vocab.at(manifest.tokenizer.eos_token).get<int32_t>());
-  ids.resize(manifest.tokenizer.max_length, vocab.at(manifest.tokenizer.pad_token).get<int32_t>());
+  ids.push_back(vocab.at(tokenizer.eos_token).get<int32_t>());
+  ids.resize(tokenizer.max_length, vocab.at(tokenizer.pad_token).get<int32_t>());
   return ids;
+}
+
+std::vector<int32_t> InputIds(const ModelManifest& manifest, const std::vector<int32_t>& words) {
+  return InputIds(manifest.tokenizer, words);
+}
+
+// One image's input: `words` laid out by the manifest's tokenizer (and its second one, if any).
+Pipeline::Input MakeInput(const ModelManifest& manifest, const std::vector<int32_t>& words,
+                          uint64_t seed) {
+  Pipeline::Input input{InputIds(manifest, words), seed};
+  if (manifest.tokenizer_2.has_value()) input.input_ids_2 = InputIds(*manifest.tokenizer_2, words);
+  return input;
 }
 
 std::unique_ptr<Pipeline> MakePipeline(const ModelManifest& manifest,
                                        Pipeline::Options options = {}) {
   options.uncond_input_ids = InputIds(manifest, {});
+  if (manifest.tokenizer_2.has_value()) {
+    options.uncond_input_ids_2 = InputIds(*manifest.tokenizer_2, {});
+  }
   absl::StatusOr<std::unique_ptr<Pipeline>> pipeline = Pipeline::Create(manifest, options);
   EXPECT_TRUE(pipeline.ok()) << pipeline.status();
   return pipeline.ok() ? *std::move(pipeline) : nullptr;
@@ -98,6 +114,7 @@ std::vector<std::string> ReferenceImages(const std::string& bundle,
   json inputs = json::array();
   for (const Pipeline::Input& input : batch) {
     inputs.push_back({{"input_ids", input.input_ids}, {"seed", input.seed}});
+    if (!input.input_ids_2.empty()) inputs.back()["input_ids_2"] = input.input_ids_2;
   }
   const std::string out = MakeTempDir() + "/images.u8";
   // The JSON holds only numbers, brackets, braces, quotes and commas: safe in single quotes.
@@ -155,9 +172,14 @@ class PipelineBundleTest : public ::testing::TestWithParam<BundleCase> {
     pipeline_ = MakePipeline(manifest_);
     ASSERT_NE(pipeline_, nullptr);
     // Three prompts of made-up words (ids of real vocabulary entries).
-    prompt_a_ = InputIds(manifest_, {320, 1125, 539});
-    prompt_b_ = InputIds(manifest_, {2368, 530, 518, 3293, 268});
-    prompt_c_ = InputIds(manifest_, {11760});
+    prompt_a_ = {320, 1125, 539};
+    prompt_b_ = {2368, 530, 518, 3293, 268};
+    prompt_c_ = {11760};
+  }
+
+  // The input of `words` with `seed`, from both tokenizers of a bundle that has two.
+  Pipeline::Input In(const std::vector<int32_t>& words, uint64_t seed) const {
+    return MakeInput(manifest_, words, seed);
   }
 
   std::string bundle_;
@@ -169,7 +191,7 @@ class PipelineBundleTest : public ::testing::TestWithParam<BundleCase> {
 TEST_P(PipelineBundleTest, MatchesPythonReference) {
   // A repeated prompt (A), the largest seed, and both supported sizes.
   const std::vector<Pipeline::Input> batch = {
-      {prompt_a_, 0}, {prompt_b_, 1}, {prompt_a_, 2}, {prompt_c_, 18446744073709551615ULL}};
+      In(prompt_a_, 0), In(prompt_b_, 1), In(prompt_a_, 2), In(prompt_c_, 18446744073709551615ULL)};
   for (const ModelManifest::Size& size : manifest_.supported_sizes) {
     SCOPED_TRACE(absl::StrCat(size.width, "x", size.height));
     const std::vector<std::string> images = RunOk(*pipeline_, batch, size.width, size.height);
@@ -188,9 +210,9 @@ TEST_P(PipelineBundleTest, MatchesPythonReference) {
 
 TEST_P(PipelineBundleTest, SameSeedSameImageAloneOrInABatch) {
   const std::vector<std::string> alone =
-      RunOk(*pipeline_, {{prompt_a_, 7}}, manifest_.width, manifest_.height);
+      RunOk(*pipeline_, {In(prompt_a_, 7)}, manifest_.width, manifest_.height);
   const std::vector<std::string> batch =
-      RunOk(*pipeline_, {{prompt_b_, 1}, {prompt_a_, 7}, {prompt_c_, 2}, {prompt_a_, 8}},
+      RunOk(*pipeline_, {In(prompt_b_, 1), In(prompt_a_, 7), In(prompt_c_, 2), In(prompt_a_, 8)},
             manifest_.width, manifest_.height);
   ASSERT_EQ(alone.size(), 1u);
   ASSERT_EQ(batch.size(), 4u);
@@ -199,9 +221,9 @@ TEST_P(PipelineBundleTest, SameSeedSameImageAloneOrInABatch) {
 
 TEST_P(PipelineBundleTest, ImageDoesNotDependOnBatchPosition) {
   const std::vector<std::string> forward =
-      RunOk(*pipeline_, {{prompt_a_, 11}, {prompt_b_, 12}}, manifest_.width, manifest_.height);
+      RunOk(*pipeline_, {In(prompt_a_, 11), In(prompt_b_, 12)}, manifest_.width, manifest_.height);
   const std::vector<std::string> reversed =
-      RunOk(*pipeline_, {{prompt_b_, 12}, {prompt_a_, 11}}, manifest_.width, manifest_.height);
+      RunOk(*pipeline_, {In(prompt_b_, 12), In(prompt_a_, 11)}, manifest_.width, manifest_.height);
   ASSERT_EQ(forward.size(), 2u);
   ASSERT_EQ(reversed.size(), 2u);
   ExpectWithinOneLevel(forward[0], reversed[1], "batch position 0 vs 1");
@@ -210,7 +232,7 @@ TEST_P(PipelineBundleTest, ImageDoesNotDependOnBatchPosition) {
 
 TEST_P(PipelineBundleTest, DifferentSeedsOrPromptsGiveDifferentImages) {
   const std::vector<std::string> images =
-      RunOk(*pipeline_, {{prompt_a_, 1}, {prompt_a_, 2}, {prompt_b_, 1}}, manifest_.width,
+      RunOk(*pipeline_, {In(prompt_a_, 1), In(prompt_a_, 2), In(prompt_b_, 1)}, manifest_.width,
             manifest_.height);
   ASSERT_EQ(images.size(), 3u);
   EXPECT_GT(DifferingPixels(images[0], images[1]), images[0].size() / 2) << "seeds 1 and 2";
@@ -223,7 +245,7 @@ TEST_P(PipelineBundleTest, ConcurrentRunsGiveTheSerialResults) {
   ASSERT_NE(pipeline, nullptr);
   std::vector<std::vector<Pipeline::Input>> batches;
   for (uint64_t seed = 0; seed < 8; ++seed) {
-    batches.push_back({{seed % 2 ? prompt_a_ : prompt_b_, seed}, {prompt_c_, seed + 100}});
+    batches.push_back({In(seed % 2 ? prompt_a_ : prompt_b_, seed), In(prompt_c_, seed + 100)});
   }
   std::vector<std::vector<std::string>> serial;
   for (const auto& batch : batches) {
@@ -256,7 +278,16 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(BundleCase{"TinyRandom", ""},
                       BundleCase{"TwoStepRenoiseGuidance",
                                  "--steps 2 --step-mode renoise --guidance 3"},
-                      BundleCase{"ThreeStepDdim", "--steps 3 --step-mode ddim"}),
+                      BundleCase{"ThreeStepDdim", "--steps 3 --step-mode ddim"},
+                      // dmdserve.bundle/v2, shaped like SDXL exports (DMD2 4-step: renoise and
+                      // no guidance; SDXL-Lightning: ddim from a scaled start; the teacher: CFG
+                      // with zero unconditional embeddings; CFG with the empty prompt).
+                      BundleCase{"SdxlLikeRenoise", "--sdxl --steps 2 --step-mode renoise"},
+                      BundleCase{"SdxlLikeScaledStartDdim",
+                                 "--sdxl --steps 3 --step-mode ddim --initial-noise-scale 0.9"},
+                      BundleCase{"SdxlLikeZeroUncondGuidance",
+                                 "--sdxl --steps 2 --guidance 3 --unconditional zeros"},
+                      BundleCase{"SdxlLikeEmptyPromptGuidance", "--sdxl --guidance 2"}),
     [](const ::testing::TestParamInfo<BundleCase>& info) { return info.param.name; });
 
 class PipelineTest : public ::testing::Test {
@@ -508,6 +539,74 @@ TEST_F(PipelineTest, LibtorchErrorsBecomeStatusesWithoutPaths) {
   EXPECT_THAT(output.status().message(), HasSubstr("model tiny-random: text_encoder failed"));
   EXPECT_THAT(output.status().message(), Not(HasSubstr(dir)));
   EXPECT_THAT(output.status().message(), Not(HasSubstr(".py")));
+}
+
+// ---- dmdserve.bundle/v2 (SDXL-shaped bundles) ----
+
+TEST_F(PipelineTest, SecondTokenizationIsAPromptOfItsOwn) {
+  const std::string bundle = BuiltBundle("--sdxl --steps 2 --step-mode renoise");
+  const ModelManifest manifest = LoadManifest(bundle);
+  std::unique_ptr<Pipeline> pipeline = MakePipeline(manifest);
+  ASSERT_NE(pipeline, nullptr);
+  // Same first ids, different second ids (as "boot!!" gives): not one prompt to the encoder.
+  Pipeline::Input plain = MakeInput(manifest, {320, 1125}, 5);
+  Pipeline::Input split = plain;
+  split.input_ids_2[3] = 0;
+  const std::vector<Pipeline::Input> batch = {plain, split};
+  const std::vector<std::string> images = RunOk(*pipeline, batch, 64, 32);
+  ASSERT_EQ(images.size(), 2u);
+  EXPECT_GT(DifferingPixels(images[0], images[1]), images[0].size() / 4);
+  const std::vector<std::string> reference = ReferenceImages(bundle, batch, 64, 32, 1);
+  ASSERT_EQ(reference.size(), 2u);
+  ExpectWithinOneLevel(reference[0], images[0], "v2 plain vs Python reference");
+  ExpectWithinOneLevel(reference[1], images[1], "v2 split vs Python reference");
+}
+
+TEST_F(PipelineTest, V2InputsMustMatchTheTokenizers) {
+  const ModelManifest v2 = LoadManifest(BuiltBundle("--sdxl --steps 2 --step-mode renoise"));
+  std::unique_ptr<Pipeline> pipeline = MakePipeline(v2);
+  ASSERT_NE(pipeline, nullptr);
+  Pipeline::Input missing = MakeInput(v2, {320}, 1);
+  missing.input_ids_2.clear();
+  absl::StatusOr<Pipeline::Output> output = pipeline->Run({missing}, 32, 32);
+  EXPECT_EQ(output.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(output.status().message(),
+              HasSubstr("batch[0].input_ids_2 has 0 token ids, expected 77"));
+
+  std::unique_ptr<Pipeline> v1 = MakePipeline(manifest_);
+  ASSERT_NE(v1, nullptr);
+  Pipeline::Input extra = MakeInput(v2, {320}, 1);
+  output = v1->Run({extra}, 32, 32);
+  EXPECT_EQ(output.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(output.status().message(), HasSubstr("input_ids_2 must be empty"));
+}
+
+TEST_F(PipelineTest, TextTimeBundleWithoutAPooledOutputIsAnInternalError) {
+  // v1's text encoder returns one tensor; "text_time" needs (hidden states, pooled).
+  const std::string dir = EditedBundleCopy([](json& m) {
+    m["format"] = "dmdserve.bundle/v2";
+    m["conditioning"] = "text_time";
+  });
+  std::unique_ptr<Pipeline> pipeline = MakePipeline(LoadManifest(dir));
+  ASSERT_NE(pipeline, nullptr);
+  absl::StatusOr<Pipeline::Output> output =
+      pipeline->Run({{InputIds(manifest_, {320}), 1}}, 32, 32);
+  EXPECT_EQ(output.status().code(), absl::StatusCode::kInternal);
+  EXPECT_THAT(output.status().message(),
+              HasSubstr("text_encoder returned a Tensor, expected a tuple of 2 tensors"));
+}
+
+TEST_F(PipelineTest, V2GuidanceWithTheEmptyPromptNeedsBothTokenizations) {
+  const ModelManifest manifest = LoadManifest(BuiltBundle("--sdxl --guidance 2"));
+  Pipeline::Options options;
+  options.uncond_input_ids = InputIds(manifest, {});
+  absl::StatusOr<std::unique_ptr<Pipeline>> pipeline = Pipeline::Create(manifest, options);
+  EXPECT_EQ(pipeline.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(pipeline.status().message(), HasSubstr("uncond_input_ids_2"));
+  // Zero unconditional embeddings need no empty prompt at all.
+  const ModelManifest zeros =
+      LoadManifest(BuiltBundle("--sdxl --steps 2 --guidance 3 --unconditional zeros"));
+  EXPECT_TRUE(Pipeline::Create(zeros, {}).ok());
 }
 
 }  // namespace
