@@ -3,9 +3,13 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/impl/server_builder_option.h>
+#include <grpcpp/impl/server_builder_plugin.h>
 #include <prometheus/text_serializer.h>
 
+#include <algorithm>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -23,6 +27,34 @@ void SetHealth(grpc::Server* server, bool serving) {
   if (health == nullptr) return;
   health->SetServingStatus("", serving);
   health->SetServingStatus(kServiceName, serving);
+}
+
+// Removes the reflection plugin from a ServerBuilder. Linking grpc++_reflection registers the
+// plugin for every builder in a static initializer, so leaving out the Init call is not enough.
+class WithoutReflection : public grpc::ServerBuilderOption {
+ public:
+  void UpdateArguments(grpc::ChannelArguments*) override {}
+  void UpdatePlugins(std::vector<std::unique_ptr<grpc::ServerBuilderPlugin>>* plugins) override {
+    plugins->erase(std::remove_if(plugins->begin(), plugins->end(),
+                                  [](const std::unique_ptr<grpc::ServerBuilderPlugin>& plugin) {
+                                    return plugin->name() == "proto_server_reflection";
+                                  }),
+                   plugins->end());
+  }
+};
+
+// The builder's settings that do not depend on the service: reflection on or off, message
+// limits, and an exclusive port (gRPC sets SO_REUSEPORT by default, which would let a second
+// server on the same port start and take part of the connections).
+void ConfigureBuilder(const DmdServer::Options& options, grpc::ServerBuilder& builder) {
+  if (options.reflection) {
+    grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  } else {
+    builder.SetOption(std::make_unique<WithoutReflection>());
+  }
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  builder.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
+  builder.SetMaxSendMessageSize(options.max_send_message_bytes);
 }
 
 }  // namespace
@@ -64,16 +96,16 @@ absl::StatusOr<std::unique_ptr<DmdServer>> DmdServer::Create(Options options) {
   s->service_ = std::make_unique<ImageGenerationService>(s->backend_.get(), s->metrics_.get(),
                                                          options.limits);
   grpc::EnableDefaultHealthCheckService(true);
-  if (options.reflection) grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
+  ConfigureBuilder(options, builder);
   const std::string address = absl::StrCat(options.listen_host, ":", options.port);
   builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &s->port_);
-  builder.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
-  builder.SetMaxSendMessageSize(options.max_send_message_bytes);
   builder.RegisterService(s->service_.get());
   s->server_ = builder.BuildAndStart();
   if (s->server_ == nullptr || s->port_ == 0) {
-    return absl::UnavailableError(absl::StrCat("cannot listen for gRPC on ", address));
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen for gRPC on ", address,
+                     " (is another process listening on that port? ports are not shared)"));
   }
   // gRPC's default health service starts as SERVING: not until the models are warm.
   SetHealth(s->server_.get(), false);

@@ -16,6 +16,8 @@
 #include "gtest/gtest.h"
 #include "worker/clip_tokenizer.h"
 #include "worker/device.h"
+#include "worker/model_manifest.h"
+#include "worker/pipeline.h"
 #include "worker/test_util.h"
 #include "worker/testing/png_decode.h"
 
@@ -567,6 +569,46 @@ TEST(EngineTest, DTypeOverrideChangesHowTheModelRuns) {
   b.done.WaitForNotification();
   ASSERT_TRUE(a.status.ok() && b.status.ok());
   EXPECT_NE(Pixels(a.result.images.at(0)), Pixels(b.result.images.at(0)));
+}
+
+TEST(EngineTest, AV2BundleGetsBothTokenizationsOfThePrompt) {
+  // SDXL's second tokenizer pads with "!" and splits "!!" into two pad ids: the engine must
+  // hand the pipeline exactly what the two tokenizers give.
+  const std::string bundle = testing::BuiltBundle("--sdxl --steps 2 --step-mode renoise");
+  auto engine = MakeEngine({.model_dirs = {bundle}, .max_batch_size = 1});
+  ASSERT_NE(engine, nullptr);
+  GenerateParams p = Params("a cat!!", 1, 3);
+  p.encoding = ImageEncoding::kRaw;
+  Outcome served;
+  ASSERT_TRUE(engine->Submit(p, served.Callbacks()).ok());
+  served.done.WaitForNotification();
+  ASSERT_TRUE(served.status.ok()) << served.status;
+
+  absl::StatusOr<ModelManifest> manifest = ModelManifest::Load(bundle);
+  ASSERT_TRUE(manifest.ok()) << manifest.status();
+  ASSERT_TRUE(manifest->tokenizer_2.has_value());
+  auto tokenize = [](const ModelManifest::Tokenizer& t) {
+    auto tokenizer = ClipTokenizer::Create({.vocab_path = t.vocab_path,
+                                            .merges_path = t.merges_path,
+                                            .bos_token = t.bos_token,
+                                            .eos_token = t.eos_token,
+                                            .pad_token = t.pad_token});
+    EXPECT_TRUE(tokenizer.ok()) << tokenizer.status();
+    auto input = (*tokenizer)->EncodeForModel("a cat!!", t.max_length);
+    EXPECT_TRUE(input.ok()) << input.status();
+    return input->input_ids;
+  };
+  const std::vector<int32_t> ids = tokenize(manifest->tokenizer);
+  const std::vector<int32_t> ids_2 = tokenize(*manifest->tokenizer_2);
+  ASSERT_NE(ids, ids_2);  // "!!" is one token (748) for the first, two pad ids for the second
+  auto pipeline = Pipeline::Create(*manifest, {});
+  ASSERT_TRUE(pipeline.ok()) << pipeline.status();
+  auto direct = (*pipeline)->Run({{ids, 3, ids_2}}, manifest->width, manifest->height);
+  ASSERT_TRUE(direct.ok()) << direct.status();
+  EXPECT_EQ(served.result.images.at(0).data, direct->images.at(0));
+  auto same_ids = (*pipeline)->Run({{ids, 3, ids}}, manifest->width, manifest->height);
+  ASSERT_TRUE(same_ids.ok()) << same_ids.status();
+  EXPECT_NE(served.result.images.at(0).data, same_ids->images.at(0));
 }
 
 }  // namespace

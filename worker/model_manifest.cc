@@ -131,7 +131,7 @@ class Reader {
     const json* value = Member(parent, path, fallback == -1);
     return value == nullptr ? std::max(fallback, 0) : ChoiceValue(*value, path, names);
   }
-  // A path relative to `bundle_dir` (absolute paths are kept) naming an existing regular file.
+  // A path relative to `bundle_dir`, lexically inside it, naming an existing regular file.
   std::string File(const json& parent, absl::string_view path, const std::string& bundle_dir) {
     const json* value = Member(parent, path, /*required=*/true);
     if (value == nullptr) return "";
@@ -139,6 +139,14 @@ class Reader {
     if (!ok()) return "";
     if (relative.empty()) {
       FailValue(path, *value, "must be a path relative to the bundle directory");
+      return "";
+    }
+    // Lexically inside the bundle: no absolute path, no ".." that climbs out of it. (A symlink
+    // inside the bundle is the operator's own choice and is followed.)
+    const std::filesystem::path normal = std::filesystem::path(relative).lexically_normal();
+    if (normal.is_absolute() || normal.empty() || *normal.begin() == "..") {
+      FailValue(path, *value, "must be a path inside the bundle directory (no absolute path or "
+                              "'..' leaving it)");
       return "";
     }
     const std::string resolved = (std::filesystem::path(bundle_dir) / relative).string();

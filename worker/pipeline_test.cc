@@ -32,32 +32,11 @@ using ::testing::Not;
 
 namespace fs = std::filesystem;
 
-// A path in the source tree.
-fs::path SourcePath(const std::string& relative) {
-  return fs::path(DMDSERVE_SOURCE_DIR) / relative;
-}
-
+using ::dmdserve::testing::BuiltBundle;
 using ::dmdserve::testing::MakeTempDir;
 using ::dmdserve::testing::ReadFile;
-
-// Runs a shell command; true when it exits with 0.
-bool RunCommand(const std::string& command) {
-  const int status = std::system(command.c_str());
-  EXPECT_EQ(status, 0) << command;
-  return status == 0;
-}
-
-// A bundle that scripts/make_tiny_bundle.py builds with `args`, once per test process.
-std::string BuiltBundle(const std::string& args) {
-  static auto* bundles = new std::map<std::string, std::string>();
-  auto it = bundles->find(args);
-  if (it != bundles->end()) return it->second;
-  const std::string dir = MakeTempDir();
-  RunCommand(absl::StrCat(DMDSERVE_PYTHON, " ", SourcePath("scripts/make_tiny_bundle.py").string(),
-                          " --out ", dir, " --tokenizer-dir ",
-                          SourcePath("models/tiny-random/tokenizer").string(), " ", args));
-  return bundles->emplace(args, dir).first->second;
-}
+using ::dmdserve::testing::RunCommand;
+using ::dmdserve::testing::SourcePath;
 
 ModelManifest LoadManifest(const std::string& bundle) {
   absl::StatusOr<ModelManifest> manifest = ModelManifest::Load(bundle);

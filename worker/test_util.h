@@ -5,7 +5,9 @@
 #include <stdlib.h>
 
 #include <filesystem>
+#include <cstdlib>
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -49,6 +51,31 @@ inline std::string ReadFile(const std::filesystem::path& path) {
   std::stringstream bytes;
   bytes << in.rdbuf();
   return bytes.str();
+}
+
+// A path in the source tree.
+inline std::filesystem::path SourcePath(const std::string& relative) {
+  return std::filesystem::path(DMDSERVE_SOURCE_DIR) / relative;
+}
+
+// Runs a shell command; true when it exits with 0 (a failure is a test failure).
+inline bool RunCommand(const std::string& command) {
+  const int status = std::system(command.c_str());
+  EXPECT_EQ(status, 0) << command;
+  return status == 0;
+}
+
+// A bundle that scripts/make_tiny_bundle.py builds with `args` (e.g. "--sdxl --steps 2"), once
+// per test process and `args`. Not thread-safe: call it from the test's main thread.
+inline std::string BuiltBundle(const std::string& args) {
+  static auto* bundles = new std::map<std::string, std::string>();
+  auto it = bundles->find(args);
+  if (it != bundles->end()) return it->second;
+  const std::string dir = MakeTempDir();
+  RunCommand(std::string(DMDSERVE_PYTHON) + " " + SourcePath("scripts/make_tiny_bundle.py").string() +
+             " --out " + dir + " --tokenizer-dir " +
+             SourcePath("models/tiny-random/tokenizer").string() + " " + args);
+  return bundles->emplace(args, dir).first->second;
 }
 
 }  // namespace dmdserve::testing

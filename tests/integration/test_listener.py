@@ -1,0 +1,69 @@
+"""The gRPC listener: reflection really off when --reflection=false, and a port that a second
+server cannot share.
+
+Reflection is called raw (the Python gRPC packages here have no reflection stubs): a
+ServerReflectionRequest with `list_services` set (field 7, an empty string) is the two bytes
+0x3a 0x00, and the response lists the services.
+"""
+import subprocess
+import unittest
+
+import grpc
+
+from harness import Server, pb
+
+REFLECTION_METHOD = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+LIST_SERVICES = b"\x3a\x00"
+
+
+def list_services(server):
+    """The raw ServerReflectionResponse bytes of one list_services request."""
+    call = server.channel.stream_stream(REFLECTION_METHOD, request_serializer=None,
+                                        response_deserializer=None)
+    return next(call(iter([LIST_SERVICES]), timeout=10))
+
+
+class ReflectionTest(unittest.TestCase):
+    def test_on_by_default_lists_the_service(self):
+        server = Server()
+        try:
+            response = list_services(server)
+            self.assertIn(b"dmdserve.v1.ImageGeneration", response)
+        finally:
+            self.assertEqual(server.stop(), 0, server.log())
+
+    def test_off_is_unimplemented(self):
+        server = Server("--reflection=false")
+        try:
+            with self.assertRaises(grpc.RpcError) as caught:
+                list_services(server)
+            self.assertEqual(caught.exception.code(), grpc.StatusCode.UNIMPLEMENTED)
+        finally:
+            self.assertEqual(server.stop(), 0, server.log())
+
+
+class PortTest(unittest.TestCase):
+    def test_a_second_server_on_a_used_port_fails_at_start_up(self):
+        first = Server()
+        try:
+            second = Server(f"--port={first.port}", wait_ready=False)
+            try:
+                code = second.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                second.proc.kill()  # it started on the shared port: the bug this test pins
+                code = second.proc.wait()
+                self.fail("a second server started on the first one's port")
+            finally:
+                second.close()
+            self.assertNotEqual(code, 0, second.log())
+            self.assertIn(f"cannot listen for gRPC on 127.0.0.1:{first.port}", second.log())
+            self.assertIn("ports are not shared", second.log())
+            # The first server still serves.
+            models = first.stub.ListModels(pb.ListModelsRequest(), timeout=10).models
+            self.assertEqual([m.name for m in models], ["tiny-random"])
+        finally:
+            self.assertEqual(first.stop(), 0, first.log())
+
+
+if __name__ == "__main__":
+    unittest.main()
