@@ -42,10 +42,10 @@ def save_component(module: nn.Module, out_dir: str, filename: str) -> None:
 
 
 def copy_tokenizer(tokenizer_dir: str, out_dir: str, files: Sequence[str],
-                   optional_files: Sequence[str] = ()) -> None:
+                   optional_files: Sequence[str] = (), subdir: str = TOKENIZER_SUBDIR) -> None:
     """Copies `files` (each must exist) and those of `optional_files` that exist from
-    tokenizer_dir into out_dir/tokenizer (created)."""
-    dest = os.path.join(out_dir, TOKENIZER_SUBDIR)
+    tokenizer_dir into out_dir/subdir (created; default out_dir/tokenizer)."""
+    dest = os.path.join(out_dir, subdir)
     os.makedirs(dest, exist_ok=True)
     for name in list(files) + [f for f in optional_files
                                if os.path.isfile(os.path.join(tokenizer_dir, f))]:

@@ -9,7 +9,7 @@ CLIPTextModelWithProjection: SD1.5's (CLIP ViT-L/14) and SDXL's two (ViT-L/14, O
 SDXL conditions its UNet on the penultimate hidden state (the residual stream after all but the
 last layer, before final_layer_norm) of both encoders, concatenated, and on the second encoder's
 text_embeds: text_projection (Linear, no bias) of the final_layer_norm output at the EOS token.
-See sdxl_text_conditioning().
+See SDXLTextEncoders.
 
 Only the causal mask applies (SD pipelines pass no padding mask). The `position_ids` buffer that
 older transformers versions saved is not a parameter here; checkpoint_io drops it on load.
@@ -164,19 +164,35 @@ class CLIPTextModelWithProjection(nn.Module):
         return states[-2], self.text_projection(pooled_output(last, input_ids))
 
 
-def sdxl_text_conditioning(text_encoder: CLIPTextModel,
-                           text_encoder_2: CLIPTextModelWithProjection, input_ids: torch.Tensor,
-                           input_ids_2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """SDXL's prompt conditioning, as diffusers' StableDiffusionXLPipeline.encode_prompt (no clip
-    skip) and DMD2 compute it: (encoder_hidden_states [B, L, hidden + hidden_2] = both penultimate
-    hidden states, the first encoder's first; text_embeds [B, projection_dim_2]).
+class SDXLTextEncoders(nn.Module):
+    """SDXL's prompt conditioning as one module (a bundle's text encoder): forward(input_ids,
+    input_ids_2 int64 [B, L]) -> (encoder_hidden_states [B, L, hidden + hidden_2], text_embeds
+    [B, projection_dim_2]), as diffusers' StableDiffusionXLPipeline.encode_prompt (no clip skip)
+    and DMD2 compute them: both encoders' penultimate hidden states, the first encoder's first,
+    and the second encoder's text_embeds.
 
     input_ids come from `tokenizer` (padded with EOS 49407), input_ids_2 from `tokenizer_2`
     (padded with "!" = id 0); the padding id changes the hidden states after the EOS token.
     """
-    states_2, text_embeds = text_encoder_2(input_ids_2)
-    states = text_encoder.penultimate_hidden_state(input_ids)
-    return torch.cat([states, states_2], dim=-1), text_embeds
+
+    def __init__(self, text_encoder: CLIPTextModel,
+                 text_encoder_2: CLIPTextModelWithProjection):
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.text_encoder_2 = text_encoder_2
+
+    def forward(self, input_ids: torch.Tensor,
+                input_ids_2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        states_2, text_embeds = self.text_encoder_2(input_ids_2)
+        states = self.text_encoder.penultimate_hidden_state(input_ids)
+        return torch.cat([states, states_2], dim=-1), text_embeds
+
+
+def sdxl_text_conditioning(text_encoder: CLIPTextModel,
+                           text_encoder_2: CLIPTextModelWithProjection, input_ids: torch.Tensor,
+                           input_ids_2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """SDXLTextEncoders(text_encoder, text_encoder_2)(input_ids, input_ids_2)."""
+    return SDXLTextEncoders(text_encoder, text_encoder_2)(input_ids, input_ids_2)
 
 
 def pooled_output(last_hidden_state: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

@@ -78,3 +78,27 @@ TEXT_ENCODER_2 = {
 
 # The VAE's latent scale (SD1.5: 0.18215): decode(latents / VAE_SCALING_FACTOR).
 VAE_SCALING_FACTOR = 0.13025
+
+# vae/config.json: SD1.5's AutoencoderKL with SDXL's scaling factor; force_upcast: the VAE
+# overflows in float16 (diffusers decodes it in float32).
+VAE = {**sd15_configs.VAE, "sample_size": 1024, "scaling_factor": VAE_SCALING_FACTOR,
+       "force_upcast": True}
+
+# scheduler/scheduler_config.json: SDXL base 1.0's EulerDiscreteScheduler (leading spacing).
+SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}

@@ -3,15 +3,9 @@ tools/clip_tokenizer_reference.py, on the tiny SDXL diffusers folder of
 tools/tests/testdata/sdxl-parity/tiny-sdxl-diffusers.
 
 The repository keeps only that folder's configs, tokenizer configs and the stand-in DMD2 UNet
-(see tools/tests/testdata/README.md); each test assembles the complete folder in a temp dir:
-the weights of unet/, text_encoder/ and text_encoder_2/ are the parity fixtures' weights.pt
-(the shared folder's files hold exactly those tensors), the VAE is the SD1.5 tiny folder's
-(byte-identical files), and vocab.json/merges.txt are models/tokenizers/openai-clip's (identical
-files)."""
+(see tools/tests/testdata/README.md); each test assembles the complete folder in a temp dir
+with util.build_sdxl_folder."""
 
-import collections
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -20,7 +14,6 @@ import unittest
 
 import torch
 
-from tools import export_bundle
 from tools.clip_tokenizer_reference import Tokenizer
 from tools.sd15 import checkpoint_io
 from tools.sd15.clip_text import sdxl_text_conditioning
@@ -28,14 +21,13 @@ from tools.sd15.diffusers_folder import DiffusersFolder, FolderError
 from tools.sd15.sdxl_folder import SDXLFolder, is_sdxl_folder
 from tools.tests import util
 
-TINY_SDXL = os.path.join(util.SDXL_PARITY, "tiny-sdxl-diffusers")
-SDXL_DMD_REPLACEMENT = os.path.join(TINY_SDXL, "unet_dmd_replacement.bin")
-CLIP_VOCAB = os.path.join(util.REPO_ROOT, "models", "tokenizers", "openai-clip")
-# The text fixtures' three prompts (sdxl-parity README), in input_ids row order.
-PROMPTS = ["a photo of a cat",
-           "an astronaut riding a horse on the moon, 4k, highly detailed", ""]
-WEIGHT_FILES = {"unet": "diffusion_pytorch_model.bin", "text_encoder": "pytorch_model.bin",
-                "text_encoder_2": "pytorch_model.bin"}
+TINY_SDXL = util.TINY_SDXL
+SDXL_DMD_REPLACEMENT = util.SDXL_DMD_REPLACEMENT
+CLIP_VOCAB = util.CLIP_VOCAB
+PROMPTS = util.SDXL_PROMPTS
+WEIGHT_FILES = util.SDXL_WEIGHT_FILES
+save_state_dict = util.save_state_dict
+build_folder = util.build_sdxl_folder
 
 
 def setUpModule():
@@ -44,42 +36,6 @@ def setUpModule():
 
 def fixture(component: str, name: str) -> dict:
     return util.fixture(component, name, root=util.SDXL_PARITY)
-
-
-def save_state_dict(sd: dict, path: str) -> None:
-    """As diffusers/transformers write .bin files: torch.save of an OrderedDict."""
-    torch.save(collections.OrderedDict(sd), path)
-
-
-def build_folder(tmp: str, skip=(), text_encoder_extra=None) -> str:
-    """The complete tiny SDXL folder in tmp/folder (see the module docstring), without the
-    relative paths in `skip`; text_encoder_extra: tensors added to text_encoder's file."""
-    root = os.path.join(tmp, "folder")
-    for dirpath, _, files in os.walk(TINY_SDXL):
-        for name in files:
-            rel = os.path.relpath(os.path.join(dirpath, name), TINY_SDXL)
-            if rel == "unet_dmd_replacement.bin" or rel in skip:
-                continue
-            os.makedirs(os.path.join(root, os.path.dirname(rel)), exist_ok=True)
-            os.symlink(os.path.join(dirpath, name), os.path.join(root, rel))
-    for tokenizer in ("tokenizer", "tokenizer_2"):
-        for name in ("vocab.json", "merges.txt"):
-            rel = os.path.join(tokenizer, name)
-            if rel not in skip:
-                os.symlink(os.path.join(CLIP_VOCAB, name), os.path.join(root, rel))
-    vae = os.path.join("vae", "diffusion_pytorch_model.safetensors")
-    if vae not in skip:
-        os.symlink(os.path.join(util.TINY_FOLDER, vae), os.path.join(root, vae))
-    for component, name in WEIGHT_FILES.items():
-        rel = os.path.join(component, name)
-        if rel in skip:
-            continue
-        sd = fixture(component, "weights.pt")
-        if component == "text_encoder" and text_encoder_extra:
-            sd = {**sd, **text_encoder_extra}
-        os.makedirs(os.path.join(root, component), exist_ok=True)
-        save_state_dict(sd, os.path.join(root, rel))
-    return root
 
 
 def assert_state_dict_equal(test: unittest.TestCase, got: dict, expected: dict) -> None:
@@ -225,18 +181,6 @@ class SDXLFolderTest(unittest.TestCase):
                                                      "!= 6 time ids x 10 \\+ text_encoder_2 "
                                                      "projection_dim 20"):
                 SDXLFolder.open(path)
-
-    def test_export_bundle_refuses_sdxl(self):
-        with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "bundle")
-            err = io.StringIO()
-            with contextlib.redirect_stderr(err):
-                rc = export_bundle.main(["--diffusers-dir", self.folder_path, "--recipe",
-                                         "dmd2-sd15-1step", "--out", out])
-            self.assertEqual(rc, 1)
-            self.assertIn("is an SDXL pipeline (StableDiffusionXLPipeline): exporting SDXL "
-                          "bundles is not supported yet", err.getvalue())
-            self.assertFalse(os.path.exists(out))
 
 
 class Tokenizer2Test(unittest.TestCase):

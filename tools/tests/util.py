@@ -4,6 +4,7 @@ The fixtures live in tools/tests/testdata (its README.md says what each file is 
 comes from) and worker/testdata (the CLIP tokenizer reference vectors).
 """
 
+import collections
 import contextlib
 import io
 import json
@@ -19,6 +20,14 @@ PARITY = os.path.join(REPO_ROOT, "tools", "tests", "testdata", "sd-parity")
 SDXL_PARITY = os.path.join(REPO_ROOT, "tools", "tests", "testdata", "sdxl-parity")
 TINY_FOLDER = os.path.join(PARITY, "tiny-sd15-diffusers")
 DMD_REPLACEMENT = os.path.join(TINY_FOLDER, "unet_dmd_replacement.bin")
+TINY_SDXL = os.path.join(SDXL_PARITY, "tiny-sdxl-diffusers")
+SDXL_DMD_REPLACEMENT = os.path.join(TINY_SDXL, "unet_dmd_replacement.bin")
+CLIP_VOCAB = os.path.join(REPO_ROOT, "models", "tokenizers", "openai-clip")
+# The SDXL text fixtures' three prompts (sdxl-parity README), in input_ids row order.
+SDXL_PROMPTS = ["a photo of a cat",
+                "an astronaut riding a horse on the moon, 4k, highly detailed", ""]
+SDXL_WEIGHT_FILES = {"unet": "diffusion_pytorch_model.bin", "text_encoder": "pytorch_model.bin",
+                     "text_encoder_2": "pytorch_model.bin"}
 TOKENIZER_VECTORS = os.path.join(REPO_ROOT, "worker", "testdata",
                                  "clip_tokenizer_reference_vectors.jsonl")
 
@@ -47,6 +56,50 @@ def key_list(name: str, root: str = PARITY) -> list:
             dims = shape.strip("[]")
             out.append((key, tuple(int(d) for d in dims.split(",")) if dims else ()))
     return out
+
+
+def save_state_dict(sd: dict, path: str) -> None:
+    """As diffusers/transformers write .bin files: torch.save of an OrderedDict."""
+    torch.save(collections.OrderedDict(sd), path)
+
+
+def build_sdxl_folder(tmp: str, skip=(), text_encoder_extra=None) -> str:
+    """The complete tiny SDXL diffusers folder in tmp/folder, without the relative paths in
+    `skip`; text_encoder_extra: tensors added to text_encoder's file.
+
+    The repository keeps only the folder's configs, tokenizer configs and stand-in DMD2 UNet
+    (tools/tests/testdata/README.md); the rest is assembled here: the weights of unet/,
+    text_encoder/ and text_encoder_2/ are the parity fixtures' weights.pt (the reference
+    folder's files hold exactly those tensors), the VAE is the SD1.5 tiny folder's
+    (byte-identical files), and vocab.json/merges.txt are models/tokenizers/openai-clip's
+    (identical files)."""
+    root = os.path.join(tmp, "folder")
+    for dirpath, _, files in os.walk(TINY_SDXL):
+        for name in files:
+            rel = os.path.relpath(os.path.join(dirpath, name), TINY_SDXL)
+            if rel == "unet_dmd_replacement.bin" or rel in skip:
+                continue
+            os.makedirs(os.path.join(root, os.path.dirname(rel)), exist_ok=True)
+            os.symlink(os.path.join(dirpath, name), os.path.join(root, rel))
+    for tokenizer in ("tokenizer", "tokenizer_2"):
+        for name in ("vocab.json", "merges.txt"):
+            rel = os.path.join(tokenizer, name)
+            if rel not in skip:
+                os.symlink(os.path.join(CLIP_VOCAB, name), os.path.join(root, rel))
+    vae = os.path.join("vae", "diffusion_pytorch_model.safetensors")
+    if vae not in skip:
+        os.makedirs(os.path.join(root, "vae"), exist_ok=True)
+        os.symlink(os.path.join(TINY_FOLDER, vae), os.path.join(root, vae))
+    for component, name in SDXL_WEIGHT_FILES.items():
+        rel = os.path.join(component, name)
+        if rel in skip:
+            continue
+        sd = fixture(component, "weights.pt", root=SDXL_PARITY)
+        if component == "text_encoder" and text_encoder_extra:
+            sd = {**sd, **text_encoder_extra}
+        os.makedirs(os.path.join(root, component), exist_ok=True)
+        save_state_dict(sd, os.path.join(root, rel))
+    return root
 
 
 def tokenizer_vectors() -> list:
