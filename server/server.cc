@@ -43,8 +43,8 @@ class WithoutReflection : public grpc::ServerBuilderOption {
   }
 };
 
-// The builder's settings that do not depend on the service: reflection on or off, message
-// limits, and an exclusive port (gRPC sets SO_REUSEPORT by default, which would let a second
+// The builder's settings that do not depend on the service: reflection on or off, message and
+// metadata limits, and an exclusive port (gRPC sets SO_REUSEPORT by default, which would let a second
 // server on the same port start and take part of the connections).
 void ConfigureBuilder(const DmdServer::Options& options, grpc::ServerBuilder& builder) {
   if (options.reflection) {
@@ -53,6 +53,7 @@ void ConfigureBuilder(const DmdServer::Options& options, grpc::ServerBuilder& bu
     builder.SetOption(std::make_unique<WithoutReflection>());
   }
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  builder.AddChannelArgument(GRPC_ARG_MAX_METADATA_SIZE, DmdServer::kMaxMetadataBytes);
   builder.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
   builder.SetMaxSendMessageSize(options.max_send_message_bytes);
 }

@@ -30,6 +30,13 @@ class Metrics;
 
 class DmdServer {
  public:
+  // Largest request metadata (all headers of a call, as gRPC counts them) accepted: 64 KiB, 8x
+  // gRPC's default and above what proxies pass on by default (Envoy 60 KiB, nginx 32 KiB), so a
+  // proxy that shares connections between clients refuses an oversized call itself. A call over
+  // the limit fails with RESOURCE_EXHAUSTED, and gRPC 1.51's HTTP/2 transport then closes its
+  // connection, failing the calls in flight on it (tests/integration/test_listener.py).
+  static constexpr int kMaxMetadataBytes = 64 << 10;
+
   struct Options {
     // Address to listen on for gRPC and /metrics. Default all interfaces.
     std::string listen_host = "0.0.0.0";

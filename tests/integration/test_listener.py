@@ -1,5 +1,5 @@
-"""The gRPC listener: reflection really off when --reflection=false, and a port that a second
-server cannot share.
+"""The gRPC listener: reflection really off when --reflection=false, a metadata limit above
+what proxies pass on, and a port that a second server cannot share.
 
 Reflection is called raw (the Python gRPC packages here have no reflection stubs): a
 ServerReflectionRequest with `list_services` set (field 7, an empty string) is the two bytes
@@ -38,6 +38,37 @@ class ReflectionTest(unittest.TestCase):
             with self.assertRaises(grpc.RpcError) as caught:
                 list_services(server)
             self.assertEqual(caught.exception.code(), grpc.StatusCode.UNIMPLEMENTED)
+        finally:
+            self.assertEqual(server.stop(), 0, server.log())
+
+
+class MetadataLimitTest(unittest.TestCase):
+    """Request headers up to 64 KiB (more than proxies pass on by default) are served, with a
+    neighbour call on the same connection unaffected; over it, the call fails with
+    RESOURCE_EXHAUSTED (and gRPC 1.51 closes the connection, which server.h documents)."""
+
+    def test_large_metadata_is_served_beside_a_neighbour(self):
+        server = Server("--max_batch_size=1")
+        try:
+            neighbour = server.stub.Generate.future(
+                pb.GenerateRequest(prompt="a cat", num_images=8, seed=1), timeout=60)
+            for size in (17 << 10, 60 << 10):  # over gRPC's default 8 KiB; Envoy's default
+                models = server.stub.ListModels(pb.ListModelsRequest(), timeout=10,
+                                                metadata=[("x-pad", "a" * size)]).models
+                self.assertEqual([m.name for m in models], ["tiny-random"])
+            self.assertEqual(len(neighbour.result().images), 8)
+        finally:
+            self.assertEqual(server.stop(), 0, server.log())
+
+    def test_metadata_over_the_limit_fails_the_call(self):
+        server = Server()
+        try:
+            with self.assertRaises(grpc.RpcError) as caught:
+                server.stub.ListModels(pb.ListModelsRequest(), timeout=10,
+                                       metadata=[("x-pad", "a" * (65 << 10))])
+            self.assertEqual(caught.exception.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
+            # The server keeps serving (on a new connection).
+            self.assertTrue(server.stub.ListModels(pb.ListModelsRequest(), timeout=10).models)
         finally:
             self.assertEqual(server.stop(), 0, server.log())
 
