@@ -131,11 +131,18 @@ void DmdServer::Shutdown() {
     if (auto* health = server_->GetHealthCheckService()) health->Shutdown();
     spdlog::info("draining: finishing accepted requests (grace {})",
                  absl::FormatDuration(options_.drain_grace));
-    // Refuses new RPCs, waits for in-flight ones until the grace period ends, then cancels them.
-    server_->Shutdown(absl::ToChronoTime(absl::Now() + options_.drain_grace));
   }
-  if (engine_ != nullptr) engine_->Shutdown();
-  if (server_ != nullptr) server_->Wait();
+  // The engine first: new Generate calls get UNAVAILABLE from here on, and every accepted request
+  // gets its final status (its result, or CANCELLED once the grace ends) while the transport is
+  // still up to deliver it.
+  if (engine_ != nullptr) engine_->Shutdown(options_.drain_grace);
+  if (server_ != nullptr) {
+    // Refuses new RPCs and lets the finished ones send their last bytes; after kFlush it cancels
+    // what is left (e.g. a stream whose client stopped reading).
+    constexpr absl::Duration kFlush = absl::Seconds(5);
+    server_->Shutdown(absl::ToChronoTime(absl::Now() + kFlush));
+    server_->Wait();
+  }
   spdlog::info("stopped");
 }
 

@@ -49,7 +49,9 @@ class DmdServer {
     // Largest request / response message, in bytes. Requests are small; responses carry images.
     int max_receive_message_bytes = 4 << 20;
     int max_send_message_bytes = 256 << 20;
-    // How long Shutdown() lets accepted requests finish before cancelling them. Default 30 s.
+    // How long Shutdown() lets queued requests wait to run; then those still queued finish with
+    // CANCELLED and running batches with their results, all delivered to their clients (up to
+    // 5 s more for the last bytes to go out). Default 30 s.
     absl::Duration drain_grace = absl::Seconds(30);
     RequestLimits limits;
     Engine::Options engine;

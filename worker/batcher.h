@@ -11,7 +11,7 @@
 // fails at once with RESOURCE_EXHAUSTED and enqueues nothing (a request's images are all or none).
 // Shutdown(): Enqueue fails with UNAVAILABLE from then on; NextBatch() keeps handing out what is
 // queued (without waiting for the delay) and returns nullopt once the queue is empty, so accepted
-// work drains.
+// work drains. CancelQueued() ends a drain early: what is still queued goes to the drop callback.
 //
 // The batcher never sees a model: it is a template over the item type and is tested with a fake
 // clock. Thread-safe: any number of producers and consumers. Callbacks are called without the
@@ -170,6 +170,24 @@ class DynamicBatcher {
     absl::MutexLock lock(&mu_);
     shutdown_ = true;
     ++wake_generation_;
+  }
+
+  // Takes every queued item out and hands each to the drop callback with `status` (on the
+  // calling thread, without the lock held); returns how many. For a drain that ran out of time:
+  // call after Shutdown(), and the workers find the queue empty once their batches are done.
+  int CancelQueued(const absl::Status& status) {
+    std::vector<Entry> taken;
+    {
+      absl::MutexLock lock(&mu_);
+      for (auto& [key, queue] : queues_) {
+        for (Entry& entry : queue) taken.push_back(std::move(entry));
+      }
+      queues_.clear();
+      queued_ = 0;
+      ++wake_generation_;
+    }
+    for (Entry& entry : taken) on_drop_(std::move(entry.item), status);
+    return static_cast<int>(taken.size());
   }
 
   int queued_images() const {

@@ -304,5 +304,28 @@ TEST(BatcherStressTest, EveryItemIsDeliveredExactlyOnce) {
   for (int id = 0; id < kProducers * kPerProducer; ++id) EXPECT_EQ(seen.count(id), 1u) << id;
 }
 
+TEST_F(BatcherTest, CancelQueuedHandsEveryQueuedItemToTheDropCallback) {
+  auto batcher = MakeBatcher({.max_batch_size = 2, .max_queue_delay = absl::Seconds(10)});
+  ASSERT_TRUE(batcher->Enqueue(1, MakeTasks(0, 3)).ok());
+  ASSERT_TRUE(batcher->Enqueue(2, MakeTasks(10, 2)).ok());
+  std::optional<Batcher::Batch> running = batcher->NextBatch();  // a full batch: 0, 1 (key 1)
+  ASSERT_TRUE(running.has_value());
+  batcher->Shutdown();
+  EXPECT_EQ(batcher->CancelQueued(absl::CancelledError("drain grace ended")), 3);
+  EXPECT_EQ(batcher->queued_images(), 0);
+  {
+    absl::MutexLock lock(&mu_);
+    std::vector<int> ids;
+    for (const auto& [id, code] : dropped_) {
+      ids.push_back(id);
+      EXPECT_EQ(code, absl::StatusCode::kCancelled) << id;
+    }
+    std::sort(ids.begin(), ids.end());
+    EXPECT_THAT(ids, ElementsAre(2, 10, 11));
+  }
+  EXPECT_FALSE(batcher->NextBatch().has_value());  // drained: the workers stop
+  EXPECT_THAT(Ids(running->items), ElementsAre(0, 1));
+}
+
 }  // namespace
 }  // namespace dmdserve

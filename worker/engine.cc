@@ -303,7 +303,7 @@ void Engine::FailRequest(const std::shared_ptr<Request>& request, absl::Status s
   r.callbacks.on_done(std::move(status), std::move(result));
 }
 
-void Engine::Shutdown() {
+void Engine::Shutdown(absl::Duration grace) {
   State& st = *state_;
   {
     absl::MutexLock lock(&st.shutdown_mu);
@@ -312,6 +312,7 @@ void Engine::Shutdown() {
   }
   st.accepting.store(false);
   for (auto& model : st.models) model->batcher->Shutdown();
+  st.DrainQueues(grace);
   for (auto& model : st.models) {
     for (auto& replica : model->replicas) {
       for (std::thread& t : replica->workers) t.join();
@@ -319,6 +320,28 @@ void Engine::Shutdown() {
     st.events()->OnModelReady(model->info.name, false);
   }
   st.encoders.reset();  // runs every scheduled encode, so every accepted request finishes
+}
+
+void Engine::State::DrainQueues(absl::Duration grace) {
+  const absl::Time deadline = absl::Now() + grace;
+  auto queued = [this] {
+    int images = 0;
+    for (auto& model : models) images += model->batcher->queued_images();
+    return images;
+  };
+  constexpr absl::Duration kPoll = absl::Milliseconds(10);
+  while (queued() > 0 && absl::Now() < deadline) {
+    absl::SleepFor(std::min(kPoll, deadline - absl::Now()));
+  }
+  const absl::Status cancelled = absl::CancelledError(absl::StrCat(
+      "the server shut down before this request ran (drain grace of ",
+      absl::FormatDuration(grace), " ended)"));
+  int images = 0;
+  for (auto& model : models) images += model->batcher->CancelQueued(cancelled);
+  if (images > 0) {
+    spdlog::warn("drain grace of {} ended: cancelled {} queued image(s)",
+                 absl::FormatDuration(grace), images);
+  }
 }
 
 }  // namespace dmdserve

@@ -291,9 +291,12 @@ class Engine {
   // True once every model is warmed up and until Shutdown() starts.
   bool ready() const;
 
-  // Stops accepting (Submit returns UNAVAILABLE), finishes every accepted request (their on_done
-  // runs), and joins the threads. Idempotent.
-  void Shutdown();
+  // Stops accepting (Submit returns UNAVAILABLE) and drains: accepted requests run until the
+  // queues are empty or `grace` has passed; then every request still queued finishes with
+  // CANCELLED (the message names the grace), batches already running finish with their results,
+  // and the threads are joined. Every accepted request's on_done runs before this returns.
+  // Idempotent (a later call returns at once).
+  void Shutdown(absl::Duration grace = absl::InfiniteDuration());
 
  private:
   struct Model;

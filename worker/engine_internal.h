@@ -163,6 +163,9 @@ struct Engine::State {
                            Pipeline::Postprocess postprocess) const;
   absl::Status AddBatcher(Model& model);
   absl::Status ChooseDefaultModel();
+  // Shutdown's wait: until every model's queue is empty or `grace` has passed; then cancels what
+  // is still queued (the requests finish with CANCELLED).
+  void DrainQueues(absl::Duration grace);
 
   // RunBatch's steps. Runs `items` (padded to `padded_size` by repeating the last image) on
   // `replica`'s device at `size`, then reports the batch's and the device's stats.

@@ -611,5 +611,33 @@ TEST(EngineTest, AV2BundleGetsBothTokenizationsOfThePrompt) {
   EXPECT_NE(served.result.images.at(0).data, same_ids->images.at(0));
 }
 
+TEST(EngineTest, ShutdownAfterTheGraceCancelsWhatIsQueuedAndLosesNothing) {
+  auto engine = MakeEngine({.max_batch_size = 1, .max_queued_images = 1000});
+  ASSERT_NE(engine, nullptr);
+  constexpr int kRequests = 60;
+  std::vector<Outcome> outcomes(kRequests);
+  for (int i = 0; i < kRequests; ++i) {
+    ASSERT_TRUE(engine->Submit(Params("a shoe", 8, i), outcomes[i].Callbacks()).ok());
+  }
+  engine->Shutdown(absl::ZeroDuration());  // 480 images queued: most never run
+  int ok = 0, cancelled = 0;
+  for (Outcome& outcome : outcomes) {
+    ASSERT_TRUE(outcome.done.HasBeenNotified()) << "Shutdown returned before every on_done";
+    if (outcome.status.ok()) {
+      ++ok;
+      EXPECT_EQ(outcome.result.images.size(), 8u);
+    } else {
+      ++cancelled;
+      EXPECT_EQ(outcome.status.code(), absl::StatusCode::kCancelled) << outcome.status;
+      EXPECT_THAT(outcome.status.message(), HasSubstr("drain grace of 0 ended"));
+    }
+  }
+  EXPECT_EQ(ok + cancelled, kRequests);
+  EXPECT_GT(cancelled, 0);
+  Outcome late;
+  EXPECT_EQ(engine->Submit(Params("a shoe", 1, 1), late.Callbacks()).code(),
+            absl::StatusCode::kUnavailable);
+}
+
 }  // namespace
 }  // namespace dmdserve

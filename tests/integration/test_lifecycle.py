@@ -265,10 +265,10 @@ class DrainTest(unittest.TestCase):
     def tearDownClass(cls):
         cls.tmp.cleanup()
 
-    def busy_server(self, requests):
-        """A server computing one image per batch, with `requests` 8-image requests accepted and
-        at least one of them unfinished."""
-        server = Server("--max_batch_size=1", "--workers=1", "--max_queue_images=1000",
+    def busy_server(self, requests, *flags):
+        """A server computing one image per batch (plus `flags`), with `requests` 8-image
+        requests accepted and at least one of them unfinished."""
+        server = Server("--max_batch_size=1", "--workers=1", "--max_queue_images=1000", *flags,
                         model_dirs=(self.slow_bundle,))
         futures = [server.stub.Generate.future(
             pb.GenerateRequest(prompt="a sandal", num_images=8, seed=i), timeout=120)
@@ -302,6 +302,25 @@ class DrainTest(unittest.TestCase):
         log = server.log()
         self.assertIn("received SIGTERM", log)
         self.assertIn("stopped", log)
+
+    def test_after_the_grace_every_client_gets_its_true_status(self):
+        # The queue outlasts a 1-s grace: what is still queued then is cancelled, and each client
+        # hears so (CANCELLED), or gets its images, before the connection closes.
+        server, futures = self.busy_server(24, "--drain_grace_s=1")
+        server.terminate()
+        statuses = []
+        for f in futures:
+            error = f.exception()
+            if error is None:
+                self.assertEqual(len(f.result().images), 8)
+                statuses.append("OK")
+            else:
+                self.assertEqual(error.code(), grpc.StatusCode.CANCELLED, error.details())
+                self.assertIn("drain grace of 1s ended", error.details())
+                statuses.append("CANCELLED")
+        self.assertIn("CANCELLED", statuses)
+        self.assertEqual(server.stop(), 0, server.log())
+        self.assertIn("drain grace of 1s ended: cancelled", server.log())
 
     def test_second_signal_during_drain_exits_at_once(self):
         server, futures = self.busy_server(100)
