@@ -122,9 +122,8 @@ MHD_Result Respond(MHD_Connection* connection, unsigned int code, const char* co
 // on the first call, once the headers are in; a request body, if any, is discarded. `url` comes
 // without its query string.
 MHD_Result HandleRequest(void* closure, MHD_Connection* connection, const char* url,
-                         const char* method, const char* /*version*/,
-                         const char* /*upload_data*/, size_t* /*upload_data_size*/,
-                         void** /*request_state*/) {
+                         const char* method, const char* /*version*/, const char* /*upload_data*/,
+                         size_t* /*upload_data_size*/, void** /*request_state*/) {
   const auto* options = static_cast<const MetricsHttpServer::Options*>(closure);
   const absl::string_view path(url);
   const absl::string_view verb(method);
@@ -153,6 +152,9 @@ unsigned int TimeoutSeconds(absl::Duration io_timeout) {
 MHD_Daemon* StartDaemon(int fd, const MetricsHttpServer::Options& options) {
   const size_t pool_bytes = static_cast<size_t>(options.max_request_bytes) + kPoolOverheadBytes;
   t_starting_daemon = true;
+  // One option and its value(s) a line; each value has the type <microhttpd.h> documents for its
+  // option (they travel through varargs).
+  // clang-format off
   MHD_Daemon* daemon = MHD_start_daemon(
       MHD_USE_AUTO_INTERNAL_THREAD | MHD_USE_ITC | MHD_USE_ERROR_LOG, /*port=*/0,
       /*apc=*/nullptr, /*apc_cls=*/nullptr, &HandleRequest,
@@ -165,6 +167,7 @@ MHD_Daemon* StartDaemon(int fd, const MetricsHttpServer::Options& options) {
       MHD_OPTION_PER_IP_CONNECTION_LIMIT, kMaxConnectionsPerIp,
       MHD_OPTION_CONNECTION_MEMORY_LIMIT, pool_bytes,
       MHD_OPTION_END);
+  // clang-format on
   t_starting_daemon = false;
   return daemon;
 }

@@ -13,22 +13,26 @@
 // on each thread's stack, and OpenBLAS built with OpenMP alone needs 60 KiB of it, so with that
 // BLAS installed (libtorch's linear layers are ~6x faster on it) civetweb could not start a single
 // thread and dmdserve did not start. This server's only thread gets an explicit 8 MiB stack
-// (MHD_OPTION_THREAD_STACK_SIZE; 0 would mean glibc's default, which follows the soft
-// RLIMIT_STACK at process start: 8 MiB under Debian's `ulimit -s`, less in a container that
-// lowers it), of which the TLS takes its 60 KiB-odd.
+// (MHD_OPTION_THREAD_STACK_SIZE), of which the TLS takes its 60 KiB-odd. 0 would leave the size
+// to glibc: the soft RLIMIT_STACK at process start (8 MiB under Debian's `ulimit -s`), raised to
+// fit the static TLS; the explicit size keeps the stack the same under any `ulimit -s` (checked:
+// the tests pass under `ulimit -s 512` with 1 MiB of TLS preloaded).
 //
 // What it speaks: HTTP/1.x, one request per connection (every response says `Connection: close`).
 //   GET or HEAD /metrics (any query string) -> 200, `text/plain; version=0.0.4` (Prometheus text
 //     format), the body from Options.render at the time of the request;
-//   another path -> 404; another method -> 405 with `Allow: GET, HEAD`; a request line that is
-//     not `METHOD /path HTTP/1.x` -> 400 (libmicrohttpd answers some malformed lines itself,
-//     also with 400, or closes the connection without a response); request line + headers over
-//     Options.max_request_bytes -> 431 (over roughly that many bytes: libmicrohttpd's
-//     per-connection memory pool is sized from it, see metrics_http.cc).
+//   another path -> 404; another method -> 405 with `Allow: GET, HEAD`; a path that does not
+//     start with `/` -> 400; a request line libmicrohttpd cannot parse at all (no method, path
+//     and version) -> the connection is closed unanswered; headers over
+//     Options.max_request_bytes -> 431, a request line alone over it -> 414 and the connection
+//     closed with the line unread (so a client may see only the reset). The limit is approximate:
+//     libmicrohttpd's per-connection memory pool is sized from it, see metrics_http.cc.
 // Limits: a client that sends or reads nothing for Options.io_timeout (rounded up to whole
 // seconds, libmicrohttpd's granularity) is dropped; at most 64 connections are open at once, at
 // most 16 from one IP address (further ones are closed as soon as accepted). A scrape is one
-// small request every few seconds from one or two Prometheus servers.
+// small request every few seconds from one or two Prometheus servers. The timeout counts silence,
+// not the whole request: a client trickling a byte at a time keeps its connection, which costs
+// one of those slots and never another scrape's time.
 //
 // Ownership: owns the libmicrohttpd daemon, its listening socket and its thread; the destructor
 // stops them (open connections are closed). Thread safety: port() is thread-safe; `render` is

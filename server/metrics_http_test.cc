@@ -12,9 +12,8 @@
 #include <thread>
 #include <vector>
 
-#include "absl/time/clock.h"
-
 #include "absl/strings/match.h"
+#include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -175,6 +174,15 @@ TEST_F(MetricsHttpTest, ManyConcurrentScrapesAllSucceed) {
   for (std::thread& client : clients) client.join();
   EXPECT_EQ(ok, kClients * kScrapesEach);
   EXPECT_EQ(renders_, kClients * kScrapesEach);
+}
+
+TEST_F(MetricsHttpTest, OneAddressHoldsAtMost16Connections) {
+  std::vector<int> held;
+  for (int i = 0; i < 16; ++i) held.push_back(Connect(server_->port()));
+  // The 17th from 127.0.0.1 is closed as soon as it is accepted, its request unanswered.
+  EXPECT_EQ(Exchange(server_->port(), "GET /metrics HTTP/1.1\r\n\r\n"), "");
+  EXPECT_EQ(renders_, 0);
+  for (int fd : held) close(fd);
 }
 
 TEST_F(MetricsHttpTest, StoppingDoesNotWaitForAStalledClient) {
