@@ -26,14 +26,15 @@ COPY server /src/server
 COPY client /src/client
 
 # ---------------------------------------------------------------------------------------------
-# CPU build: Debian's libtorch (CPU), gRPC, protobuf, absl, spdlog, prometheus-cpp, libpng.
+# CPU build: Debian's libtorch (CPU), gRPC, protobuf, absl, spdlog, prometheus-cpp, libpng,
+# libmicrohttpd.
 FROM ${DEBIAN_IMAGE} AS build
 ENV DEBIAN_FRONTEND=noninteractive
 RUN apt-get update -q && apt-get install -y -q --no-install-recommends \
       build-essential cmake ninja-build pkg-config ca-certificates \
       libtorch-dev libgrpc++-dev protobuf-compiler-grpc protobuf-compiler libprotobuf-dev \
       libabsl-dev libspdlog-dev libfmt-dev prometheus-cpp-dev libpng-dev nlohmann-json3-dev \
-      libutf8proc-dev libopenblas0-openmp \
+      libutf8proc-dev libmicrohttpd-dev libopenblas0-openmp \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=sources /src /src
 WORKDIR /src
@@ -58,6 +59,7 @@ RUN apt-get update -q && apt-get install -y -q --no-install-recommends \
       build-essential cmake ninja-build pkg-config ca-certificates curl unzip \
       libgrpc++-dev protobuf-compiler-grpc protobuf-compiler libprotobuf-dev libabsl-dev \
       libspdlog-dev libfmt-dev prometheus-cpp-dev libpng-dev nlohmann-json3-dev libutf8proc-dev \
+      libmicrohttpd-dev \
     && rm -rf /var/lib/apt/lists/*
 RUN test -n "${LIBTORCH_URL}" || { echo "set --build-arg LIBTORCH_URL" >&2; exit 1; } \
     && curl -fsSL -o /tmp/libtorch.zip "${LIBTORCH_URL}" && unzip -q /tmp/libtorch.zip -d /opt \

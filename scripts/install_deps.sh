@@ -16,6 +16,8 @@ PKGS=(
   libopenblas0-openmp
   # tokenizer: Unicode classes
   libutf8proc-dev
+  # the /metrics HTTP endpoint (server/metrics_http.h)
+  libmicrohttpd-dev
   # tests and benchmarks
   libgtest-dev libgmock-dev libbenchmark-dev prometheus yamllint
   # code-size lint (tests/lint): function extents

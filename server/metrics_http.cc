@@ -1,25 +1,27 @@
 #include "server/metrics_http.h"
 
 #include <fcntl.h>
+#include <microhttpd.h>
 #include <netdb.h>
 #include <netinet/in.h>
-#include <poll.h>
 #include <sys/socket.h>
 #include <sys/types.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
-#include <chrono>
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
 #include <cstring>
+#include <limits>
+#include <string>
 #include <utility>
-#include <vector>
 
 #include "absl/status/status.h"
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
+#include "spdlog/spdlog.h"
 
 namespace dmdserve {
 namespace {
@@ -27,7 +29,35 @@ namespace {
 constexpr char kMetricsContentType[] = "text/plain; version=0.0.4; charset=utf-8";
 constexpr char kTextContentType[] = "text/plain; charset=utf-8";
 
-void SetNonBlocking(int fd) { fcntl(fd, F_SETFL, fcntl(fd, F_GETFL, 0) | O_NONBLOCK); }
+// The daemon's one thread: a fixed, generous stack (see the header comment for why it matters).
+constexpr size_t kThreadStackBytes = size_t{8} << 20;
+// Connections open at once, in all and from one IP address. Prometheus keeps one scrape in
+// flight per target (two with an HA pair); the rest of the room is for curl and probes.
+constexpr unsigned int kMaxConnections = 64;
+constexpr unsigned int kMaxConnectionsPerIp = 16;
+// libmicrohttpd reads the request line and headers into a per-connection memory pool that also
+// holds the parsed header index and the response's headers; a request that does not fit is
+// answered 431 (414 when the request line alone does not fit). The pool is max_request_bytes
+// plus this much room for the rest.
+constexpr size_t kPoolOverheadBytes = 1024;
+constexpr int kListenBacklog = 64;
+
+// True on a thread while it runs MHD_start_daemon: its log lines then explain a failed start and
+// are warnings; later ones (a client that timed out, the connection limit) are debug lines, so
+// that a flood of connections cannot flood the log.
+thread_local bool t_starting_daemon = false;
+
+void LogFromMhd(void* /*closure*/, const char* format, va_list args) {
+  char line[512];
+  std::vsnprintf(line, sizeof(line), format, args);
+  absl::string_view text(line);
+  while (!text.empty() && (text.back() == '\n' || text.back() == '\r')) text.remove_suffix(1);
+  if (t_starting_daemon) {
+    spdlog::warn("/metrics (libmicrohttpd): {}", std::string(text));
+  } else {
+    spdlog::debug("/metrics (libmicrohttpd): {}", std::string(text));
+  }
+}
 
 // Binds a listening socket for host:port; the bound port through `bound_port`.
 absl::StatusOr<int> Listen(const std::string& host, int port, int& bound_port) {
@@ -46,14 +76,14 @@ absl::StatusOr<int> Listen(const std::string& host, int port, int& bound_port) {
   std::string error = "no address";
   int fd = -1;
   for (addrinfo* a = found; a != nullptr && fd < 0; a = a->ai_next) {
-    fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+    fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, a->ai_protocol);
     if (fd < 0) {
       error = std::strerror(errno);
       continue;
     }
     int one = 1;
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    if (bind(fd, a->ai_addr, a->ai_addrlen) != 0 || listen(fd, 64) != 0) {
+    if (bind(fd, a->ai_addr, a->ai_addrlen) != 0 || listen(fd, kListenBacklog) != 0) {
       error = std::strerror(errno);
       close(fd);
       fd = -1;
@@ -70,8 +100,76 @@ absl::StatusOr<int> Listen(const std::string& host, int port, int& bound_port) {
   bound_port = bound.ss_family == AF_INET6
                    ? ntohs(reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port)
                    : ntohs(reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
-  SetNonBlocking(fd);
   return fd;
+}
+
+// Queues a `Connection: close` response with `body` (libmicrohttpd drops the body for HEAD and
+// sets Content-Length itself).
+MHD_Result Respond(MHD_Connection* connection, unsigned int code, const char* content_type,
+                   const std::string& body, const char* allow = nullptr) {
+  MHD_Response* response = MHD_create_response_from_buffer(
+      body.size(), const_cast<char*>(body.data()), MHD_RESPMEM_MUST_COPY);
+  if (response == nullptr) return MHD_NO;  // out of memory: libmicrohttpd closes the connection
+  MHD_add_response_header(response, MHD_HTTP_HEADER_CONTENT_TYPE, content_type);
+  MHD_add_response_header(response, MHD_HTTP_HEADER_CONNECTION, "close");
+  if (allow != nullptr) MHD_add_response_header(response, MHD_HTTP_HEADER_ALLOW, allow);
+  const MHD_Result queued = MHD_queue_response(connection, code, response);
+  MHD_destroy_response(response);
+  return queued;
+}
+
+// libmicrohttpd's request handler (MHD_AccessHandlerCallback), on the daemon's thread. It answers
+// on the first call, once the headers are in; a request body, if any, is discarded. `url` comes
+// without its query string.
+MHD_Result HandleRequest(void* closure, MHD_Connection* connection, const char* url,
+                         const char* method, const char* /*version*/, const char* /*upload_data*/,
+                         size_t* /*upload_data_size*/, void** /*request_state*/) {
+  const auto* options = static_cast<const MetricsHttpServer::Options*>(closure);
+  const absl::string_view path(url);
+  const absl::string_view verb(method);
+  if (path.empty() || path[0] != '/') {
+    return Respond(connection, MHD_HTTP_BAD_REQUEST, kTextContentType, "malformed request line\n");
+  }
+  if (path != "/metrics") {
+    return Respond(connection, MHD_HTTP_NOT_FOUND, kTextContentType,
+                   "not found; metrics are at /metrics\n");
+  }
+  if (verb != MHD_HTTP_METHOD_GET && verb != MHD_HTTP_METHOD_HEAD) {
+    return Respond(connection, MHD_HTTP_METHOD_NOT_ALLOWED, kTextContentType, "use GET\n",
+                   "GET, HEAD");
+  }
+  return Respond(connection, MHD_HTTP_OK, kMetricsContentType, options->render());
+}
+
+unsigned int TimeoutSeconds(absl::Duration io_timeout) {
+  const int64_t seconds = absl::ToInt64Seconds(absl::Ceil(io_timeout, absl::Seconds(1)));
+  return static_cast<unsigned int>(
+      std::clamp<int64_t>(seconds, 1, std::numeric_limits<unsigned int>::max()));
+}
+
+// Starts the daemon on the listening socket `fd`; nullptr when it cannot start (the reason is
+// logged). On success the daemon owns `fd` and closes it when stopped.
+MHD_Daemon* StartDaemon(int fd, const MetricsHttpServer::Options& options) {
+  const size_t pool_bytes = static_cast<size_t>(options.max_request_bytes) + kPoolOverheadBytes;
+  t_starting_daemon = true;
+  // One option and its value(s) a line; each value has the type <microhttpd.h> documents for its
+  // option (they travel through varargs).
+  // clang-format off
+  MHD_Daemon* daemon = MHD_start_daemon(
+      MHD_USE_AUTO_INTERNAL_THREAD | MHD_USE_ITC | MHD_USE_ERROR_LOG, /*port=*/0,
+      /*apc=*/nullptr, /*apc_cls=*/nullptr, &HandleRequest,
+      const_cast<MetricsHttpServer::Options*>(&options),
+      MHD_OPTION_EXTERNAL_LOGGER, &LogFromMhd, nullptr,
+      MHD_OPTION_LISTEN_SOCKET, static_cast<MHD_socket>(fd),
+      MHD_OPTION_THREAD_STACK_SIZE, kThreadStackBytes,
+      MHD_OPTION_CONNECTION_TIMEOUT, TimeoutSeconds(options.io_timeout),
+      MHD_OPTION_CONNECTION_LIMIT, kMaxConnections,
+      MHD_OPTION_PER_IP_CONNECTION_LIMIT, kMaxConnectionsPerIp,
+      MHD_OPTION_CONNECTION_MEMORY_LIMIT, pool_bytes,
+      MHD_OPTION_END);
+  // clang-format on
+  t_starting_daemon = false;
+  return daemon;
 }
 
 }  // namespace
@@ -89,131 +187,23 @@ absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Create(Opt
   int port = 0;
   absl::StatusOr<int> fd = Listen(options.host, options.port, port);
   if (!fd.ok()) return fd.status();
-  int wake[2];
-  if (pipe2(wake, O_CLOEXEC | O_NONBLOCK) != 0) {
-    close(*fd);
-    return absl::InternalError(absl::StrCat("MetricsHttpServer: pipe: ", std::strerror(errno)));
+  // Constructed before the daemon starts: the handler's closure is its options_.
+  std::unique_ptr<MetricsHttpServer> server(new MetricsHttpServer(std::move(options)));
+  server->port_ = port;
+  server->daemon_ = StartDaemon(*fd, server->options_);
+  if (server->daemon_ == nullptr) {
+    // Whether a failed start closed `fd` differs between libmicrohttpd releases; leaving it open
+    // (the process is about to exit) is safer than closing a number another thread may reuse.
+    return absl::InternalError(absl::StrCat("cannot start the /metrics server on ",
+                                            server->options_.host, ":", port,
+                                            " (libmicrohttpd; its reason is logged above)"));
   }
-  return std::unique_ptr<MetricsHttpServer>(
-      new MetricsHttpServer(std::move(options), *fd, port, wake[0], wake[1]));
+  return server;
 }
-
-MetricsHttpServer::MetricsHttpServer(Options options, int listen_fd, int port, int wake_read,
-                                     int wake_write)
-    : options_(std::move(options)),
-      listen_fd_(listen_fd),
-      port_(port),
-      wake_read_(wake_read),
-      wake_write_(wake_write),
-      thread_([this] { Serve(); }) {}
 
 MetricsHttpServer::~MetricsHttpServer() {
-  stopping_ = true;
-  const char byte = 0;
-  [[maybe_unused]] ssize_t written = write(wake_write_, &byte, 1);
-  thread_.join();
-  close(listen_fd_);
-  close(wake_read_);
-  close(wake_write_);
-}
-
-bool MetricsHttpServer::WaitFor(int fd, short events, absl::Time deadline) {
-  while (!stopping_) {
-    const absl::Duration left = deadline - absl::Now();
-    if (left <= absl::ZeroDuration()) return false;
-    pollfd fds[2] = {{fd, events, 0}, {wake_read_, POLLIN, 0}};
-    const int timeout_ms = static_cast<int>(absl::ToInt64Milliseconds(left)) + 1;
-    const int n = poll(fds, 2, deadline == absl::InfiniteFuture() ? -1 : timeout_ms);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0 || fds[1].revents != 0) return false;
-    if (fds[0].revents != 0) return true;
-  }
-  return false;
-}
-
-void MetricsHttpServer::Serve() {
-  while (WaitFor(listen_fd_, POLLIN, absl::InfiniteFuture())) {
-    const int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
-    if (fd < 0) {
-      // The client went away (retry at once), or the process is out of descriptors or memory:
-      // the pending connection stays queued, so wait instead of spinning on it.
-      if (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(50));
-      }
-      continue;
-    }
-    HandleConnection(fd);
-    close(fd);
-  }
-}
-
-bool MetricsHttpServer::ReadHead(int fd, std::string& head, bool& too_long) {
-  too_long = false;
-  const absl::Time deadline = absl::Now() + options_.io_timeout;
-  char buffer[2048];
-  const size_t limit = static_cast<size_t>(options_.max_request_bytes);
-  size_t end;
-  while ((end = std::min(head.find("\r\n\r\n"), head.find("\n\n"))) == std::string::npos) {
-    if (head.size() > limit) break;
-    if (!WaitFor(fd, POLLIN, deadline)) return false;
-    const ssize_t n = recv(fd, buffer, sizeof(buffer), 0);
-    if (n < 0 && (errno == EAGAIN || errno == EINTR)) continue;
-    if (n <= 0) return false;
-    head.append(buffer, static_cast<size_t>(n));
-  }
-  too_long = end == std::string::npos || end > limit;
-  return !too_long;
-}
-
-void MetricsHttpServer::HandleConnection(int fd) {
-  std::string head;
-  bool too_long = false;
-  if (!ReadHead(fd, head, too_long)) {
-    if (too_long) {
-      Respond(fd, 431, "Request Header Fields Too Large", kTextContentType,
-              "request headers too large\n", true);
-    }
-    return;
-  }
-  const absl::string_view line = absl::string_view(head).substr(0, head.find_first_of("\r\n"));
-  const std::vector<absl::string_view> parts = absl::StrSplit(line, ' ');
-  if (parts.size() != 3 || !absl::StartsWith(parts[2], "HTTP/1.") || parts[1].empty() ||
-      parts[1][0] != '/') {
-    Respond(fd, 400, "Bad Request", kTextContentType, "malformed request line\n", true);
-    return;
-  }
-  const absl::string_view method = parts[0];
-  const absl::string_view path = parts[1].substr(0, parts[1].find('?'));
-  if (path != "/metrics") {
-    Respond(fd, 404, "Not Found", kTextContentType, "not found; metrics are at /metrics\n",
-            method != "HEAD");
-    return;
-  }
-  if (method != "GET" && method != "HEAD") {
-    Respond(fd, 405, "Method Not Allowed", kTextContentType, "use GET\n", true,
-            "Allow: GET, HEAD\r\n");
-    return;
-  }
-  Respond(fd, 200, "OK", kMetricsContentType, options_.render(), method == "GET");
-}
-
-void MetricsHttpServer::Respond(int fd, int code, const std::string& reason,
-                                const std::string& content_type, const std::string& body,
-                                bool send_body, const std::string& extra_headers) {
-  std::string response = absl::StrCat(
-      "HTTP/1.1 ", code, " ", reason, "\r\nContent-Type: ", content_type,
-      "\r\nContent-Length: ", body.size(), "\r\n", extra_headers, "Connection: close\r\n\r\n");
-  if (send_body) response += body;
-  const absl::Time deadline = absl::Now() + options_.io_timeout;
-  size_t sent = 0;
-  while (sent < response.size()) {
-    if (!WaitFor(fd, POLLOUT, deadline)) return;
-    const ssize_t n = send(fd, response.data() + sent, response.size() - sent, MSG_NOSIGNAL);
-    if (n < 0 && (errno == EAGAIN || errno == EINTR)) continue;
-    if (n <= 0) return;
-    sent += static_cast<size_t>(n);
-  }
-  shutdown(fd, SHUT_WR);
+  // Joins the daemon's thread, closes its connections and the listening socket.
+  if (daemon_ != nullptr) MHD_stop_daemon(daemon_);
 }
 
 }  // namespace dmdserve
