@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <deque>
+#include <memory>
 #include <optional>
 #include <string>
 #include <utility>
@@ -10,6 +11,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "server/status_util.h"
+#include "server/wire_format.h"
 #include "spdlog/spdlog.h"
 
 namespace dmdserve {
@@ -138,34 +140,70 @@ absl::Status ImageGenerationService::Submit(GenerateParams params, GenerateCallb
   return submitted;
 }
 
-grpc::ServerUnaryReactor* ImageGenerationService::Generate(grpc::CallbackServerContext* context,
-                                                           const v1::GenerateRequest* request,
-                                                           v1::GenerateResponse* response) {
-  const absl::Time started = absl::Now();
+template <typename Request, typename Response, typename Handler>
+grpc::ServerUnaryReactor* ImageGenerationService::Unary(RpcMethod method,
+                                                        grpc::CallbackServerContext* context,
+                                                        const grpc::ByteBuffer* request_bytes,
+                                                        grpc::ByteBuffer* response_bytes,
+                                                        Handler handler) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  struct Call {
+    Request request;
+    Response response;
+  };
+  auto call = std::make_shared<Call>();
+  Finisher finish = [reactor, response_bytes, call](grpc::Status status) {
+    if (status.ok()) {
+      if (absl::Status s = SerializeResponse(call->response, response_bytes); !s.ok()) {
+        status = ToGrpcStatus(s);
+      }
+    }
+    reactor->Finish(status);
+  };
+  if (absl::Status parsed = ParseRequest(*request_bytes, &call->request); !parsed.ok()) {
+    const grpc::Status status = ToGrpcStatus(parsed);
+    Finished(method, "", "", status, absl::Now(), 0);
+    finish(status);
+    return reactor;
+  }
+  handler(call->request, &call->response, std::move(finish));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* ImageGenerationService::Generate(grpc::CallbackServerContext* context,
+                                                           const grpc::ByteBuffer* request,
+                                                           grpc::ByteBuffer* response) {
+  return Unary<v1::GenerateRequest, v1::GenerateResponse>(
+      RpcMethod::kGenerate, context, request, response,
+      [this, context](const v1::GenerateRequest& parsed, v1::GenerateResponse* out,
+                      Finisher finish) { GenerateParsed(context, parsed, out, std::move(finish)); });
+}
+
+void ImageGenerationService::GenerateParsed(grpc::CallbackServerContext* context,
+                                            const v1::GenerateRequest& request,
+                                            v1::GenerateResponse* response, Finisher finish) {
+  const absl::Time started = absl::Now();
   auto fail = [&](std::string_view model, const absl::Status& s) {
     grpc::Status status = ToGrpcStatus(s);
-    Finished(RpcMethod::kGenerate, model, request->request_id(), status, started, 0);
-    reactor->Finish(status);
-    return reactor;
+    Finished(RpcMethod::kGenerate, model, request.request_id(), status, started, 0);
+    finish(status);
   };
-  absl::StatusOr<GenerateParams> params = Prepare(*request, context);
-  if (!params.ok()) return fail(request->model(), params.status());
+  absl::StatusOr<GenerateParams> params = Prepare(request, context);
+  if (!params.ok()) return fail(request.model(), params.status());
   const std::string model = params->model;
 
   GenerateCallbacks callbacks;
-  callbacks.on_done = [this, reactor, response, started, model, request_id = params->request_id](
+  callbacks.on_done = [this, finish, response, started, model, request_id = params->request_id](
                           absl::Status status, GenerateResult result) {
     const int images = status.ok() ? static_cast<int>(result.images.size()) : 0;
     if (status.ok()) ToProto(request_id, std::move(result), response);
     grpc::Status grpc_status = ToGrpcStatus(status);
     Finished(RpcMethod::kGenerate, model, request_id, grpc_status, started, images);
-    reactor->Finish(grpc_status);
+    finish(grpc_status);
   };
   if (absl::Status s = Submit(*std::move(params), std::move(callbacks), context); !s.ok()) {
-    return fail(model, s);
+    fail(model, s);
   }
-  return reactor;
 }
 
 // Streams each image as soon as the backend hands it over. One write is outstanding at a time;
@@ -175,12 +213,16 @@ grpc::ServerUnaryReactor* ImageGenerationService::Generate(grpc::CallbackServerC
 // on_done has released `mu_`, a gRPC thread may finish the RPC and delete the reactor, so the
 // backend thread must not touch it again.
 class ImageGenerationService::StreamReactor final
-    : public grpc::ServerWriteReactor<v1::GeneratedImage> {
+    : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
   StreamReactor(ImageGenerationService* service, grpc::CallbackServerContext* context)
       : service_(service), context_(context), started_(absl::Now()) {}
 
-  void Start(const v1::GenerateRequest& request) {
+  void Start(const grpc::ByteBuffer& request_bytes) {
+    v1::GenerateRequest request;
+    if (absl::Status parsed = ParseRequest(request_bytes, &request); !parsed.ok()) {
+      return FailNow("", parsed);
+    }
     request_id_ = request.request_id();
     absl::StatusOr<GenerateParams> params = service_->Prepare(request, context_);
     if (!params.ok()) return FailNow(request.model(), params.status());
@@ -188,8 +230,16 @@ class ImageGenerationService::StreamReactor final
 
     GenerateCallbacks callbacks;
     callbacks.on_image = [this](GeneratedImage image, const GenerateResult& so_far) {
-      v1::GeneratedImage out = ToStreamedImage(request_id_, model_, std::move(image), so_far);
-      Pump([&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { pending_.push_back(std::move(out)); });
+      grpc::ByteBuffer out;
+      const absl::Status serialized = SerializeResponse(
+          ToStreamedImage(request_id_, model_, std::move(image), so_far), &out);
+      Pump([&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        if (serialized.ok()) {
+          pending_.push_back(std::move(out));
+        } else {
+          broken_ = true;  // cannot happen for our messages; fail the stream rather than skip
+        }
+      });
     };
     callbacks.on_done = [this](absl::Status status, GenerateResult) {
       Pump([&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { final_status_ = ToGrpcStatus(status); });
@@ -227,7 +277,7 @@ class ImageGenerationService::StreamReactor final
   // written and the backend is done; both under one hold of `mu_`. After it returns, the caller
   // must not touch the reactor (it may have been deleted).
   void Pump(absl::FunctionRef<void()> update) {
-    const v1::GeneratedImage* to_write = nullptr;
+    const grpc::ByteBuffer* to_write = nullptr;
     std::optional<grpc::Status> to_finish;
     int images = 0;
     {
@@ -263,7 +313,7 @@ class ImageGenerationService::StreamReactor final
   std::string model_;
 
   absl::Mutex mu_;
-  std::deque<v1::GeneratedImage> pending_ ABSL_GUARDED_BY(mu_);
+  std::deque<grpc::ByteBuffer> pending_ ABSL_GUARDED_BY(mu_);
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool broken_ ABSL_GUARDED_BY(mu_) = false;
   bool finish_called_ ABSL_GUARDED_BY(mu_) = false;
@@ -271,34 +321,44 @@ class ImageGenerationService::StreamReactor final
   std::optional<grpc::Status> final_status_ ABSL_GUARDED_BY(mu_);
 };
 
-grpc::ServerWriteReactor<v1::GeneratedImage>* ImageGenerationService::GenerateStream(
-    grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
+grpc::ServerWriteReactor<grpc::ByteBuffer>* ImageGenerationService::GenerateStream(
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer* request) {
   auto* reactor = new StreamReactor(this, context);
   reactor->Start(*request);
   return reactor;
 }
 
 grpc::ServerUnaryReactor* ImageGenerationService::ListModels(grpc::CallbackServerContext* context,
-                                                             const v1::ListModelsRequest* request,
-                                                             v1::ListModelsResponse* response) {
-  const absl::Time started = absl::Now();
-  for (const ModelInfo& info : backend_->ListModels()) ToProto(info, response->add_models());
-  Finished(RpcMethod::kListModels, "", "", grpc::Status::OK, started, 0);
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(grpc::Status::OK);
-  return reactor;
+                                                             const grpc::ByteBuffer* request,
+                                                             grpc::ByteBuffer* response) {
+  return Unary<v1::ListModelsRequest, v1::ListModelsResponse>(
+      RpcMethod::kListModels, context, request, response,
+      [this](const v1::ListModelsRequest&, v1::ListModelsResponse* out, Finisher finish) {
+        const absl::Time started = absl::Now();
+        for (const ModelInfo& info : backend_->ListModels()) ToProto(info, out->add_models());
+        Finished(RpcMethod::kListModels, "", "", grpc::Status::OK, started, 0);
+        finish(grpc::Status::OK);
+      });
 }
 
 grpc::ServerUnaryReactor* ImageGenerationService::Tokenize(grpc::CallbackServerContext* context,
-                                                           const v1::TokenizeRequest* request,
-                                                           v1::TokenizeResponse* response) {
+                                                           const grpc::ByteBuffer* request,
+                                                           grpc::ByteBuffer* response) {
+  return Unary<v1::TokenizeRequest, v1::TokenizeResponse>(
+      RpcMethod::kTokenize, context, request, response,
+      [this](const v1::TokenizeRequest& parsed, v1::TokenizeResponse* out, Finisher finish) {
+        TokenizeParsed(parsed, out, std::move(finish));
+      });
+}
+
+void ImageGenerationService::TokenizeParsed(const v1::TokenizeRequest& request,
+                                            v1::TokenizeResponse* response, Finisher finish) {
   const absl::Time started = absl::Now();
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   absl::StatusOr<TokenizeResult> result = [&]() -> absl::StatusOr<TokenizeResult> {
-    if (absl::Status s = ValidateTokenizeRequest(*request, limits_); !s.ok()) return s;
-    return backend_->Tokenize(request->model(), request->text());
+    if (absl::Status s = ValidateTokenizeRequest(request, limits_); !s.ok()) return s;
+    return backend_->Tokenize(request.model(), request.text());
   }();
-  std::string model = result.ok() ? result->model : request->model();
+  std::string model = result.ok() ? result->model : request.model();
   if (result.ok()) {
     response->set_model(result->model);
     response->mutable_ids()->Assign(result->ids.begin(), result->ids.end());
@@ -308,8 +368,7 @@ grpc::ServerUnaryReactor* ImageGenerationService::Tokenize(grpc::CallbackServerC
   }
   grpc::Status status = ToGrpcStatus(result.status());
   Finished(RpcMethod::kTokenize, model, "", status, started, 0);
-  reactor->Finish(status);
-  return reactor;
+  finish(status);
 }
 
 }  // namespace dmdserve

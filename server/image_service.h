@@ -1,6 +1,8 @@
 // ImageGenerationService: the gRPC callback-API implementation of dmdserve.v1.ImageGeneration.
 //
-// A thin adapter: each handler validates the request and converts it to native types
+// A thin adapter: each handler parses the request bytes (wire_format.h: an unparseable request
+// gets INVALID_ARGUMENT, is counted and logged, instead of gRPC's bare UNIMPLEMENTED), validates
+// the request and converts it to native types
 // (request_validation.h), hands it to the backend (generation_backend.h: the Engine, in dmdserve)
 // and returns at once -- no handler blocks. The backend's completion callbacks finish the reactors
 // on its threads. Statuses are mapped to gRPC once (status_util.h); each finished RPC is counted
@@ -10,6 +12,8 @@
 #ifndef DMDSERVE_SERVER_IMAGE_SERVICE_H_
 #define DMDSERVE_SERVER_IMAGE_SERVICE_H_
 
+#include <functional>
+
 #include "dmdserve/v1/dmdserve.grpc.pb.h"
 #include "server/generation_backend.h"
 #include "server/metrics.h"
@@ -17,25 +21,48 @@
 
 namespace dmdserve {
 
-class ImageGenerationService final : public v1::ImageGeneration::CallbackService {
+// Every method takes and returns bytes (the generated "raw" callback methods), parsed here.
+using RawImageGenerationService = v1::ImageGeneration::WithRawCallbackMethod_Generate<
+    v1::ImageGeneration::WithRawCallbackMethod_GenerateStream<
+        v1::ImageGeneration::WithRawCallbackMethod_ListModels<
+            v1::ImageGeneration::WithRawCallbackMethod_Tokenize<
+                v1::ImageGeneration::CallbackService>>>>;
+
+class ImageGenerationService final : public RawImageGenerationService {
  public:
   ImageGenerationService(GenerationBackend* backend, Metrics* metrics, RequestLimits limits)
       : backend_(backend), metrics_(metrics), limits_(limits) {}
 
   grpc::ServerUnaryReactor* Generate(grpc::CallbackServerContext* context,
-                                     const v1::GenerateRequest* request,
-                                     v1::GenerateResponse* response) override;
-  grpc::ServerWriteReactor<v1::GeneratedImage>* GenerateStream(
-      grpc::CallbackServerContext* context, const v1::GenerateRequest* request) override;
+                                     const grpc::ByteBuffer* request,
+                                     grpc::ByteBuffer* response) override;
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* GenerateStream(
+      grpc::CallbackServerContext* context, const grpc::ByteBuffer* request) override;
   grpc::ServerUnaryReactor* ListModels(grpc::CallbackServerContext* context,
-                                       const v1::ListModelsRequest* request,
-                                       v1::ListModelsResponse* response) override;
+                                       const grpc::ByteBuffer* request,
+                                       grpc::ByteBuffer* response) override;
   grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* context,
-                                     const v1::TokenizeRequest* request,
-                                     v1::TokenizeResponse* response) override;
+                                     const grpc::ByteBuffer* request,
+                                     grpc::ByteBuffer* response) override;
 
  private:
   class StreamReactor;
+  // Ends a unary RPC: serializes the typed response into the reply bytes when the status is OK.
+  using Finisher = std::function<void(grpc::Status)>;
+
+  // The typed handlers behind the raw methods; each calls `finish` exactly once.
+  void GenerateParsed(grpc::CallbackServerContext* context, const v1::GenerateRequest& request,
+                      v1::GenerateResponse* response, Finisher finish);
+  void TokenizeParsed(const v1::TokenizeRequest& request, v1::TokenizeResponse* response,
+                      Finisher finish);
+
+  // Parses a unary request into a Request kept (with its Response) until the RPC finishes, and
+  // runs `handler(request, response, finish)`; an unparseable one finishes with
+  // INVALID_ARGUMENT, counted and logged as `method`.
+  template <typename Request, typename Response, typename Handler>
+  grpc::ServerUnaryReactor* Unary(RpcMethod method, grpc::CallbackServerContext* context,
+                                  const grpc::ByteBuffer* request_bytes,
+                                  grpc::ByteBuffer* response_bytes, Handler handler);
 
   // Validates a Generate/GenerateStream request and resolves its model (params.model is then the
   // served model's name).
