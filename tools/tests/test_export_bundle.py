@@ -4,7 +4,6 @@ tools/reference_pipeline.py, the served loop in Python) against DMD2 sampling wr
 independently with the eager modules."""
 
 import filecmp
-import json
 import os
 import tempfile
 import unittest
@@ -32,10 +31,7 @@ def export(out: str, *extra: str) -> str:
     return out
 
 
-def manifest(bundle: str) -> dict:
-    with open(os.path.join(bundle, "model.json"), encoding="utf-8") as f:
-        return json.load(f)
-
+manifest = util.read_manifest
 
 def prompts(seed: int) -> list:
     return [{"input_ids": v["input_ids_77"], "seed": seed + i}

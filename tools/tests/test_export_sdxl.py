@@ -44,10 +44,7 @@ def export(folder: str, out: str, *extra: str) -> str:
     return out
 
 
-def manifest(bundle: str) -> dict:
-    with open(os.path.join(bundle, "model.json"), encoding="utf-8") as f:
-        return json.load(f)
-
+manifest = util.read_manifest
 
 def alphas(timesteps: list) -> list:
     """alphas_cumprod at `timesteps` by docs/BUNDLE.md's definition (SD's scaled-linear)."""

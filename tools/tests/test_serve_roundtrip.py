@@ -14,7 +14,7 @@ import unittest
 
 import torch
 
-from harness import Server, pb
+from harness import pb
 from tools.sd15.diffusers_folder import DiffusersFolder
 from tools.tests import util
 from tools.tests.test_export_bundle import export
@@ -26,7 +26,7 @@ def setUpModule():
     torch.set_num_threads(1)
 
 
-class ServeRoundTripTest(unittest.TestCase):
+class ServeRoundTripTest(util.ServedBundlesTestCase, unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.tmp = tempfile.TemporaryDirectory()
@@ -42,13 +42,7 @@ class ServeRoundTripTest(unittest.TestCase):
         dmd_folder = DiffusersFolder.open(util.TINY_FOLDER, util.DMD_REPLACEMENT)
         cls.unets = {"tiny-sd15": folder.load_unet(), "tiny-dmd2": dmd_folder.load_unet()}
         cls.rp = util.reference_pipeline()
-        cls.server = Server("--warmup_runs=1", model_dirs=tuple(cls.bundles.values()))
-
-    @classmethod
-    def tearDownClass(cls):
-        code = cls.server.stop()
-        cls.tmp.cleanup()
-        assert code == 0, cls.server.log()
+        cls.start_server()
 
     def test_models_are_listed_with_the_exported_settings(self):
         models = {m.name: m for m in

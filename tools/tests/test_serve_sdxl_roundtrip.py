@@ -18,7 +18,7 @@ import unittest
 
 import torch
 
-from harness import Server, pb
+from harness import pb
 from tools.sd15.sdxl_folder import SDXLFolder
 from tools.tests import sdxl_loops, util
 from tools.tests.test_sdxl_sampling import export, models, sdxl_items
@@ -31,7 +31,7 @@ def setUpModule():
     torch.set_num_threads(1)
 
 
-class ServeSDXLRoundTripTest(unittest.TestCase):
+class ServeSDXLRoundTripTest(util.ServedBundlesTestCase, unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.tmp = tempfile.TemporaryDirectory()
@@ -61,13 +61,7 @@ class ServeSDXLRoundTripTest(unittest.TestCase):
                                     name, "--batch-sizes", "1,2")
                        for name, (args, _, _) in cases.items()}
         cls.rp = util.reference_pipeline()
-        cls.server = Server("--warmup_runs=1", model_dirs=tuple(cls.bundles.values()))
-
-    @classmethod
-    def tearDownClass(cls):
-        code = cls.server.stop()
-        cls.tmp.cleanup()
-        assert code == 0, cls.server.log()
+        cls.start_server()
 
     def test_models_are_listed_with_the_exported_settings(self):
         listed = {m.name: m for m in

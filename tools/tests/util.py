@@ -102,6 +102,12 @@ def build_sdxl_folder(tmp: str, skip=(), text_encoder_extra=None) -> str:
     return root
 
 
+def read_manifest(bundle: str) -> dict:
+    """A bundle's model.json."""
+    with open(os.path.join(bundle, "model.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
 def tokenizer_vectors() -> list:
     """The CLIP tokenizer reference vectors: {"text", "input_ids_77", ...} per line."""
     with open(TOKENIZER_VECTORS, encoding="utf-8") as f:
@@ -146,3 +152,20 @@ def run_quietly(main, argv: list):
 def reference_pipeline():
     """tools/reference_pipeline.py (the served sampling loop in Python) as a module."""
     return reference_pipeline_module
+
+
+class ServedBundlesTestCase:
+    """Mixin for the export -> serve round trips: setUpClass fills `cls.bundles` ({name: bundle
+    directory}, exported under `cls.tmp`, a TemporaryDirectory) and calls start_server(); the
+    server must drain and exit 0 at the end. Needs the integration environment (harness)."""
+
+    @classmethod
+    def start_server(cls):
+        from harness import Server  # noqa: E402 (tests/integration, on PYTHONPATH under CTest)
+        cls.server = Server("--warmup_runs=1", model_dirs=tuple(cls.bundles.values()))
+
+    @classmethod
+    def tearDownClass(cls):
+        code = cls.server.stop()
+        cls.tmp.cleanup()
+        assert code == 0, cls.server.log()
