@@ -21,6 +21,11 @@ ABSL_FLAG(std::string, target, "",
           "Server address (a gRPC target such as host:port); when empty: $DMDCTL_TARGET, else "
           "localhost:50051.");
 ABSL_FLAG(double, timeout_s, 60, "Deadline of each call, in seconds (> 0).");
+ABSL_FLAG(std::string, tls_ca_file, "",
+          "PEM CA bundle to verify the server's TLS certificate with; set: connect with TLS.");
+ABSL_FLAG(std::string, tls_cert_file, "",
+          "PEM client certificate for servers that require one (mutual TLS), with --tls_key_file.");
+ABSL_FLAG(std::string, tls_key_file, "", "PEM private key of --tls_cert_file.");
 // Command flags.
 ABSL_FLAG(std::string, model, "", "Model name (see `dmdctl models`); empty: the server's default.");
 ABSL_FLAG(int32_t, num_images, 1, "Images per request (>= 1).");
@@ -65,7 +70,8 @@ struct CommandSpec {
 };
 
 const std::vector<std::string>& GlobalFlags() {
-  static const auto* flags = new std::vector<std::string>{"target", "timeout_s"};
+  static const auto* flags = new std::vector<std::string>{"target", "timeout_s", "tls_ca_file",
+                                                         "tls_cert_file", "tls_key_file"};
   return *flags;
 }
 
@@ -317,6 +323,9 @@ absl::StatusOr<DmdClient::Options> ClientOptionsFromFlags(const char* env_target
     return absl::InvalidArgumentError(absl::StrCat("--timeout_s must be > 0, got ", timeout_s));
   }
   options.timeout = absl::Seconds(timeout_s);
+  options.tls_ca_file = absl::GetFlag(FLAGS_tls_ca_file);
+  options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert_file);
+  options.tls_key_file = absl::GetFlag(FLAGS_tls_key_file);
   return options;
 }
 

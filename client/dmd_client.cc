@@ -1,5 +1,9 @@
 #include "client/dmd_client.h"
 
+#include <fstream>
+#include <sstream>
+#include <utility>
+
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "grpcpp/client_context.h"
@@ -13,6 +17,41 @@ absl::Status FromGrpcStatus(const grpc::Status& status) {
   return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
 }
 
+namespace {
+
+// The whole file; INVALID_ARGUMENT naming `flag` when it cannot be read or is empty.
+absl::StatusOr<std::string> ReadPem(const char* flag, const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream bytes;
+  bytes << in.rdbuf();
+  if (!in || bytes.str().empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(flag, "=", path, ": cannot read the file"));
+  }
+  return bytes.str();
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> Credentials(
+    const DmdClient::Options& options) {
+  if (!options.tls()) return grpc::InsecureChannelCredentials();
+  if (options.tls_cert_file.empty() != options.tls_key_file.empty()) {
+    return absl::InvalidArgumentError("--tls_cert_file and --tls_key_file go together: set both");
+  }
+  grpc::SslCredentialsOptions ssl;
+  const std::pair<const char*, std::pair<const std::string*, std::string*>> files[] = {
+      {"--tls_ca_file", {&options.tls_ca_file, &ssl.pem_root_certs}},
+      {"--tls_cert_file", {&options.tls_cert_file, &ssl.pem_cert_chain}},
+      {"--tls_key_file", {&options.tls_key_file, &ssl.pem_private_key}}};
+  for (const auto& [flag, paths] : files) {
+    if (paths.first->empty()) continue;
+    absl::StatusOr<std::string> pem = ReadPem(flag, *paths.first);
+    if (!pem.ok()) return pem.status();
+    *paths.second = *std::move(pem);
+  }
+  return grpc::SslCredentials(ssl);
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<DmdClient>> DmdClient::Create(const Options& options) {
   if (options.target.empty()) return absl::InvalidArgumentError("DmdClient: target is empty");
   if (options.timeout <= absl::ZeroDuration()) {
@@ -23,10 +62,12 @@ absl::StatusOr<std::unique_ptr<DmdClient>> DmdClient::Create(const Options& opti
     return absl::InvalidArgumentError(absl::StrCat(
         "DmdClient: max_response_bytes must be >= 0, got ", options.max_response_bytes));
   }
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials = Credentials(options);
+  if (!credentials.ok()) return credentials.status();
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(options.max_response_bytes == 0 ? -1 : options.max_response_bytes);
   std::shared_ptr<grpc::Channel> channel =
-      grpc::CreateCustomChannel(options.target, grpc::InsecureChannelCredentials(), args);
+      grpc::CreateCustomChannel(options.target, *credentials, args);
   return std::unique_ptr<DmdClient>(new DmdClient(options, channel));
 }
 

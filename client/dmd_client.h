@@ -34,6 +34,14 @@ class DmdClient {
     // Largest response message accepted, in bytes. 0 (default): unlimited. (gRPC's own default,
     // 4 MiB, is smaller than a response with a few raw 512x512 images.)
     int max_response_bytes = 0;
+    // TLS: a PEM CA bundle to verify the server with. Empty (default): plaintext, unless a
+    // client certificate is set (then the system's roots verify the server).
+    std::string tls_ca_file;
+    // mTLS: the client's PEM certificate chain and private key, both or neither.
+    std::string tls_cert_file;
+    std::string tls_key_file;
+
+    bool tls() const { return !tls_ca_file.empty() || !tls_cert_file.empty(); }
   };
 
   static absl::StatusOr<std::unique_ptr<DmdClient>> Create(const Options& options);

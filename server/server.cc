@@ -58,6 +58,21 @@ void ConfigureBuilder(const DmdServer::Options& options, grpc::ServerBuilder& bu
   builder.SetMaxSendMessageSize(options.max_send_message_bytes);
 }
 
+// Says so at start-up when the gRPC port is reachable from other machines in plaintext.
+void WarnIfExposed(const DmdServer::Options& options) {
+  if (options.tls.enabled()) {
+    spdlog::info("gRPC port: TLS{} (certificate files re-read every {}s)",
+                 options.tls.client_ca_file.empty() ? "" : " with client certificates (mTLS)",
+                 options.tls.refresh_s);
+  } else if (!IsLoopbackHost(options.listen_host)) {
+    spdlog::warn(
+        "listening on {} without TLS: requests, prompts and images cross the network in "
+        "plaintext; set --tls_cert_file and --tls_key_file, or --listen_host=127.0.0.1 behind a "
+        "TLS-terminating proxy",
+        options.listen_host);
+  }
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<DmdServer>> DmdServer::Create(Options options) {
@@ -97,10 +112,14 @@ absl::StatusOr<std::unique_ptr<DmdServer>> DmdServer::Create(Options options) {
   s->service_ = std::make_unique<ImageGenerationService>(s->backend_.get(), s->metrics_.get(),
                                                          options.limits);
   grpc::EnableDefaultHealthCheckService(true);
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
+      MakeServerCredentials(options.tls);
+  if (!credentials.ok()) return credentials.status();
+  WarnIfExposed(options);
   grpc::ServerBuilder builder;
   ConfigureBuilder(options, builder);
   const std::string address = absl::StrCat(options.listen_host, ":", options.port);
-  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &s->port_);
+  builder.AddListeningPort(address, *credentials, &s->port_);
   builder.RegisterService(s->service_.get());
   s->server_ = builder.BuildAndStart();
   if (s->server_ == nullptr || s->port_ == 0) {

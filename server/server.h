@@ -17,6 +17,7 @@
 #include "server/generation_backend.h"
 #include "server/metrics_http.h"
 #include "server/request_validation.h"
+#include "server/tls.h"
 #include "worker/engine.h"
 
 namespace grpc {
@@ -40,6 +41,9 @@ class DmdServer {
   struct Options {
     // Address to listen on for gRPC and /metrics. Default all interfaces.
     std::string listen_host = "0.0.0.0";
+    // TLS for the gRPC port (server/tls.h); default off (plaintext, with a warning at start-up
+    // when listen_host is not a loopback address). /metrics stays plaintext.
+    TlsOptions tls;
     // gRPC port; 0 picks a free port (see port()). Default 50051.
     int port = 50051;
     // Prometheus /metrics port; 0 picks a free port (see metrics_port()). Default 9464.

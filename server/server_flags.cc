@@ -86,6 +86,15 @@ ABSL_FLAG(int, max_send_message_bytes, 256 << 20, "Largest response message, in 
 ABSL_FLAG(int, drain_grace_s, 30,
           "Seconds accepted requests may take to finish after SIGTERM before being cancelled.");
 ABSL_FLAG(bool, reflection, true, "Serve gRPC server reflection (grpc.reflection.v1alpha).");
+ABSL_FLAG(std::string, tls_cert_file, "",
+          "PEM certificate chain: the gRPC port speaks TLS only (with --tls_key_file); empty: "
+          "plaintext.");
+ABSL_FLAG(std::string, tls_key_file, "", "PEM private key of --tls_cert_file.");
+ABSL_FLAG(std::string, tls_client_ca_file, "",
+          "PEM CA bundle: clients must present a certificate it signed (mutual TLS).");
+ABSL_FLAG(int, tls_refresh_s, 60,
+          "How often the TLS files are re-read while serving, in seconds (renewed certificates "
+          "take effect without a restart; open connections stay).");
 ABSL_FLAG(std::string, log_level, "info",
           "Log level: trace, debug, info (one line per request), warn, error, off.");
 ABSL_FLAG(std::string, log_format, "text", "Log format: text or json (one JSON object a line).");
@@ -229,6 +238,11 @@ absl::StatusOr<DmdServer::Options> OptionsFromFlags(std::vector<std::string>* wa
   options.port = absl::GetFlag(FLAGS_port);
   options.metrics_port = absl::GetFlag(FLAGS_metrics_port);
   options.reflection = absl::GetFlag(FLAGS_reflection);
+  options.tls.cert_file = absl::GetFlag(FLAGS_tls_cert_file);
+  options.tls.key_file = absl::GetFlag(FLAGS_tls_key_file);
+  options.tls.client_ca_file = absl::GetFlag(FLAGS_tls_client_ca_file);
+  options.tls.refresh_s = absl::GetFlag(FLAGS_tls_refresh_s);
+  if (absl::Status s = ValidateTls(options.tls); !s.ok()) return s;
   options.max_receive_message_bytes = absl::GetFlag(FLAGS_max_receive_message_bytes);
   options.max_send_message_bytes = absl::GetFlag(FLAGS_max_send_message_bytes);
   options.drain_grace = absl::Seconds(absl::GetFlag(FLAGS_drain_grace_s));
