@@ -18,6 +18,8 @@ PKGS=(
   libutf8proc-dev
   # the /metrics HTTP endpoint (server/metrics_http.h)
   libmicrohttpd-dev
+  # TLS start-up checks (server/tls.h); the openssl command makes the tests' certificates
+  libssl-dev openssl
   # tests and benchmarks
   libgtest-dev libgmock-dev libbenchmark-dev prometheus yamllint
   # code-size lint (tests/lint): function extents
