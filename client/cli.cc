@@ -1,5 +1,6 @@
 #include "client/cli.h"
 
+#include <cstdlib>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -26,6 +27,9 @@ ABSL_FLAG(std::string, tls_ca_file, "",
 ABSL_FLAG(std::string, tls_cert_file, "",
           "PEM client certificate for servers that require one (mutual TLS), with --tls_key_file.");
 ABSL_FLAG(std::string, tls_key_file, "", "PEM private key of --tls_cert_file.");
+ABSL_FLAG(std::string, api_key, "",
+          "API key for servers started with --api_keys_file; when empty: $DMDSERVE_API_KEY. "
+          "(The environment keeps the key out of the process list.)");
 // Command flags.
 ABSL_FLAG(std::string, model, "", "Model name (see `dmdctl models`); empty: the server's default.");
 ABSL_FLAG(int32_t, num_images, 1, "Images per request (>= 1).");
@@ -70,8 +74,8 @@ struct CommandSpec {
 };
 
 const std::vector<std::string>& GlobalFlags() {
-  static const auto* flags = new std::vector<std::string>{"target", "timeout_s", "tls_ca_file",
-                                                         "tls_cert_file", "tls_key_file"};
+  static const auto* flags = new std::vector<std::string>{
+      "target", "timeout_s", "tls_ca_file", "tls_cert_file", "tls_key_file", "api_key"};
   return *flags;
 }
 
@@ -326,6 +330,11 @@ absl::StatusOr<DmdClient::Options> ClientOptionsFromFlags(const char* env_target
   options.tls_ca_file = absl::GetFlag(FLAGS_tls_ca_file);
   options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert_file);
   options.tls_key_file = absl::GetFlag(FLAGS_tls_key_file);
+  options.api_key = absl::GetFlag(FLAGS_api_key);
+  if (const char* env_key = std::getenv("DMDSERVE_API_KEY");
+      options.api_key.empty() && env_key != nullptr) {
+    options.api_key = env_key;
+  }
   return options;
 }
 

@@ -78,6 +78,9 @@ DmdClient::DmdClient(const Options& options, const std::shared_ptr<grpc::Channel
 
 void DmdClient::Prepare(grpc::ClientContext* context) const {
   context->set_deadline(absl::ToChronoTime(absl::Now() + options_.timeout));
+  if (!options_.api_key.empty()) {
+    context->AddMetadata("authorization", absl::StrCat("Bearer ", options_.api_key));
+  }
 }
 
 absl::StatusOr<v1::GenerateResponse> DmdClient::Generate(const v1::GenerateRequest& request) const {

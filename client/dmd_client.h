@@ -41,6 +41,9 @@ class DmdClient {
     std::string tls_cert_file;
     std::string tls_key_file;
 
+    // API key sent with every call as "authorization: Bearer KEY". Empty (default): none.
+    std::string api_key;
+
     bool tls() const { return !tls_ca_file.empty() || !tls_cert_file.empty(); }
   };
 

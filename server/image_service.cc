@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "absl/functional/function_ref.h"
+#include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "server/status_util.h"
@@ -16,6 +17,9 @@
 
 namespace dmdserve {
 namespace {
+
+// The key label of requests refused before a key was known (unparseable or unauthenticated).
+constexpr char kUnauthenticatedKey[] = "_unauthenticated";
 
 absl::Time DeadlineOf(const grpc::CallbackServerContext* context) {
   const auto deadline = context->deadline();
@@ -100,18 +104,36 @@ void ToProto(const ModelInfo& info, v1::ModelInfo* out) {
 
 void ImageGenerationService::Finished(RpcMethod method, std::string_view model,
                                       const std::string& request_id, const grpc::Status& status,
-                                      absl::Time started, int images) {
+                                      absl::Time started, int images, std::string_view key) {
   const absl::Duration elapsed = absl::Now() - started;
   metrics_->RecordRequest(method, model, status.error_code(), elapsed, images);
+  if (keys_ != nullptr) metrics_->RecordKeyRequest(key, status.error_code(), images);
+  const std::string key_field = keys_ != nullptr ? absl::StrCat(" key=", std::string(key)) : "";
   if (status.ok()) {
-    spdlog::info("rpc={} request_id={} model={} images={} code=OK seconds={:.4f}",
-                 RpcMethodName(method), request_id, model, images, absl::ToDoubleSeconds(elapsed));
+    spdlog::info("rpc={} request_id={} model={}{} images={} code=OK seconds={:.4f}",
+                 RpcMethodName(method), request_id, model, key_field, images,
+                 absl::ToDoubleSeconds(elapsed));
   } else {
-    spdlog::info("rpc={} request_id={} model={} images={} code={} seconds={:.4f} error=\"{}\"",
-                 RpcMethodName(method), request_id, model, images,
+    spdlog::info("rpc={} request_id={} model={}{} images={} code={} seconds={:.4f} error=\"{}\"",
+                 RpcMethodName(method), request_id, model, key_field, images,
                  GrpcCodeName(status.error_code()), absl::ToDoubleSeconds(elapsed),
                  status.error_message());
   }
+}
+
+absl::StatusOr<std::string> ImageGenerationService::Authorize(
+    const grpc::CallbackServerContext* context) const {
+  if (keys_ == nullptr) return std::string();
+  const auto& metadata = context->client_metadata();
+  const auto it = metadata.find("authorization");
+  const absl::string_view value =
+      it == metadata.end() ? absl::string_view() : absl::string_view(it->second.data(),
+                                                                     it->second.size());
+  return keys_->Authenticate(value);
+}
+
+absl::Status ImageGenerationService::Admit(const std::string& key, int images) const {
+  return keys_ == nullptr ? absl::OkStatus() : keys_->Admit(key, images);
 }
 
 absl::StatusOr<GenerateParams> ImageGenerationService::Prepare(
@@ -162,11 +184,18 @@ grpc::ServerUnaryReactor* ImageGenerationService::Unary(RpcMethod method,
   };
   if (absl::Status parsed = ParseRequest(*request_bytes, &call->request); !parsed.ok()) {
     const grpc::Status status = ToGrpcStatus(parsed);
-    Finished(method, "", "", status, absl::Now(), 0);
+    Finished(method, "", "", status, absl::Now(), 0, kUnauthenticatedKey);
     finish(status);
     return reactor;
   }
-  handler(call->request, &call->response, std::move(finish));
+  absl::StatusOr<std::string> key = Authorize(context);
+  if (!key.ok()) {
+    const grpc::Status status = ToGrpcStatus(key.status());
+    Finished(method, "", "", status, absl::Now(), 0, kUnauthenticatedKey);
+    finish(status);
+    return reactor;
+  }
+  handler(call->request, *key, &call->response, std::move(finish));
   return reactor;
 }
 
@@ -175,30 +204,35 @@ grpc::ServerUnaryReactor* ImageGenerationService::Generate(grpc::CallbackServerC
                                                            grpc::ByteBuffer* response) {
   return Unary<v1::GenerateRequest, v1::GenerateResponse>(
       RpcMethod::kGenerate, context, request, response,
-      [this, context](const v1::GenerateRequest& parsed, v1::GenerateResponse* out,
-                      Finisher finish) { GenerateParsed(context, parsed, out, std::move(finish)); });
+      [this, context](const v1::GenerateRequest& parsed, const std::string& key,
+                      v1::GenerateResponse* out, Finisher finish) {
+        GenerateParsed(context, parsed, key, out, std::move(finish));
+      });
 }
 
 void ImageGenerationService::GenerateParsed(grpc::CallbackServerContext* context,
                                             const v1::GenerateRequest& request,
+                                            const std::string& key,
                                             v1::GenerateResponse* response, Finisher finish) {
   const absl::Time started = absl::Now();
   auto fail = [&](std::string_view model, const absl::Status& s) {
     grpc::Status status = ToGrpcStatus(s);
-    Finished(RpcMethod::kGenerate, model, request.request_id(), status, started, 0);
+    Finished(RpcMethod::kGenerate, model, request.request_id(), status, started, 0, key);
     finish(status);
   };
   absl::StatusOr<GenerateParams> params = Prepare(request, context);
   if (!params.ok()) return fail(request.model(), params.status());
   const std::string model = params->model;
+  if (absl::Status s = Admit(key, params->num_images); !s.ok()) return fail(model, s);
 
   GenerateCallbacks callbacks;
-  callbacks.on_done = [this, finish, response, started, model, request_id = params->request_id](
-                          absl::Status status, GenerateResult result) {
+  callbacks.on_done = [this, finish, response, started, model, key,
+                       request_id = params->request_id](absl::Status status,
+                                                        GenerateResult result) {
     const int images = status.ok() ? static_cast<int>(result.images.size()) : 0;
     if (status.ok()) ToProto(request_id, std::move(result), response);
     grpc::Status grpc_status = ToGrpcStatus(status);
-    Finished(RpcMethod::kGenerate, model, request_id, grpc_status, started, images);
+    Finished(RpcMethod::kGenerate, model, request_id, grpc_status, started, images, key);
     finish(grpc_status);
   };
   if (absl::Status s = Submit(*std::move(params), std::move(callbacks), context); !s.ok()) {
@@ -220,13 +254,20 @@ class ImageGenerationService::StreamReactor final
 
   void Start(const grpc::ByteBuffer& request_bytes) {
     v1::GenerateRequest request;
+    key_ = kUnauthenticatedKey;
     if (absl::Status parsed = ParseRequest(request_bytes, &request); !parsed.ok()) {
       return FailNow("", parsed);
     }
+    absl::StatusOr<std::string> key = service_->Authorize(context_);
+    if (!key.ok()) return FailNow("", key.status());
+    key_ = *std::move(key);
     request_id_ = request.request_id();
     absl::StatusOr<GenerateParams> params = service_->Prepare(request, context_);
     if (!params.ok()) return FailNow(request.model(), params.status());
     model_ = params->model;
+    if (absl::Status s = service_->Admit(key_, params->num_images); !s.ok()) {
+      return FailNow(model_, s);
+    }
 
     GenerateCallbacks callbacks;
     callbacks.on_image = [this](GeneratedImage image, const GenerateResult& so_far) {
@@ -269,7 +310,7 @@ class ImageGenerationService::StreamReactor final
  private:
   void FailNow(std::string_view model, const absl::Status& s) {
     grpc::Status status = ToGrpcStatus(s);
-    service_->Finished(RpcMethod::kGenerateStream, model, request_id_, status, started_, 0);
+    service_->Finished(RpcMethod::kGenerateStream, model, request_id_, status, started_, 0, key_);
     Finish(status);
   }
 
@@ -301,7 +342,7 @@ class ImageGenerationService::StreamReactor final
       StartWrite(to_write);
     } else if (to_finish.has_value()) {
       service_->Finished(RpcMethod::kGenerateStream, model_, request_id_, *to_finish, started_,
-                         to_finish->ok() ? images : 0);
+                         to_finish->ok() ? images : 0, key_);
       Finish(*to_finish);
     }
   }
@@ -311,6 +352,7 @@ class ImageGenerationService::StreamReactor final
   const absl::Time started_;
   std::string request_id_;
   std::string model_;
+  std::string key_;  // the API key's name
 
   absl::Mutex mu_;
   std::deque<grpc::ByteBuffer> pending_ ABSL_GUARDED_BY(mu_);
@@ -333,7 +375,8 @@ grpc::ServerUnaryReactor* ImageGenerationService::ListModels(grpc::CallbackServe
                                                              grpc::ByteBuffer* response) {
   return Unary<v1::ListModelsRequest, v1::ListModelsResponse>(
       RpcMethod::kListModels, context, request, response,
-      [this](const v1::ListModelsRequest&, v1::ListModelsResponse* out, Finisher finish) {
+      [this](const v1::ListModelsRequest&, const std::string&, v1::ListModelsResponse* out,
+             Finisher finish) {
         const absl::Time started = absl::Now();
         for (const ModelInfo& info : backend_->ListModels()) ToProto(info, out->add_models());
         Finished(RpcMethod::kListModels, "", "", grpc::Status::OK, started, 0);
@@ -346,7 +389,8 @@ grpc::ServerUnaryReactor* ImageGenerationService::Tokenize(grpc::CallbackServerC
                                                            grpc::ByteBuffer* response) {
   return Unary<v1::TokenizeRequest, v1::TokenizeResponse>(
       RpcMethod::kTokenize, context, request, response,
-      [this](const v1::TokenizeRequest& parsed, v1::TokenizeResponse* out, Finisher finish) {
+      [this](const v1::TokenizeRequest& parsed, const std::string&, v1::TokenizeResponse* out,
+             Finisher finish) {
         TokenizeParsed(parsed, out, std::move(finish));
       });
 }

@@ -15,6 +15,7 @@
 #include <functional>
 
 #include "dmdserve/v1/dmdserve.grpc.pb.h"
+#include "server/api_keys.h"
 #include "server/generation_backend.h"
 #include "server/metrics.h"
 #include "server/request_validation.h"
@@ -30,8 +31,10 @@ using RawImageGenerationService = v1::ImageGeneration::WithRawCallbackMethod_Gen
 
 class ImageGenerationService final : public RawImageGenerationService {
  public:
-  ImageGenerationService(GenerationBackend* backend, Metrics* metrics, RequestLimits limits)
-      : backend_(backend), metrics_(metrics), limits_(limits) {}
+  // `keys` (not owned; nullptr: no authentication) must outlive the service.
+  ImageGenerationService(GenerationBackend* backend, Metrics* metrics, RequestLimits limits,
+                         ApiKeys* keys = nullptr)
+      : backend_(backend), metrics_(metrics), limits_(limits), keys_(keys) {}
 
   grpc::ServerUnaryReactor* Generate(grpc::CallbackServerContext* context,
                                      const grpc::ByteBuffer* request,
@@ -52,13 +55,14 @@ class ImageGenerationService final : public RawImageGenerationService {
 
   // The typed handlers behind the raw methods; each calls `finish` exactly once.
   void GenerateParsed(grpc::CallbackServerContext* context, const v1::GenerateRequest& request,
-                      v1::GenerateResponse* response, Finisher finish);
+                      const std::string& key, v1::GenerateResponse* response, Finisher finish);
   void TokenizeParsed(const v1::TokenizeRequest& request, v1::TokenizeResponse* response,
                       Finisher finish);
 
-  // Parses a unary request into a Request kept (with its Response) until the RPC finishes, and
-  // runs `handler(request, response, finish)`; an unparseable one finishes with
-  // INVALID_ARGUMENT, counted and logged as `method`.
+  // Parses a unary request into a Request kept (with its Response) until the RPC finishes,
+  // authenticates it, and runs `handler(request, key name, response, finish)`; an unparseable
+  // one finishes with INVALID_ARGUMENT, an unauthenticated one with UNAUTHENTICATED, both counted
+  // and logged as `method`.
   template <typename Request, typename Response, typename Handler>
   grpc::ServerUnaryReactor* Unary(RpcMethod method, grpc::CallbackServerContext* context,
                                   const grpc::ByteBuffer* request_bytes,
@@ -75,13 +79,20 @@ class ImageGenerationService final : public RawImageGenerationService {
   absl::Status Submit(GenerateParams params, GenerateCallbacks callbacks,
                       grpc::CallbackServerContext* context);
 
-  // Records the metrics and the log line of a finished RPC.
+  // The API key the call carries ("" without --api_keys_file); UNAUTHENTICATED otherwise.
+  absl::StatusOr<std::string> Authorize(const grpc::CallbackServerContext* context) const;
+  // A Generate's admission by its key's rate limit (OK without keys or limit).
+  absl::Status Admit(const std::string& key, int images) const;
+
+  // Records the metrics and the log line of a finished RPC (`key`: its API key's name, if any).
   void Finished(RpcMethod method, std::string_view model, const std::string& request_id,
-                const grpc::Status& status, absl::Time started, int images);
+                const grpc::Status& status, absl::Time started, int images,
+                std::string_view key = "");
 
   GenerationBackend* const backend_;
   Metrics* const metrics_;
   const RequestLimits limits_;
+  ApiKeys* const keys_;
 };
 
 }  // namespace dmdserve

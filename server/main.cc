@@ -3,6 +3,7 @@
 // errors are fatal (exit 1) with a clear message. Every flag can also be set by an environment
 // variable DMDSERVE_<FLAG_IN_CAPS>; a flag given on the command line wins.
 #include <csignal>
+#include <initializer_list>
 #include <cstdlib>
 #include <memory>
 #include <string>
@@ -10,7 +11,9 @@
 #include <utility>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/strings/str_cat.h"
 #include "server/fd_limit.h"
 #include "server/json_log_formatter.h"
@@ -44,15 +47,36 @@ void ConfigureLogging() {
   spdlog::flush_on(spdlog::level::info);
 }
 
-// Blocks the stop signals in this thread and every thread it starts later; one thread then waits
-// for them with sigwait. Returns the set.
-sigset_t BlockStopSignals() {
-  sigset_t stop_signals;
-  sigemptyset(&stop_signals);
-  sigaddset(&stop_signals, SIGTERM);
-  sigaddset(&stop_signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
-  return stop_signals;
+// Blocks `signals` in this thread and every thread it starts later; one thread then waits for
+// them with sigwait. Returns the set.
+sigset_t BlockSignals(std::initializer_list<int> signals) {
+  sigset_t set;
+  sigemptyset(&set);
+  for (const int signal_number : signals) sigaddset(&set, signal_number);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  return set;
+}
+
+// The server SIGHUP reloads, while it is serving (null before and once draining starts).
+absl::Mutex reload_mu;
+dmdserve::DmdServer* reloadable ABSL_GUARDED_BY(reload_mu) = nullptr;
+
+// Reloads the API keys on every SIGHUP, for the life of the process.
+void ReloadOnHangup(const sigset_t& hangup) {
+  std::thread([hangup] {
+    while (true) {
+      int signal_number = 0;
+      sigwait(&hangup, &signal_number);
+      absl::MutexLock lock(&reload_mu);
+      if (reloadable == nullptr) continue;
+      absl::StatusOr<int> keys = reloadable->ReloadApiKeys();
+      if (keys.ok()) {
+        spdlog::info("SIGHUP: reloaded {} API key(s)", *keys);
+      } else {
+        spdlog::warn("SIGHUP: API keys not reloaded: {}", std::string(keys.status().message()));
+      }
+    }
+  }).detach();
 }
 
 // Options from the flags, then a started (warming up, then serving) server; fatal on any error.
@@ -93,6 +117,10 @@ void WaitForStopThenDrain(const sigset_t& stop_signals,
     spdlog::shutdown();
     std::_Exit(1);
   }).detach();
+  {
+    absl::MutexLock lock(&reload_mu);
+    reloadable = nullptr;
+  }
   server->Shutdown();
   server.reset();
 }
@@ -104,8 +132,14 @@ int main(int argc, char** argv) {
   const std::vector<std::string> positional = dmdserve::ParseServerFlags(argc, argv);
   ConfigureLogging();
   if (positional.size() > 1) Fatal(absl::StrCat("unexpected argument '", positional[1], "'"));
-  const sigset_t stop_signals = BlockStopSignals();
-  WaitForStopThenDrain(stop_signals, StartServer());
+  const sigset_t stop_signals = BlockSignals({SIGTERM, SIGINT});
+  ReloadOnHangup(BlockSignals({SIGHUP}));
+  std::unique_ptr<dmdserve::DmdServer> server = StartServer();
+  {
+    absl::MutexLock lock(&reload_mu);
+    reloadable = server.get();
+  }
+  WaitForStopThenDrain(stop_signals, std::move(server));
   spdlog::shutdown();
   return 0;
 }

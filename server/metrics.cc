@@ -222,6 +222,24 @@ void Metrics::RecordRequest(RpcMethod method, std::string_view model, grpc::Stat
   }
 }
 
+void Metrics::RecordKeyRequest(std::string_view key, grpc::StatusCode code, int images) {
+  absl::MutexLock lock(&key_mu_);
+  if (key_requests_ == nullptr) {
+    key_requests_ = &prometheus::BuildCounter()
+                         .Name("dmdserve_api_key_requests_total")
+                         .Help("RPCs finished, by API key name and gRPC status code.")
+                         .Register(*registry_);
+    key_images_ = &prometheus::BuildCounter()
+                       .Name("dmdserve_api_key_images_total")
+                       .Help("Images returned to clients, by API key name.")
+                       .Register(*registry_);
+  }
+  const std::string name(key);
+  key_requests_->Add({{"key", name}, {"code", std::string(GrpcCodeName(code))}}).Increment();
+  prometheus::Counter& generated = key_images_->Add({{"key", name}});
+  if (code == grpc::StatusCode::OK && images > 0) generated.Increment(images);
+}
+
 void Metrics::RecordQueueWait(std::string_view model, absl::Duration wait) {
   For(model).queue_wait->Observe(absl::ToDoubleSeconds(wait));
 }

@@ -27,6 +27,11 @@
 //                                                          at warm-up or --max_batch_size); 0
 //                                                          until warm-up chose it
 //   dmdserve_build_info{version}                           gauge (always 1)
+//   dmdserve_api_key_requests_total{key,code}              counter, with --api_keys_file only: key
+//                                                          = the key's name, or
+//                                                          "_unauthenticated" (bounded by the
+//                                                          keys file; children made on first use)
+//   dmdserve_api_key_images_total{key}                     counter, likewise
 //   dmdserve_device_busy_seconds_total{device}             counter: time at least one batch ran
 //                                                          on the device; its rate() is the
 //                                                          device's busy ratio (0..1)
@@ -38,6 +43,7 @@
 
 #include <grpcpp/support/status.h>
 #include <prometheus/counter.h>
+#include <prometheus/family.h>
 #include <prometheus/gauge.h>
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
@@ -50,6 +56,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "worker/engine.h"
 
@@ -80,6 +87,8 @@ class Metrics final : public EngineListener {
   void RecordRequest(RpcMethod method, std::string_view model, grpc::StatusCode code,
                      absl::Duration duration, int images);
   void RecordQueueWait(std::string_view model, absl::Duration wait);
+  // One finished RPC of API key `key` (a name from the keys file, or "_unauthenticated").
+  void RecordKeyRequest(std::string_view key, grpc::StatusCode code, int images);
   void AddInFlight(std::string_view model, int delta);
 
   // EngineListener.
@@ -133,6 +142,10 @@ class Metrics final : public EngineListener {
   std::shared_ptr<prometheus::Registry> registry_;
   std::map<std::string, PerModel, std::less<>> models_;    // immutable after Create()
   std::map<std::string, PerDevice, std::less<>> devices_;  // immutable after Create()
+  prometheus::Family<prometheus::Counter>* key_requests_ = nullptr;
+  prometheus::Family<prometheus::Counter>* key_images_ = nullptr;
+  absl::Mutex key_mu_;  // guards the families' Add (prometheus-cpp's Add is thread-safe; the
+                        // lock keeps the per-key children's creation in one place)
 };
 
 // Label value of a method ("Generate", ...).

@@ -71,6 +71,11 @@ void WarnIfExposed(const DmdServer::Options& options) {
         "TLS-terminating proxy",
         options.listen_host);
   }
+  if (options.api_keys_file.empty() && !IsLoopbackHost(options.listen_host)) {
+    spdlog::warn("listening on {} without API keys: anyone who reaches the port can generate "
+                 "images; set --api_keys_file",
+                 options.listen_host);
+  }
 }
 
 }  // namespace
@@ -109,8 +114,14 @@ absl::StatusOr<std::unique_ptr<DmdServer>> DmdServer::Create(Options options) {
   s->metrics_http_ = *std::move(http);
 
   s->backend_ = std::make_unique<EngineBackend>(s->engine_.get());
+  if (!options.api_keys_file.empty()) {
+    absl::StatusOr<std::unique_ptr<ApiKeys>> keys = ApiKeys::Load(options.api_keys_file);
+    if (!keys.ok()) return keys.status();
+    s->api_keys_ = *std::move(keys);
+    spdlog::info("API keys: {} key(s) from {}", s->api_keys_->size(), options.api_keys_file);
+  }
   s->service_ = std::make_unique<ImageGenerationService>(s->backend_.get(), s->metrics_.get(),
-                                                         options.limits);
+                                                         options.limits, s->api_keys_.get());
   grpc::EnableDefaultHealthCheckService(true);
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
       MakeServerCredentials(options.tls);
@@ -139,6 +150,13 @@ absl::StatusOr<std::unique_ptr<DmdServer>> DmdServer::Create(Options options) {
 }
 
 DmdServer::~DmdServer() { Shutdown(); }
+
+absl::StatusOr<int> DmdServer::ReloadApiKeys() {
+  if (api_keys_ == nullptr) {
+    return absl::FailedPreconditionError("no --api_keys_file to reload");
+  }
+  return api_keys_->Reload();
+}
 
 void DmdServer::Shutdown() {
   absl::MutexLock lock(&shutdown_mu_);

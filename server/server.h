@@ -16,6 +16,7 @@
 #include "absl/time/time.h"
 #include "server/generation_backend.h"
 #include "server/metrics_http.h"
+#include "server/api_keys.h"
 #include "server/request_validation.h"
 #include "server/tls.h"
 #include "worker/engine.h"
@@ -44,6 +45,9 @@ class DmdServer {
     // TLS for the gRPC port (server/tls.h); default off (plaintext, with a warning at start-up
     // when listen_host is not a loopback address). /metrics stays plaintext.
     TlsOptions tls;
+    // API keys file (server/api_keys.h): every ImageGeneration call must carry one of its keys
+    // ("authorization: Bearer KEY"); health checks stay open. Empty (default): no keys.
+    std::string api_keys_file;
     // gRPC port; 0 picks a free port (see port()). Default 50051.
     int port = 50051;
     // Prometheus /metrics port; 0 picks a free port (see metrics_port()). Default 9464.
@@ -72,6 +76,10 @@ class DmdServer {
   // Drains and stops; see the class comment. Idempotent; returns when everything has stopped.
   void Shutdown();
 
+  // Re-reads the API keys file (dmdserve calls it on SIGHUP): the number of keys now, or the
+  // error that left the previous keys in place. FAILED_PRECONDITION without --api_keys_file.
+  absl::StatusOr<int> ReloadApiKeys();
+
  private:
   DmdServer() = default;
 
@@ -81,6 +89,7 @@ class DmdServer {
   std::unique_ptr<MetricsHttpServer> metrics_http_;
   std::unique_ptr<Engine> engine_;
   std::unique_ptr<EngineBackend> backend_;  // engine_ as the service's GenerationBackend
+  std::unique_ptr<ApiKeys> api_keys_;       // null without Options.api_keys_file
   std::unique_ptr<ImageGenerationService> service_;
   std::unique_ptr<grpc::Server> server_;
   absl::Mutex shutdown_mu_;

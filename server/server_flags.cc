@@ -86,6 +86,9 @@ ABSL_FLAG(int, max_send_message_bytes, 256 << 20, "Largest response message, in 
 ABSL_FLAG(int, drain_grace_s, 30,
           "Seconds accepted requests may take to finish after SIGTERM before being cancelled.");
 ABSL_FLAG(bool, reflection, true, "Serve gRPC server reflection (grpc.reflection.v1alpha).");
+ABSL_FLAG(std::string, api_keys_file, "",
+          "File of API keys, one 'NAME SHA256HEX [IMAGES_PER_SECOND]' a line: clients must send "
+          "'authorization: Bearer KEY'; re-read on SIGHUP. Empty: no keys.");
 ABSL_FLAG(std::string, tls_cert_file, "",
           "PEM certificate chain: the gRPC port speaks TLS only (with --tls_key_file); empty: "
           "plaintext.");
@@ -238,6 +241,7 @@ absl::StatusOr<DmdServer::Options> OptionsFromFlags(std::vector<std::string>* wa
   options.port = absl::GetFlag(FLAGS_port);
   options.metrics_port = absl::GetFlag(FLAGS_metrics_port);
   options.reflection = absl::GetFlag(FLAGS_reflection);
+  options.api_keys_file = absl::GetFlag(FLAGS_api_keys_file);
   options.tls.cert_file = absl::GetFlag(FLAGS_tls_cert_file);
   options.tls.key_file = absl::GetFlag(FLAGS_tls_key_file);
   options.tls.client_ca_file = absl::GetFlag(FLAGS_tls_client_ca_file);

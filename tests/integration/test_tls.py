@@ -166,7 +166,9 @@ class TlsTest(unittest.TestCase):
         local = Server()
         try:
             self.assertIn("listening on 0.0.0.0 without TLS", exposed.log())
+            self.assertIn("listening on 0.0.0.0 without API keys", exposed.log())
             self.assertNotIn("without TLS", local.log())
+            self.assertNotIn("without API keys", local.log())
         finally:
             self.assertEqual(exposed.stop(), 0, exposed.log())
             self.assertEqual(local.stop(), 0, local.log())
