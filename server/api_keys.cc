@@ -127,9 +127,11 @@ absl::StatusOr<int> ApiKeys::Reload() {
   std::map<std::string, Bucket> buckets;
   for (const Key& key : keys_) {
     const auto old = buckets_.find(key.name);
-    buckets[key.name] = old != buckets_.end()
-                            ? old->second
-                            : Bucket{key.images_per_second * kBurstSeconds, clock_->Now()};
+    Bucket bucket = old != buckets_.end()
+                        ? old->second
+                        : Bucket{0, key.images_per_second * kBurstSeconds, clock_->Now()};
+    bucket.images_per_second = key.images_per_second;
+    buckets.emplace(key.name, bucket);
   }
   buckets_ = std::move(buckets);
   return static_cast<int>(keys_.size());
@@ -157,18 +159,17 @@ absl::StatusOr<std::string> ApiKeys::Authenticate(absl::string_view authorizatio
 
 absl::Status ApiKeys::Admit(const std::string& name, int images) {
   absl::MutexLock lock(&mu_);
-  const auto key = std::find_if(keys_.begin(), keys_.end(),
-                                [&name](const Key& k) { return k.name == name; });
-  if (key == keys_.end() || key->images_per_second <= 0) return absl::OkStatus();
-  Bucket& bucket = buckets_[name];
+  const auto it = buckets_.find(name);
+  if (it == buckets_.end() || it->second.images_per_second <= 0) return absl::OkStatus();
+  Bucket& bucket = it->second;
   const absl::Time now = clock_->Now();
-  const double capacity = key->images_per_second * kBurstSeconds;
+  const double capacity = bucket.images_per_second * kBurstSeconds;
   bucket.tokens = std::min(capacity, bucket.tokens + absl::ToDoubleSeconds(now - bucket.updated) *
-                                                         key->images_per_second);
+                                                         bucket.images_per_second);
   bucket.updated = now;
   if (bucket.tokens < images) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "API key '", name, "' is limited to ", key->images_per_second,
+        "API key '", name, "' is limited to ", bucket.images_per_second,
         " images per second (bursts up to ", capacity, "); retry later"));
   }
   bucket.tokens -= images;

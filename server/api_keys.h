@@ -61,7 +61,9 @@ class ApiKeys {
   int size() const;
 
  private:
+  // A key's rate limit and its token bucket, by key name.
   struct Bucket {
+    double images_per_second = 0;  // 0: no limit
     double tokens = 0;
     absl::Time updated;
   };

@@ -182,13 +182,10 @@ grpc::ServerUnaryReactor* ImageGenerationService::Unary(RpcMethod method,
     }
     reactor->Finish(status);
   };
-  if (absl::Status parsed = ParseRequest(*request_bytes, &call->request); !parsed.ok()) {
-    const grpc::Status status = ToGrpcStatus(parsed);
-    Finished(method, "", "", status, absl::Now(), 0, kUnauthenticatedKey);
-    finish(status);
-    return reactor;
-  }
-  absl::StatusOr<std::string> key = Authorize(context);
+  // Refused before the handler: bytes that do not parse, or no valid API key.
+  const absl::Status parsed = ParseRequest(*request_bytes, &call->request);
+  absl::StatusOr<std::string> key =
+      parsed.ok() ? Authorize(context) : absl::StatusOr<std::string>(parsed);
   if (!key.ok()) {
     const grpc::Status status = ToGrpcStatus(key.status());
     Finished(method, "", "", status, absl::Now(), 0, kUnauthenticatedKey);
@@ -255,10 +252,9 @@ class ImageGenerationService::StreamReactor final
   void Start(const grpc::ByteBuffer& request_bytes) {
     v1::GenerateRequest request;
     key_ = kUnauthenticatedKey;
-    if (absl::Status parsed = ParseRequest(request_bytes, &request); !parsed.ok()) {
-      return FailNow("", parsed);
-    }
-    absl::StatusOr<std::string> key = service_->Authorize(context_);
+    const absl::Status parsed = ParseRequest(request_bytes, &request);
+    absl::StatusOr<std::string> key =
+        parsed.ok() ? service_->Authorize(context_) : absl::StatusOr<std::string>(parsed);
     if (!key.ok()) return FailNow("", key.status());
     key_ = *std::move(key);
     request_id_ = request.request_id();

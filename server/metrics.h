@@ -142,10 +142,11 @@ class Metrics final : public EngineListener {
   std::shared_ptr<prometheus::Registry> registry_;
   std::map<std::string, PerModel, std::less<>> models_;    // immutable after Create()
   std::map<std::string, PerDevice, std::less<>> devices_;  // immutable after Create()
-  prometheus::Family<prometheus::Counter>* key_requests_ = nullptr;
-  prometheus::Family<prometheus::Counter>* key_images_ = nullptr;
-  absl::Mutex key_mu_;  // guards the families' Add (prometheus-cpp's Add is thread-safe; the
-                        // lock keeps the per-key children's creation in one place)
+  // The API-key families, registered on the first RecordKeyRequest (only servers with API keys
+  // have them).
+  absl::Mutex key_mu_;
+  prometheus::Family<prometheus::Counter>* key_requests_ ABSL_GUARDED_BY(key_mu_) = nullptr;
+  prometheus::Family<prometheus::Counter>* key_images_ ABSL_GUARDED_BY(key_mu_) = nullptr;
 };
 
 // Label value of a method ("Generate", ...).

@@ -5,9 +5,7 @@
 #include <openssl/pem.h>
 #include <openssl/x509.h>
 
-#include <fstream>
 #include <memory>
-#include <sstream>
 #include <string>
 
 #include <grpcpp/security/tls_certificate_provider.h>
@@ -36,17 +34,8 @@ absl::Status Bad(const char* flag, const std::string& file, const std::string& p
   return absl::InvalidArgumentError(absl::StrCat(flag, "=", file, ": ", problem));
 }
 
-// The file's bytes in an OpenSSL memory BIO; nullptr when it cannot be read.
-Bio ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return nullptr;
-  std::stringstream bytes;
-  bytes << in.rdbuf();
-  const std::string data = bytes.str();
-  BIO* bio = BIO_new(BIO_s_mem());
-  if (bio != nullptr) BIO_write(bio, data.data(), static_cast<int>(data.size()));
-  return Bio(bio);
-}
+// The file opened for OpenSSL's PEM readers; nullptr when it cannot be opened.
+Bio ReadFile(const std::string& path) { return Bio(BIO_new_file(path.c_str(), "r")); }
 
 // The first certificate of a PEM file (the server's own, in a chain).
 absl::StatusOr<Certificate> ReadCertificate(const char* flag, const std::string& path) {
