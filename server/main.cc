@@ -1,10 +1,15 @@
 // dmdserve: gRPC server for one-step text-to-image models. Parses flags into Options
 // (server/server_flags.h), wires the server, waits for SIGTERM/SIGINT, drains and exits 0. Startup
-// errors are fatal (exit 1) with a clear message. Every flag can also be set by an environment
+// errors are fatal (exit 1) with a clear message. If gRPC's listener stops accepting connections
+// (server/grpc_log.h), the server drains as on SIGTERM and exits 1, for a supervisor to restart it. Every flag can also be set by an environment
 // variable DMDSERVE_<FLAG_IN_CAPS>; a flag given on the command line wins.
+#include <signal.h>
+#include <unistd.h>
+
+#include <atomic>
 #include <csignal>
-#include <initializer_list>
 #include <cstdlib>
+#include <initializer_list>
 #include <memory>
 #include <string>
 #include <thread>
@@ -16,6 +21,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/strings/str_cat.h"
 #include "server/fd_limit.h"
+#include "server/grpc_log.h"
 #include "server/json_log_formatter.h"
 #include "server/server.h"
 #include "server/server_flags.h"
@@ -35,6 +41,9 @@ namespace {
   std::exit(1);
 }
 
+// Set when gRPC's listener has stopped accepting: the exit status is then 1.
+std::atomic<bool> listener_failed{false};
+
 void ConfigureLogging() {
   const absl::StatusOr<dmdserve::LoggingOptions> logging = dmdserve::LoggingOptionsFromFlags();
   if (!logging.ok()) Fatal(std::string(logging.status().message()));
@@ -45,6 +54,14 @@ void ConfigureLogging() {
   }
   spdlog::set_level(logging->level);
   spdlog::flush_on(spdlog::level::info);
+  dmdserve::RouteGrpcLogsToSpdlog([](const std::string& reason) {
+    listener_failed = true;
+    spdlog::critical(
+        "the gRPC listener stopped accepting connections ({}); draining and exiting with status "
+        "1 for a restart",
+        reason);
+    kill(getpid(), SIGTERM);  // wakes the sigwait in WaitForStopThenDrain
+  });
 }
 
 // Blocks `signals` in this thread and every thread it starts later; one thread then waits for
@@ -141,5 +158,5 @@ int main(int argc, char** argv) {
   }
   WaitForStopThenDrain(stop_signals, std::move(server));
   spdlog::shutdown();
-  return 0;
+  return listener_failed ? 1 : 0;
 }

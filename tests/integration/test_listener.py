@@ -1,10 +1,14 @@
 """The gRPC listener: reflection really off when --reflection=false, a metadata limit above
-what proxies pass on, and a port that a second server cannot share.
+what proxies pass on, a port that a second server cannot share, and a listener stopped by the
+open-file limit that ends in a restartable exit instead of a server that no longer accepts.
 
 Reflection is called raw (the Python gRPC packages here have no reflection stubs): a
 ServerReflectionRequest with `list_services` set (field 7, an empty string) is the two bytes
 0x3a 0x00, and the response lists the services.
 """
+import os
+import resource
+import socket
 import subprocess
 import unittest
 
@@ -94,6 +98,34 @@ class PortTest(unittest.TestCase):
             self.assertEqual([m.name for m in models], ["tiny-random"])
         finally:
             self.assertEqual(first.stop(), 0, first.log())
+
+
+class FdLimitTest(unittest.TestCase):
+    def test_a_listener_stopped_by_the_fd_limit_drains_and_exits_1(self):
+        # gRPC 1.51 stops accepting for good once accept4 fails with EMFILE. The server must not
+        # carry on as a process that looks alive and takes no connection: it drains and exits 1.
+        server = Server()
+        sockets = []
+        try:
+            in_use = len(os.listdir(f"/proc/{server.proc.pid}/fd"))
+            limit = in_use + 16
+            resource.prlimit(server.proc.pid, resource.RLIMIT_NOFILE, (limit, limit))
+            for _ in range(48):  # the kernel completes these; the server accepts until EMFILE
+                sockets.append(socket.create_connection(("127.0.0.1", server.port), timeout=10))
+            try:
+                code = server.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                server.proc.kill()
+                server.proc.wait()
+                self.fail("the server kept running with a listener that accepts no connection\n"
+                          + server.log())
+        finally:
+            for s in sockets:
+                s.close()
+            server.close()
+        self.assertEqual(code, 1, server.log())
+        self.assertIn("the gRPC listener stopped accepting connections (Too many open files); "
+                      "draining and exiting with status 1", server.log())
 
 
 if __name__ == "__main__":
