@@ -17,17 +17,10 @@
 #include <string_view>
 #include <vector>
 
+#include "tests/fuzz/fuzz_check.h"
 #include "worker/clip_tokenizer.h"
 
 namespace {
-
-#define FUZZ_CHECK(condition)                                                                \
-  do {                                                                                       \
-    if (!(condition)) {                                                                      \
-      std::fprintf(stderr, "%s:%d: invariant failed: %s\n", __FILE__, __LINE__, #condition); \
-      std::abort();                                                                          \
-    }                                                                                        \
-  } while (0)
 
 const dmdserve::ClipTokenizer& Tokenizer() {
   static const dmdserve::ClipTokenizer* const tokenizer = [] {

@@ -25,15 +25,8 @@
 #include "absl/time/time.h"
 #include "server/generation_backend.h"
 #include "server/request_validation.h"
+#include "tests/fuzz/fuzz_check.h"
 #include "worker/clip_tokenizer.h"
-
-#define FUZZ_CHECK(condition)                                                                \
-  do {                                                                                       \
-    if (!(condition)) {                                                                      \
-      std::fprintf(stderr, "%s:%d: invariant failed: %s\n", __FILE__, __LINE__, #condition); \
-      std::abort();                                                                          \
-    }                                                                                        \
-  } while (0)
 
 namespace dmdserve::fuzz {
 
