@@ -186,6 +186,8 @@ void DmdServer::Shutdown() {
   absl::MutexLock lock(&shutdown_mu_);
   if (shut_down_) return;
   shut_down_ = true;
+  // From here on new HTTP requests get 503; accepted ones finish like gRPC's.
+  if (http_ != nullptr) http_->StartDrain();
   if (server_ != nullptr) {
     // NOT_SERVING first, so load balancers stop sending while accepted work finishes.
     SetHealth(server_.get(), false);
@@ -193,8 +195,6 @@ void DmdServer::Shutdown() {
     spdlog::info("draining: finishing accepted requests (grace {})",
                  absl::FormatDuration(options_.drain_grace));
   }
-  // From here on new HTTP requests get 503; accepted ones finish like gRPC's.
-  if (http_ != nullptr) http_->StartDrain();
   // The engine first: new Generate calls get UNAVAILABLE from here on, and every accepted request
   // gets its final status (its result, or CANCELLED once the grace ends) while the transport is
   // still up to deliver it.
@@ -202,7 +202,9 @@ void DmdServer::Shutdown() {
   constexpr absl::Duration kFlush = absl::Seconds(5);
   if (http_ != nullptr) {
     // Every accepted HTTP request has its answer now; give the answers kFlush to go out.
-    if (!http_->WaitIdle(kFlush)) spdlog::warn("HTTP API: closing connections with answers unsent");
+    if (!http_->WaitIdle(kFlush)) {
+      spdlog::warn("HTTP API: closing connections with answers unsent");
+    }
     http_.reset();
   }
   if (server_ != nullptr) {
