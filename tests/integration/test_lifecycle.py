@@ -107,7 +107,8 @@ class ConfigTest(unittest.TestCase):
         text = out.stdout + out.stderr
         self.assertIn("DMDSERVE_<FLAG>", text)
         for flag in ("port", "metrics_port", "http_port", "http_model_aliases", "model_dirs",
-                     "default_model", "workers", "max_batch_size", "max_queue_delay_us", "max_queue_images", "device",
+                     "default_model", "workers", "max_batch_size", "max_queue_delay_us",
+                     "max_queue_images", "device",
                      "drain_grace_s", "reflection", "log_format"):
             self.assertIn(f"--{flag} (", text)
 
