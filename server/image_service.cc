@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "server/counted_submit.h"
 #include "server/status_util.h"
 #include "server/wire_format.h"
 #include "spdlog/spdlog.h"
@@ -148,18 +149,8 @@ absl::StatusOr<GenerateParams> ImageGenerationService::Prepare(
 
 absl::Status ImageGenerationService::Submit(GenerateParams params, GenerateCallbacks callbacks,
                                             grpc::CallbackServerContext* context) {
-  const std::string model = params.model;
   callbacks.is_cancelled = [context] { return context->IsCancelled(); };
-  callbacks.on_done = [this, model, on_done = std::move(callbacks.on_done)](absl::Status status,
-                                                                            GenerateResult result) {
-    if (status.ok()) metrics_->RecordQueueWait(model, result.timings.queue);
-    metrics_->AddInFlight(model, -1);
-    on_done(std::move(status), std::move(result));
-  };
-  metrics_->AddInFlight(model, 1);
-  absl::Status submitted = backend_->Submit(std::move(params), std::move(callbacks));
-  if (!submitted.ok()) metrics_->AddInFlight(model, -1);
-  return submitted;
+  return SubmitCounted(*backend_, *metrics_, std::move(params), std::move(callbacks));
 }
 
 template <typename Request, typename Response, typename Handler>

@@ -115,7 +115,9 @@ std::unique_ptr<dmdserve::DmdServer> StartServer() {
       dmdserve::DmdServer::Create(*std::move(options));
   if (!server.ok()) Fatal(absl::StrCat("startup failed: ", server.status().ToString()));
   // Machine-readable line for scripts and tests that start the server on port 0.
-  spdlog::info("serving port={} metrics_port={}", (*server)->port(), (*server)->metrics_port());
+  const int http_port = (*server)->http_port();
+  spdlog::info("serving port={} metrics_port={} http_port={}", (*server)->port(),
+               (*server)->metrics_port(), http_port < 0 ? "off" : std::to_string(http_port));
   return *std::move(server);
 }
 

@@ -47,6 +47,10 @@ std::string_view RpcMethodName(RpcMethod method) {
       return "ListModels";
     case RpcMethod::kTokenize:
       return "Tokenize";
+    case RpcMethod::kHttpImagesGenerations:
+      return "POST /v1/images/generations";
+    case RpcMethod::kHttpListModels:
+      return "GET /v1/models";
   }
   return "unknown";
 }

@@ -6,7 +6,10 @@
 // Thread-safe (prometheus-cpp metrics are atomic; lookup tables are immutable after Create()).
 //
 // Metric list (all durations in seconds):
-//   dmdserve_requests_total{model,method,code}             counter
+//   dmdserve_requests_total{model,method,code}             counter (HTTP requests too: method
+//                                                          "POST /v1/images/generations" or
+//                                                          "GET /v1/models", code the status's
+//                                                          canonical code)
 //   dmdserve_images_generated_total{model}                 counter
 //   dmdserve_request_duration_seconds{model,method}        histogram (accepted -> finished, OK
 //                                                          only)
@@ -62,8 +65,16 @@
 
 namespace dmdserve {
 
-enum class RpcMethod { kGenerate = 0, kGenerateStream, kListModels, kTokenize };
-inline constexpr int kNumRpcMethods = 4;
+// The API's methods: the gRPC RPCs, then the HTTP API's routes (server/http_server.h).
+enum class RpcMethod {
+  kGenerate = 0,
+  kGenerateStream,
+  kListModels,
+  kTokenize,
+  kHttpImagesGenerations,
+  kHttpListModels
+};
+inline constexpr int kNumRpcMethods = 6;
 inline constexpr int kNumGrpcCodes = 17;
 
 class Metrics final : public EngineListener {
@@ -149,7 +160,8 @@ class Metrics final : public EngineListener {
   prometheus::Family<prometheus::Counter>* key_images_ ABSL_GUARDED_BY(key_mu_) = nullptr;
 };
 
-// Label value of a method ("Generate", ...).
+// Label value of a method ("Generate", ...; the HTTP routes as "POST /v1/images/generations" and
+// "GET /v1/models").
 std::string_view RpcMethodName(RpcMethod method);
 
 // Label value of a gRPC code ("OK", "INVALID_ARGUMENT", ...); "UNKNOWN" for codes out of range.

@@ -21,6 +21,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "server/tcp_listen.h"
 #include "spdlog/spdlog.h"
 
 namespace dmdserve {
@@ -40,7 +41,6 @@ constexpr unsigned int kMaxConnectionsPerIp = 16;
 // answered 431 (414 when the request line alone does not fit). The pool is max_request_bytes
 // plus this much room for the rest.
 constexpr size_t kPoolOverheadBytes = 1024;
-constexpr int kListenBacklog = 64;
 
 // True on a thread while it runs MHD_start_daemon: its log lines then explain a failed start and
 // are warnings; later ones (a client that timed out, the connection limit) are debug lines, so
@@ -57,50 +57,6 @@ void LogFromMhd(void* /*closure*/, const char* format, va_list args) {
   } else {
     spdlog::debug("/metrics (libmicrohttpd): {}", std::string(text));
   }
-}
-
-// Binds a listening socket for host:port; the bound port through `bound_port`.
-absl::StatusOr<int> Listen(const std::string& host, int port, int& bound_port) {
-  const std::string where = absl::StrCat(host, ":", port);
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_PASSIVE;
-  addrinfo* found = nullptr;
-  const std::string service = std::to_string(port);
-  if (int rc = getaddrinfo(host.empty() ? nullptr : host.c_str(), service.c_str(), &hints, &found);
-      rc != 0) {
-    return absl::UnavailableError(
-        absl::StrCat("cannot listen for /metrics on ", where, ": ", gai_strerror(rc)));
-  }
-  std::string error = "no address";
-  int fd = -1;
-  for (addrinfo* a = found; a != nullptr && fd < 0; a = a->ai_next) {
-    fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, a->ai_protocol);
-    if (fd < 0) {
-      error = std::strerror(errno);
-      continue;
-    }
-    int one = 1;
-    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    if (bind(fd, a->ai_addr, a->ai_addrlen) != 0 || listen(fd, kListenBacklog) != 0) {
-      error = std::strerror(errno);
-      close(fd);
-      fd = -1;
-    }
-  }
-  freeaddrinfo(found);
-  if (fd < 0) {
-    return absl::UnavailableError(
-        absl::StrCat("cannot listen for /metrics on ", where, ": ", error));
-  }
-  sockaddr_storage bound{};
-  socklen_t length = sizeof(bound);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&bound), &length);
-  bound_port = bound.ss_family == AF_INET6
-                   ? ntohs(reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port)
-                   : ntohs(reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
-  return fd;
 }
 
 // Queues a `Connection: close` response with `body` (libmicrohttpd drops the body for HEAD and
@@ -185,7 +141,7 @@ absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Create(Opt
         "MetricsHttpServer: io_timeout must be > 0 and max_request_bytes >= 64");
   }
   int port = 0;
-  absl::StatusOr<int> fd = Listen(options.host, options.port, port);
+  absl::StatusOr<int> fd = ListenTcp(options.host, options.port, "/metrics", port);
   if (!fd.ok()) return fd.status();
   // Constructed before the daemon starts: the handler's closure is its options_.
   std::unique_ptr<MetricsHttpServer> server(new MetricsHttpServer(std::move(options)));

@@ -140,13 +140,37 @@ absl::StatusOr<std::unique_ptr<DmdServer>> DmdServer::Create(Options options) {
   }
   // gRPC's default health service starts as SERVING: not until the models are warm.
   SetHealth(s->server_.get(), false);
-  spdlog::info("gRPC listening on {}:{}, /metrics on {}:{}; warming up", options.listen_host,
-               s->port_, options.listen_host, s->metrics_port());
+  if (absl::Status http = s->StartHttp(); !http.ok()) return http;
+  spdlog::info("gRPC listening on {}:{}, /metrics on {}:{}, HTTP API on {}; warming up",
+               options.listen_host, s->port_, options.listen_host, s->metrics_port(),
+               s->http_ != nullptr ? absl::StrCat(options.listen_host, ":", s->http_port())
+                                   : std::string("(off)"));
 
   if (absl::Status warm = s->engine_->Warmup(); !warm.ok()) return warm;
   SetHealth(s->server_.get(), true);
   spdlog::info("ready: serving {} model(s)", metrics_options.models.size());
   return s;
+}
+
+absl::Status DmdServer::StartHttp() {
+  if (options_.http_port < 0) return absl::OkStatus();
+  if (options_.tls.enabled()) {
+    spdlog::warn("HTTP API off: --tls_cert_file is set and the HTTP API has no TLS, so it would "
+                 "serve in plaintext; put it behind a TLS-terminating proxy on a TLS-less "
+                 "server, or use the gRPC API");
+    return absl::OkStatus();
+  }
+  HttpApiServer::Options http;
+  http.host = options_.listen_host;
+  http.port = options_.http_port;
+  http.max_body_bytes = options_.http_max_body_bytes;
+  http.model_aliases = options_.http_model_aliases;
+  http.limits = options_.limits;
+  absl::StatusOr<std::unique_ptr<HttpApiServer>> server =
+      HttpApiServer::Create(std::move(http), backend_.get(), metrics_.get(), api_keys_.get());
+  if (!server.ok()) return server.status();
+  http_ = *std::move(server);
+  return absl::OkStatus();
 }
 
 DmdServer::~DmdServer() { Shutdown(); }
@@ -162,6 +186,8 @@ void DmdServer::Shutdown() {
   absl::MutexLock lock(&shutdown_mu_);
   if (shut_down_) return;
   shut_down_ = true;
+  // From here on new HTTP requests get 503; accepted ones finish like gRPC's.
+  if (http_ != nullptr) http_->StartDrain();
   if (server_ != nullptr) {
     // NOT_SERVING first, so load balancers stop sending while accepted work finishes.
     SetHealth(server_.get(), false);
@@ -173,10 +199,17 @@ void DmdServer::Shutdown() {
   // gets its final status (its result, or CANCELLED once the grace ends) while the transport is
   // still up to deliver it.
   if (engine_ != nullptr) engine_->Shutdown(options_.drain_grace);
+  constexpr absl::Duration kFlush = absl::Seconds(5);
+  if (http_ != nullptr) {
+    // Every accepted HTTP request has its answer now; give the answers kFlush to go out.
+    if (!http_->WaitIdle(kFlush)) {
+      spdlog::warn("HTTP API: closing connections with answers unsent");
+    }
+    http_.reset();
+  }
   if (server_ != nullptr) {
     // Refuses new RPCs and lets the finished ones send their last bytes; after kFlush it cancels
     // what is left (e.g. a stream whose client stopped reading).
-    constexpr absl::Duration kFlush = absl::Seconds(5);
     server_->Shutdown(absl::ToChronoTime(absl::Now() + kFlush));
     server_->Wait();
   }

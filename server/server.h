@@ -1,9 +1,11 @@
-// DmdServer: wires the engine, the gRPC service, health, reflection and the /metrics endpoint.
+// DmdServer: wires the engine, the gRPC service, health, reflection, the HTTP API and the
+// /metrics endpoint.
 //
-// Lifecycle: Create() loads every model (Engine::Create), starts gRPC and /metrics with health
-// NOT_SERVING, warms every model up, then reports SERVING. Shutdown() drains: health goes
-// NOT_SERVING at once, new RPCs are refused, accepted requests finish (up to the drain grace
-// period, after which gRPC cancels what is left), then the engine and the threads stop.
+// Lifecycle: Create() loads every model (Engine::Create), starts gRPC, the HTTP API and /metrics
+// with health NOT_SERVING (HTTP generations get 503 meanwhile), warms every model up, then
+// reports SERVING. Shutdown() drains: health goes NOT_SERVING at once, new RPCs are refused (new
+// HTTP requests get 503), accepted requests finish (up to the drain grace period, after which
+// gRPC cancels what is left), then the engine and the threads stop.
 // Thread-safe. Owns everything it creates.
 #ifndef DMDSERVE_SERVER_SERVER_H_
 #define DMDSERVE_SERVER_SERVER_H_
@@ -15,6 +17,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "server/generation_backend.h"
+#include "server/http_server.h"
 #include "server/metrics_http.h"
 #include "server/api_keys.h"
 #include "server/request_validation.h"
@@ -52,6 +55,15 @@ class DmdServer {
     int port = 50051;
     // Prometheus /metrics port; 0 picks a free port (see metrics_port()). Default 9464.
     int metrics_port = 9464;
+    // HTTP/JSON API port (server/http_server.h: OpenAI-compatible image generation); 0 picks a
+    // free port (see http_port()), -1 turns the HTTP API off. Default 8080. With tls enabled the
+    // HTTP API stays off (logged): it has no TLS, and a plaintext port beside a TLS one would
+    // undo what TLS was asked for.
+    int http_port = 8080;
+    // Largest HTTP request body, in bytes. Default 64 KiB.
+    int http_max_body_bytes = 64 << 10;
+    // HTTP API model aliases (alias -> served model), e.g. gpt-image-1 -> fashion-dmd.
+    ModelAliases http_model_aliases;
     // Serve grpc.reflection.v1alpha (lets grpcurl-like tools discover the API). Default on.
     bool reflection = true;
     // Largest request / response message, in bytes. Requests are small; responses carry images.
@@ -72,6 +84,8 @@ class DmdServer {
 
   int port() const { return port_; }
   int metrics_port() const { return metrics_http_->port(); }
+  // The HTTP API's port; -1 when it is off.
+  int http_port() const { return http_ != nullptr ? http_->port() : -1; }
 
   // Drains and stops; see the class comment. Idempotent; returns when everything has stopped.
   void Shutdown();
@@ -82,6 +96,8 @@ class DmdServer {
 
  private:
   DmdServer() = default;
+  // Starts the HTTP API per options_ (or leaves it off); needs backend_, metrics_ and api_keys_.
+  absl::Status StartHttp();
 
   Options options_;
   int port_ = 0;
@@ -91,6 +107,7 @@ class DmdServer {
   std::unique_ptr<EngineBackend> backend_;  // engine_ as the service's GenerationBackend
   std::unique_ptr<ApiKeys> api_keys_;       // null without Options.api_keys_file
   std::unique_ptr<ImageGenerationService> service_;
+  std::unique_ptr<HttpApiServer> http_;  // null when off
   std::unique_ptr<grpc::Server> server_;
   absl::Mutex shutdown_mu_;
   bool shut_down_ ABSL_GUARDED_BY(shutdown_mu_) = false;

@@ -19,9 +19,17 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 
-ABSL_FLAG(std::string, listen_host, "0.0.0.0", "Address to listen on (gRPC and /metrics).");
+ABSL_FLAG(std::string, listen_host, "0.0.0.0", "Address to listen on (gRPC, HTTP API and /metrics).");
 ABSL_FLAG(int, port, 50051, "gRPC port; 0 picks a free port (logged at startup).");
 ABSL_FLAG(int, metrics_port, 9464, "Prometheus /metrics port; 0 picks a free port (logged).");
+ABSL_FLAG(int, http_port, 8080,
+          "HTTP/JSON API port (OpenAI-compatible POST /v1/images/generations, GET /v1/models); 0 "
+          "picks a free port (logged), -1 turns it off. Off when --tls_cert_file is set (no TLS).");
+ABSL_FLAG(int, http_max_body_bytes, 64 << 10,
+          "Largest HTTP request body, in bytes (larger: 413).");
+ABSL_FLAG(std::string, http_model_aliases, "",
+          "HTTP API model aliases, comma-separated ALIAS=MODEL (e.g. gpt-image-1=fashion-dmd): "
+          "a request naming ALIAS gets MODEL.");
 ABSL_FLAG(std::vector<std::string>, model_dirs,
           (std::vector<std::string>{"models/fashion-dmd", "models/fashion-teacher"}),
           "Comma-separated model bundle directories (each with a model.json).");
@@ -196,6 +204,26 @@ absl::StatusOr<Engine::Options> EngineOptionsFromFlags(std::vector<std::string>&
   return e;
 }
 
+absl::Status HttpOptionsFromFlags(DmdServer::Options& options) {
+  options.http_port = absl::GetFlag(FLAGS_http_port);
+  if (options.http_port < -1 || options.http_port > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--http_port must be in [0, 65535], or -1 (off), got ", options.http_port));
+  }
+  options.http_max_body_bytes = absl::GetFlag(FLAGS_http_max_body_bytes);
+  if (options.http_max_body_bytes < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("--http_max_body_bytes must be >= 1, got ",
+                                                   options.http_max_body_bytes));
+  }
+  absl::StatusOr<ModelAliases> aliases = ParseModelAliases(absl::GetFlag(FLAGS_http_model_aliases));
+  if (!aliases.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--http_model_aliases: ", aliases.status().message()));
+  }
+  options.http_model_aliases = *std::move(aliases);
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 void SetServerFlagsUsage() {
@@ -240,6 +268,7 @@ absl::StatusOr<DmdServer::Options> OptionsFromFlags(std::vector<std::string>* wa
   options.listen_host = absl::GetFlag(FLAGS_listen_host);
   options.port = absl::GetFlag(FLAGS_port);
   options.metrics_port = absl::GetFlag(FLAGS_metrics_port);
+  if (absl::Status s = HttpOptionsFromFlags(options); !s.ok()) return s;
   options.reflection = absl::GetFlag(FLAGS_reflection);
   options.api_keys_file = absl::GetFlag(FLAGS_api_keys_file);
   options.tls.cert_file = absl::GetFlag(FLAGS_tls_cert_file);

@@ -17,24 +17,25 @@ import subprocess
 import threading
 
 LISTENING_LINE = re.compile(r"gRPC listening on [^:]+:(\d+), /metrics on [^:]+:(\d+)")
-READY_LINE = re.compile(r"serving port=(\d+) metrics_port=(\d+)")
+READY_LINE = re.compile(r"serving port=(\d+) metrics_port=(\d+)(?: http_port=(\d+|off))?")
 
 
 class DmdserveProcess:
-    """Starts `binary` with --port=0 --metrics_port=0 on 127.0.0.1 serving `model_dirs`, plus
-    `flags`. Every line the server prints (stdout and stderr) is kept in `lines` and, when
-    `log_path` is given, written there as it arrives. `env` entries are added to the
-    environment. The constructor does not wait: call wait_listening() or wait_ready()."""
+    """Starts `binary` with --port=0 --metrics_port=0 --http_port=0 on 127.0.0.1 serving
+    `model_dirs`, plus `flags`. Every line the server prints (stdout and stderr) is kept in
+    `lines` and, when `log_path` is given, written there as it arrives. `env` entries are added
+    to the environment. The constructor does not wait: call wait_listening() or wait_ready()."""
 
     def __init__(self, binary, model_dirs, flags=(), env=None, log_path=None):
         args = [binary, "--listen_host=127.0.0.1", "--port=0", "--metrics_port=0",
-                "--model_dirs=" + ",".join(model_dirs), *flags]
+                "--http_port=0", "--model_dirs=" + ",".join(model_dirs), *flags]
         self._log_file = open(log_path, "w", buffering=1) if log_path else None
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, bufsize=1, env={**os.environ, **(env or {})})
         self.lines = []
         self.port = None
         self.metrics_port = None
+        self.http_port = None  # None until ready, and when the HTTP API is off
         self._signalled = False
         self._ready = threading.Event()
         self._ready_seen = False
@@ -52,7 +53,10 @@ class DmdserveProcess:
             if m:
                 self.port, self.metrics_port = int(m.group(1)), int(m.group(2))
                 self._listening.set()
-            if READY_LINE.search(line):
+            m = READY_LINE.search(line)
+            if m:
+                if m.group(3) and m.group(3) != "off":
+                    self.http_port = int(m.group(3))
                 self._ready_seen = True
                 self._ready.set()
         self._ready.set()  # the server's output ended: wake the waiters (it is not ready)

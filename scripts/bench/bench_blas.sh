@@ -16,7 +16,7 @@ for blas in reference openblas; do
   [[ -e ${dirs[$blas]}/libblas.so.3 ]] || { echo "${dirs[$blas]}/libblas.so.3 missing" >&2; exit 1; }
   LD_LIBRARY_PATH=${dirs[$blas]} build/server/dmdserve \
     --model_dirs=models/fashion-dmd,models/fashion-teacher --listen_host=127.0.0.1 --port=0 \
-    --metrics_port=0 --warmup_runs=1 >"$log" 2>&1 &
+    --metrics_port=0 --http_port=0 --warmup_runs=1 >"$log" 2>&1 &
   pid=$!
   port=
   for _ in $(seq 600); do

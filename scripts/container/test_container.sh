@@ -34,7 +34,7 @@ trap cleanup EXIT
 
 # The image's USER (non-root), ENV and entrypoint binary, on loopback ports of the host network.
 buildah run --isolation=chroot --network=host "$ctr" -- /usr/local/bin/dmdserve \
-  --listen_host=127.0.0.1 --port="$PORT" --metrics_port="$METRICS_PORT" >"$log" 2>&1 &
+  --listen_host=127.0.0.1 --port="$PORT" --metrics_port="$METRICS_PORT" --http_port=0 >"$log" 2>&1 &
 runner=$!
 for _ in $(seq 1 120); do
   grep -q "serving port=" "$log" && break

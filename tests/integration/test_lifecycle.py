@@ -106,8 +106,9 @@ class ConfigTest(unittest.TestCase):
         out = subprocess.run([DMDSERVE_BIN, "--help"], capture_output=True, text=True, timeout=30)
         text = out.stdout + out.stderr
         self.assertIn("DMDSERVE_<FLAG>", text)
-        for flag in ("port", "metrics_port", "model_dirs", "default_model", "workers",
-                     "max_batch_size", "max_queue_delay_us", "max_queue_images", "device",
+        for flag in ("port", "metrics_port", "http_port", "http_model_aliases", "model_dirs",
+                     "default_model", "workers", "max_batch_size", "max_queue_delay_us",
+                     "max_queue_images", "device",
                      "drain_grace_s", "reflection", "log_format"):
             self.assertIn(f"--{flag} (", text)
 

@@ -1,0 +1,132 @@
+// HttpApiServer: the HTTP/1.1 JSON API (OpenAI-compatible image generation) on its own port,
+// a thin adapter beside the gRPC service: the same backend (generation_backend.h), validation
+// (request_validation.h), API keys (api_keys.h), metrics (own method labels) and drain.
+//
+// Routes (JSON bodies as openai_api.h describes):
+//   POST /v1/images/generations   generate; 200 with the images, or an OpenAI-shaped error
+//   GET  /v1/models               the served models in OpenAI's list shape
+//   another method on these: 405 (with Allow); another path: 404.
+// Headers read: `Authorization: Bearer KEY` (with API keys, every route needs one: 401 without),
+// `X-Request-Timeout: SECONDS` (decimal > 0: the request's deadline, like a gRPC deadline; 504
+// when it passes before the request ran; absent: none), `X-Request-Id` (echoed in logs, <= 128
+// printable ASCII bytes). A 429 carries `Retry-After: 1`.
+//
+// Why libmicrohttpd (as for /metrics, metrics_http.h): its internal thread is event-driven
+// (epoll), so a client that connects and stalls (half a request, or never reads its response)
+// holds one connection slot and nothing else; every connection is dropped after io_timeout of
+// silence; connections are capped in all and per IP address. A generation never blocks that
+// thread: once its body is read and checked, the connection is suspended
+// (MHD_suspend_connection) and the backend's on_done builds the response and resumes it. A
+// suspended connection has no I/O timeout (generation may take long; its deadline is the
+// request's own), and a client that goes away meanwhile is noticed only when the response is
+// sent (the images are computed anyway).
+//
+// Bodies: a Content-Length over max_body_bytes is answered 413 without reading the body; a body
+// without Content-Length (chunked) that grows past it has its connection closed.
+//
+// Drain: StartDrain() makes every new request get 503 (`Connection: close`) while accepted ones
+// finish; WaitIdle() returns once every accepted request has been answered and sent.
+// Thread-safe. Does not own the backend, metrics or keys, which must outlive it; the backend must
+// deliver every accepted request's on_done before the server is destroyed (DmdServer drains the
+// engine first).
+#ifndef DMDSERVE_SERVER_HTTP_SERVER_H_
+#define DMDSERVE_SERVER_HTTP_SERVER_H_
+
+#include <atomic>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "server/api_keys.h"
+#include "server/generation_backend.h"
+#include "server/metrics.h"
+#include "server/openai_api.h"
+#include "server/request_validation.h"
+
+struct MHD_Connection;  // <microhttpd.h>
+struct MHD_Daemon;
+
+namespace dmdserve {
+
+class HttpApiServer {
+ public:
+  struct Options {
+    // Address to listen on (numeric or a host name). Default all IPv4 interfaces.
+    std::string host = "0.0.0.0";
+    // TCP port; 0 picks a free port (see port()). Default 8080.
+    int port = 8080;
+    // Longest a client may stay silent while sending its request or taking its response, rounded
+    // up to whole seconds. Default 30 s.
+    absl::Duration io_timeout = absl::Seconds(30);
+    // Largest request body, in bytes. Default 64 KiB (a prompt is at most 4 KiB by default).
+    int max_body_bytes = 64 << 10;
+    // Connections open at once, in all and from one IP address (more are closed when accepted).
+    int max_connections = 256;
+    int max_connections_per_ip = 64;
+    // Model aliases applied to a request's `model` before resolution.
+    ModelAliases model_aliases;
+    RequestLimits limits;
+  };
+
+  // Binds and starts serving. UNAVAILABLE naming host:port when it cannot bind; INVALID_ARGUMENT
+  // for bad options; INTERNAL when libmicrohttpd cannot start. `keys` may be null (no keys).
+  static absl::StatusOr<std::unique_ptr<HttpApiServer>> Create(Options options,
+                                                               GenerationBackend* backend,
+                                                               Metrics* metrics, ApiKeys* keys);
+  // Stops the daemon, closing open connections. Call after WaitIdle() for a clean drain.
+  ~HttpApiServer();
+
+  HttpApiServer(const HttpApiServer&) = delete;
+  HttpApiServer& operator=(const HttpApiServer&) = delete;
+
+  int port() const { return port_; }
+
+  // From now on every new request is answered 503.
+  void StartDrain() { draining_.store(true); }
+  // Waits until no accepted request is unanswered or unsent, at most `timeout`; false on timeout.
+  bool WaitIdle(absl::Duration timeout);
+
+  // Internal (libmicrohttpd's callbacks, in http_server.cc).
+  struct Call;
+  int HandleRequest(MHD_Connection* connection, const char* url, const char* method,
+                    const char* upload_data, size_t* upload_data_size, void** request_state);
+  void RequestCompleted(void** request_state);
+
+ private:
+  HttpApiServer(Options options, GenerationBackend* backend, Metrics* metrics, ApiKeys* keys)
+      : options_(std::move(options)), backend_(backend), metrics_(metrics), keys_(keys),
+        created_(absl::Now()) {}
+
+  // The first call for a request (headers in): routes it and refuses it early when it can (404,
+  // 405, 503 draining, 401, 413); -1 when it goes on to read the body.
+  int Admit(MHD_Connection* connection, const char* url, const char* method, Call& call);
+  // The last call (body in): answers GET /v1/models, or starts a generation.
+  int Dispatch(MHD_Connection* connection, const std::shared_ptr<Call>& call);
+  // Answers at once (false) or suspends the connection until on_done answers (true).
+  bool StartGeneration(MHD_Connection* connection, const std::shared_ptr<Call>& call);
+  // The request as GenerateParams: parsed, timed, validated, model resolved.
+  absl::StatusOr<GenerateParams> Prepare(MHD_Connection* connection, Call& call) const;
+  // Stores the answer (`body` when `status` is OK, else its error, or `error` when given) and
+  // logs and counts the request. Returns whether the connection was suspended (the caller must
+  // then resume it); the caller otherwise queues the answer.
+  bool Answer(Call& call, const absl::Status& status, std::string body, int images,
+              const HttpError* error = nullptr);
+
+  const Options options_;
+  GenerationBackend* const backend_;
+  Metrics* const metrics_;
+  ApiKeys* const keys_;
+  const absl::Time created_;  // reported as the models' `created`
+  std::atomic<bool> draining_{false};
+  absl::Mutex mu_;
+  int open_calls_ ABSL_GUARDED_BY(mu_) = 0;  // created and not yet completed
+  MHD_Daemon* daemon_ = nullptr;
+  int port_ = 0;
+};
+
+}  // namespace dmdserve
+
+#endif  // DMDSERVE_SERVER_HTTP_SERVER_H_

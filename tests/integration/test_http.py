@@ -1,0 +1,250 @@
+"""The HTTP/JSON API (OpenAI-compatible POST /v1/images/generations, GET /v1/models) of the real
+server: the same images as gRPC Generate, OpenAI's error shape and HTTP codes, API keys, the body
+limit, drain, and a stalled client that does not hold up other requests."""
+import base64
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import unittest
+import urllib.error
+import urllib.request
+
+from harness import (SOURCE_DIR, TINY_BUNDLE, Server, metric_value, pb, wait_until)
+
+FASHION_BUNDLE = os.path.join(SOURCE_DIR, "models", "fashion-dmd")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def http(server, path, body=None, headers=None, method=None, timeout_s=120):
+    """(status, headers, parsed JSON body) of one request to the server's HTTP API."""
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{server.http_port}{path}", data=data,
+                                     headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as r:
+            return r.status, r.headers, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, json.loads(e.read())
+
+
+def generate(server, body, headers=None):
+    return http(server, "/v1/images/generations", body, headers)
+
+
+class HttpApiTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.server = Server("--http_model_aliases=gpt-image-1=tiny-random")
+
+    @classmethod
+    def tearDownClass(cls):
+        assert cls.server.stop() == 0, cls.server.log()
+
+    def assertError(self, response, http_status, param=None, code=None):
+        status, _, body = response
+        self.assertEqual(status, http_status, body)
+        self.assertEqual(set(body["error"]), {"message", "type", "param", "code"}, body)
+        self.assertTrue(body["error"]["message"])
+        self.assertEqual(body["error"]["param"], param, body)
+        if code is not None:
+            self.assertEqual(body["error"]["code"], code, body)
+        return body["error"]
+
+    def test_generation_returns_the_grpc_images_and_seeds(self):
+        status, headers, body = generate(self.server, {"prompt": "a boot", "n": 2, "seed": 11,
+                                                       "size": "64x32", "user": "alice"})
+        self.assertEqual(status, 200, body)
+        self.assertEqual(headers["Content-Type"], "application/json")
+        self.assertIsInstance(body["created"], int)
+        self.assertEqual([d["seed"] for d in body["data"]], [11, 12])
+        grpc_images = self.server.stub.Generate(
+            pb.GenerateRequest(prompt="a boot", num_images=2, seed=11, width=64, height=32),
+            timeout=120).images
+        self.assertEqual([base64.b64decode(d["b64_json"]) for d in body["data"]],
+                         [i.data for i in grpc_images])
+        self.assertTrue(any("rpc=POST /v1/images/generations" in line and "user=alice" in line
+                            and "http=200" in line for line in self.server.lines))
+        text = self.server.metrics()
+        self.assertGreaterEqual(metric_value(text, "dmdserve_requests_total", model="tiny-random",
+                                             method="POST /v1/images/generations", code="OK"), 1)
+
+    def test_alias_and_default_model_and_models_list(self):
+        for model in ("gpt-image-1", "tiny-random", None):
+            status, _, body = generate(self.server, {"prompt": "x", "model": model, "seed": 1})
+            self.assertEqual(status, 200, body)
+        status, _, body = http(self.server, "/v1/models")
+        self.assertEqual(status, 200)
+        self.assertEqual(body["object"], "list")
+        self.assertEqual([(m["id"], m["object"], m["owned_by"]) for m in body["data"]],
+                         [("tiny-random", "model", "dmdserve")])
+        self.assertIsInstance(body["data"][0]["created"], int)
+
+    def test_bad_requests_are_400_in_openai_shape(self):
+        cases = [
+            ({"n": 1}, "prompt"),
+            ({"prompt": "x", "response_format": "url"}, "response_format"),
+            ({"prompt": "x", "output_format": "webp"}, "output_format"),
+            ({"prompt": "x", "size": "big"}, "size"),
+            ({"prompt": "x", "n": 0}, "n"),
+            (b"{not json", None),
+        ]
+        for body, param in cases:
+            with self.subTest(body=body):
+                self.assertError(generate(self.server, body), 400, param)
+        # A size the model does not serve and a prompt over the limit: validation's messages.
+        error = self.assertError(generate(self.server, {"prompt": "x", "size": "48x48"}), 400)
+        self.assertIn("48", error["message"])
+        self.assertError(generate(self.server, {"prompt": "x" * 5000}), 400)
+        self.assertError(generate(self.server, {"prompt": "x"},
+                                  {"X-Request-Timeout": "soon"}), 400)
+
+    def test_unknown_model_is_404_listing_the_served_ones(self):
+        error = self.assertError(generate(self.server, {"prompt": "x", "model": "dall-e-3"}), 404,
+                                 code="model_not_found")
+        self.assertIn("tiny-random", error["message"])
+
+    def test_deadline_that_passes_before_the_run_is_504(self):
+        self.assertError(generate(self.server, {"prompt": "x"}, {"X-Request-Timeout": "0.000001"}),
+                         504)
+
+    def test_body_over_the_limit_is_413(self):
+        self.assertError(generate(self.server, {"prompt": "x" * (70 << 10)}), 413,
+                         code="request_too_large")
+
+    def test_unknown_path_and_wrong_method(self):
+        self.assertEqual(http(self.server, "/v1/nope")[0], 404)
+        status, headers, _ = http(self.server, "/v1/images/generations", method="GET")
+        self.assertEqual((status, headers["Allow"]), (405, "POST"))
+
+    def test_curl_gets_two_pngs(self):
+        out = subprocess.run(
+            ["curl", "-s", f"localhost:{self.server.http_port}/v1/images/generations", "-d",
+             '{"prompt":"a photo of a sneaker","n":2,"seed":7}'],
+            capture_output=True, timeout=120, check=True)
+        images = [base64.b64decode(d["b64_json"]) for d in json.loads(out.stdout)["data"]]
+        self.assertEqual(len(images), 2)
+        self.assertTrue(all(i.startswith(PNG_MAGIC) for i in images))
+
+    def test_stalled_client_does_not_delay_other_requests(self):
+        with socket.create_connection(("127.0.0.1", self.server.http_port)) as stalled:
+            # Half a request: headers promise a body that never comes.
+            stalled.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\n"
+                            b"Content-Length: 100\r\n\r\n{\"prompt\":")
+            status, _, body = generate(self.server, {"prompt": "x", "seed": 3})
+            self.assertEqual(status, 200, body)
+            self.assertEqual(http(self.server, "/v1/models")[0], 200)
+            # The stalled connection is still open (not served first, then closed): the other
+            # requests did not wait for it.
+            stalled.setblocking(False)
+            with self.assertRaises(BlockingIOError):
+                stalled.recv(1, socket.MSG_PEEK)
+
+
+class DoneWhenTest(unittest.TestCase):
+    """curl against fashion-dmd (the default model) returns the PNGs gRPC Generate returns."""
+
+    def test_curl_matches_grpc_byte_for_byte(self):
+        with Server(model_dirs=(FASHION_BUNDLE,)) as server:
+            out = subprocess.run(
+                ["curl", "-s", f"localhost:{server.http_port}/v1/images/generations", "-d",
+                 '{"prompt":"a photo of a sneaker","n":2,"seed":7}'],
+                capture_output=True, timeout=300, check=True)
+            body = json.loads(out.stdout)
+            grpc_images = server.stub.Generate(
+                pb.GenerateRequest(prompt="a photo of a sneaker", num_images=2, seed=7),
+                timeout=300).images
+            self.assertEqual([d["seed"] for d in body["data"]], [7, 8])
+            self.assertEqual([base64.b64decode(d["b64_json"]) for d in body["data"]],
+                             [i.data for i in grpc_images])
+            self.assertTrue(all(i.data.startswith(PNG_MAGIC) for i in grpc_images))
+            self.assertEqual(server.stop(), 0, server.log())
+
+
+class HttpApiKeysTest(unittest.TestCase):
+    SECRET = "s3cret-http"
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        keys_file = os.path.join(cls.tmp.name, "keys")
+        digest = hashlib.sha256(cls.SECRET.encode()).hexdigest()
+        with open(keys_file, "w") as f:
+            f.write(f"alice {digest} 1\n")  # 1 image/s: a 2-image burst
+        cls.server = Server(f"--api_keys_file={keys_file}")
+
+    @classmethod
+    def tearDownClass(cls):
+        assert cls.server.stop() == 0, cls.server.log()
+        cls.tmp.cleanup()
+
+    def test_missing_or_wrong_key_is_401_and_a_good_one_passes(self):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": self.SECRET}):
+            with self.subTest(headers=headers):
+                status, _, body = generate(self.server, {"prompt": "x"}, headers)
+                self.assertEqual(status, 401, body)
+                self.assertEqual(http(self.server, "/v1/models", headers=headers)[0], 401)
+        auth = {"Authorization": f"Bearer {self.SECRET}"}
+        self.assertEqual(http(self.server, "/v1/models", headers=auth)[0], 200)
+        status, _, body = generate(self.server, {"prompt": "x"}, auth)
+        self.assertEqual(status, 200, body)
+
+    def test_over_the_rate_limit_is_429_with_retry_after(self):
+        auth = {"Authorization": f"Bearer {self.SECRET}"}
+        status, headers, body = generate(self.server, {"prompt": "x", "n": 3}, auth)
+        self.assertEqual(status, 429, body)
+        self.assertEqual(body["error"]["code"], "rate_limit_exceeded")
+        self.assertEqual(headers["Retry-After"], "1")
+
+
+class HttpDrainTest(unittest.TestCase):
+    SLOW_MODEL = "tiny-random-50-steps"
+
+    def setUp(self):
+        # tiny-random with the teacher's 50-step guided schedule, so that a request takes long
+        # enough for SIGTERM to land while it is in flight.
+        self.tmp = tempfile.TemporaryDirectory()
+        bundle = os.path.join(self.tmp.name, self.SLOW_MODEL)
+        shutil.copytree(TINY_BUNDLE, bundle, symlinks=True)
+        with open(os.path.join(bundle, "model.json")) as f:
+            manifest = json.load(f)
+        with open(os.path.join(SOURCE_DIR, "models", "fashion-teacher", "model.json")) as f:
+            manifest.update(name=self.SLOW_MODEL, schedule=json.load(f)["schedule"],
+                            guidance_scale=3.0)
+        with open(os.path.join(bundle, "model.json"), "w") as f:
+            json.dump(manifest, f)
+        self.bundle = bundle
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def test_drain_refuses_new_requests_with_503_and_finishes_accepted_ones(self):
+        server = Server("--max_batch_size=1", "--workers=1", model_dirs=(self.bundle,))
+        try:
+            results = []
+            worker = threading.Thread(target=lambda: results.append(
+                generate(server, {"prompt": "a sandal", "n": 8, "seed": 1})))
+            worker.start()
+            self.assertTrue(wait_until(lambda: (metric_value(
+                server.metrics(), "dmdserve_requests_in_flight", model=self.SLOW_MODEL) or 0) > 0))
+            server.terminate()
+            self.assertTrue(wait_until(lambda: any("draining" in l for l in server.lines)))
+            status, headers, body = generate(server, {"prompt": "x"})
+            self.assertEqual(status, 503, body)
+            self.assertEqual(headers["Connection"], "close")
+            worker.join(120)
+            self.assertEqual(results[0][0], 200, results)
+            self.assertEqual(len(results[0][2]["data"]), 8)
+            self.assertEqual(server.stop(), 0, server.log())
+        except BaseException:
+            server.stop(signal.SIGKILL)
+            raise
+
+
+if __name__ == "__main__":
+    unittest.main()
