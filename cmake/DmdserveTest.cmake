@@ -4,7 +4,10 @@
 # directory, linked with <targets>, GoogleTest's main and gmock, with the source tree and the
 # Python interpreter compiled in (DMDSERVE_SOURCE_DIR, DMDSERVE_PYTHON) for tests that read
 # repository files or run the Python fixtures. Each test case becomes a CTest test with label
-# LABEL (default: unit) and TIMEOUT (default: CTest's).
+# LABEL (default: unit) and TIMEOUT (default: CTest's). In a sanitizer build (DMDSERVE_SANITIZE)
+# the whole binary is one CTest test named <name> instead: one process per binary rather than per
+# case (a process start under a sanitizer costs seconds, and per-process fixtures such as
+# test_util.h's BuiltBundle run once), and no discovery run at build time.
 function(dmdserve_cc_test name)
   cmake_parse_arguments(PARSE_ARGV 1 ARG "" "LABEL;TIMEOUT" "LIBS")
   if(ARG_UNPARSED_ARGUMENTS)
@@ -21,5 +24,10 @@ function(dmdserve_cc_test name)
   if(ARG_TIMEOUT)
     list(APPEND _properties TIMEOUT ${ARG_TIMEOUT})
   endif()
-  gtest_discover_tests(${name} DISCOVERY_TIMEOUT 60 PROPERTIES ${_properties})
+  if(DMDSERVE_SANITIZE)
+    add_test(NAME ${name} COMMAND ${name})
+    set_tests_properties(${name} PROPERTIES ${_properties})
+  else()
+    gtest_discover_tests(${name} DISCOVERY_TIMEOUT 60 PROPERTIES ${_properties})
+  endif()
 endfunction()

@@ -98,8 +98,12 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(Options options) {
   if (o.tune_malloc) {
     const MallocTuning tuning;
     if (absl::Status s = ApplyMallocTuning(tuning); !s.ok()) return s;
-    spdlog::info("malloc: glibc mmap threshold {} MiB, trim threshold {} MiB",
-                 tuning.mmap_threshold_bytes >> 20, tuning.trim_threshold_bytes >> 20);
+    if (MallocTuningApplies()) {
+      spdlog::info("malloc: glibc mmap threshold {} MiB, trim threshold {} MiB",
+                   tuning.mmap_threshold_bytes >> 20, tuning.trim_threshold_bytes >> 20);
+    } else {
+      spdlog::info("malloc: a sanitizer's allocator replaces glibc's, nothing to tune");
+    }
   }
   if (absl::Status s = st.AddDevices(); !s.ok()) return s;
   st.PlanThreads();

@@ -423,10 +423,10 @@ class BatchListener : public EngineListener {
 };
 
 TEST(EngineTest, WarmupMeasuresBatchSizesAndWorkersKeepToTheChoice) {
+  BatchListener listener;  // before the engine: it must outlive it (Shutdown still reports)
   auto engine = MakeEngine({}, /*warm=*/false);
   ASSERT_NE(engine, nullptr);
   EXPECT_THAT(engine->ListModels().at(0).batching, IsEmpty());  // not measured yet
-  BatchListener listener;
   engine->SetListener(&listener);
   ASSERT_TRUE(engine->Warmup().ok());
   const ModelInfo info = engine->ListModels().at(0);
@@ -458,9 +458,9 @@ TEST(EngineTest, WarmupMeasuresBatchSizesAndWorkersKeepToTheChoice) {
 }
 
 TEST(EngineTest, AConfiguredMaxBatchSizeIsUsedUnmeasured) {
+  BatchListener listener;  // before the engine: it must outlive it (Shutdown still reports)
   auto engine = MakeEngine({.max_batch_size = 2}, /*warm=*/false);
   ASSERT_NE(engine, nullptr);
-  BatchListener listener;
   engine->SetListener(&listener);
   ASSERT_TRUE(engine->Warmup().ok());
   const ModelInfo info = engine->ListModels().at(0);
@@ -509,10 +509,10 @@ class DeviceListener : public EngineListener {
 };
 
 TEST(EngineTest, ReportsTheCpuBusyTimeAndNoMemory) {
+  DeviceListener listener;  // before the engine: it must outlive it (Shutdown still reports)
   auto engine = MakeEngine({.instances_per_device = 2});
   ASSERT_NE(engine, nullptr);
   EXPECT_EQ(engine->Devices(), (std::vector<std::string>{"cpu"}));
-  DeviceListener listener;
   engine->SetListener(&listener);
   const absl::Time start = absl::Now();
   std::vector<std::unique_ptr<Outcome>> outs;

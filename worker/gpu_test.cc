@@ -263,11 +263,11 @@ class DeviceStatsRecorder : public EngineListener {
 
 TEST(GpuTest, EngineServesFromEveryGpuWithGraphsAndReportsDeviceStats) {
   SKIP_WITHOUT_CUDA();
+  DeviceStatsRecorder recorder;  // before the engine: it must outlive it (Shutdown still reports)
   absl::StatusOr<std::unique_ptr<Engine>> engine =
       Engine::Create({.model_dirs = {kTinyBundle}, .devices = {"all"}, .instances_per_device = 2});
   ASSERT_TRUE(engine.ok()) << engine.status();
   EXPECT_EQ((*engine)->Devices().size(), static_cast<size_t>(CudaDeviceCount()));
-  DeviceStatsRecorder recorder;
   (*engine)->SetListener(&recorder);
   ASSERT_TRUE((*engine)->Warmup().ok());
 

@@ -9,8 +9,10 @@
 // those pages in the process, to be reused by the next batch.
 //
 // Only glibc's allocator is tuned; under another allocator (e.g. jemalloc preloaded), the calls
-// change glibc's unused settings and nothing else. Not thread-safe against concurrent mallopt
-// callers: call at start-up.
+// change glibc's unused settings and nothing else. In a sanitizer build (ASan, TSan, MSan:
+// DMDSERVE_SANITIZE), whose runtime replaces malloc and answers every mallopt with a refusal,
+// there is nothing to tune: ApplyMallocTuning checks the values and changes nothing. Not
+// thread-safe against concurrent mallopt callers: call at start-up.
 #ifndef DMDSERVE_WORKER_MALLOC_TUNING_H_
 #define DMDSERVE_WORKER_MALLOC_TUNING_H_
 
@@ -34,6 +36,10 @@ struct MallocTuning {
 // turns off glibc's own adjustment of both), for the whole process. INVALID_ARGUMENT naming the
 // setting for a value mallopt cannot take (over INT_MAX bytes) or that glibc refuses.
 absl::Status ApplyMallocTuning(const MallocTuning& tuning);
+
+// False in a sanitizer build, where malloc is the sanitizer's and ApplyMallocTuning changes
+// nothing.
+bool MallocTuningApplies();
 
 }  // namespace dmdserve
 

@@ -30,6 +30,7 @@ size_t MmappedBlocksWhileHolding(size_t bytes) {
 // One test, in this order, because the settings are process-wide and cannot be undone (CTest
 // runs each test in a process of its own).
 TEST(MallocTuningTest, ActivationSizedBlocksStayOnTheHeapOnceTuned) {
+  if (!MallocTuningApplies()) GTEST_SKIP() << "a sanitizer build: malloc is not glibc's";
   // glibc's default: an 8 MiB block gets its own mmap. Freeing it raises glibc's dynamic
   // thresholds to about 8 MiB (mmap) and 16 MiB (trim), which is all it learns by itself.
   const size_t before = mallinfo2().hblks;
