@@ -33,6 +33,8 @@ import json
 import os
 import random
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -136,6 +138,27 @@ def make_faulty_bundles(tmp, source_bundle):
                         "--fault", fault], check=True)
         dirs.append(out)
     return dirs, trigger_id
+
+
+def grpc_request_bytes(authority, path, message):
+    """The bytes a client sends for one gRPC call over cleartext HTTP/2 (prior knowledge): the
+    connection preface, empty SETTINGS, HEADERS (HPACK literals, no Huffman) and one DATA frame
+    holding the length-prefixed message, ending the stream."""
+    def string(text):
+        data = text.encode()
+        assert len(data) < 127  # a one-byte HPACK length
+        return bytes([len(data)]) + data
+
+    def frame(kind, flags, stream, payload):
+        return (len(payload).to_bytes(3, "big") + bytes([kind, flags]) +
+                stream.to_bytes(4, "big") + payload)
+
+    headers = b"".join(b"\x00" + string(k) + string(v) for k, v in (
+        (":method", "POST"), (":scheme", "http"), (":path", path), (":authority", authority),
+        ("content-type", "application/grpc"), ("te", "trailers")))
+    return (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(0x4, 0, 0, b"") +
+            frame(0x1, 0x4, 1, headers) +  # HEADERS, END_HEADERS
+            frame(0x0, 0x1, 1, b"\x00" + len(message).to_bytes(4, "big") + message))  # END_STREAM
 
 
 def metrics_text(port):
@@ -275,14 +298,21 @@ class Load:
         return status, 0, details
 
     async def disconnect_mid_flight(self, n):
-        """A client on its own connection that closes it while its stream is running."""
-        channel = self.grpc.aio.insecure_channel(self.target, options=self.options)
-        call = self.pb_grpc.ImageGenerationStub(channel).GenerateStream(
-            self._request(n), timeout=HEALTHY_DEADLINE_S)
+        """A client that opens its own TCP connection, sends a GenerateStream request in plain
+        HTTP/2 frames, and resets the connection (SO_LINGER 0) 0-50 ms later without reading.
+        Its final status is its own disconnect; the server's side is checked by its counters,
+        in-flight gauge and fds. (Raw frames, because grpc.aio's channel close() does not
+        always cancel a call nobody awaits, which then ends at its deadline instead.)"""
+        host, port = self.target.rsplit(":", 1)
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(grpc_request_bytes(self.target, "/dmdserve.v1.ImageGeneration/GenerateStream",
+                                        self._request(n).SerializeToString()))
+        await writer.drain()
         await asyncio.sleep(self.rng.uniform(0, 0.05))
-        await channel.close()
-        status, details = await self._code_after_cancel(call)
-        return status, 0, details
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                   struct.pack("ii", 1, 0))
+        writer.transport.abort()
+        return "DISCONNECTED", 0, ""
 
     async def short_deadline(self, n):
         return await self.generate(n, timeout=self.rng.uniform(0.001, 0.03))

@@ -53,7 +53,8 @@ KINDS = {
     "stream_cancel_after_first": ("GenerateStream", False, {"OK", "CANCELLED"} | _HEALTHY_REFUSED),
     "stream_never_read": ("GenerateStream", False,
                           {"OK", "DEADLINE_EXCEEDED", "CANCELLED"} | _HEALTHY_REFUSED),
-    "disconnect_mid_flight": ("GenerateStream", False, {"OK", "CANCELLED"} | _HEALTHY_REFUSED),
+    # Its "status" is its own disconnect: the server's side shows in the counters and gauges.
+    "disconnect_mid_flight": ("GenerateStream", False, {"DISCONNECTED"}),
     "short_deadline": ("Generate", False, {"OK", "DEADLINE_EXCEEDED"} | _HEALTHY_REFUSED),
     # Injected model faults (their own models, so a failing batch holds only faulty requests).
     "fault_raise": ("Generate", True, {"INTERNAL", QUEUE_FULL}),
