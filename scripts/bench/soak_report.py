@@ -40,32 +40,39 @@ def label(code_name, details):
     return "RESOURCE_EXHAUSTED(other)"
 
 
-# kind -> (gRPC method the server counts it under or None when the transport refuses it before
-# dmdserve sees it, whether the server's count is certain, allowed labels). Counts of kinds that
-# cancel or time out are uncertain: the server may have finished the request (OK) before it
-# noticed, answered it with another code, or never seen it.
+# How the server's dmdserve_requests_total counts a kind's requests:
+EXACT = "exact"      # once each, with the code the client saw
+COUNTED = "counted"  # once each (the request surely reached the server), the code may differ
+MAYBE = "maybe"      # at most once: the request may not have reached the server, or may have
+                     # ended otherwise there (e.g. OK before the server noticed a cancellation)
+
+# kind -> (gRPC method the server counts it under, or None when dmdserve does not count it (health
+# checks; calls refused by gRPC's transport before dmdserve's handlers), how it counts it, the
+# labels the kind allows).
 _HEALTHY_REFUSED = {QUEUE_FULL}
 KINDS = {
     # The healthy model (the soak's load).
-    "generate": ("Generate", True, {"OK"} | _HEALTHY_REFUSED),
-    "stream": ("GenerateStream", True, {"OK"} | _HEALTHY_REFUSED),
-    "cancel_mid_flight": ("Generate", False, {"OK", "CANCELLED"} | _HEALTHY_REFUSED),
-    "stream_cancel_after_first": ("GenerateStream", False, {"OK", "CANCELLED"} | _HEALTHY_REFUSED),
-    "stream_never_read": ("GenerateStream", False,
+    "generate": ("Generate", EXACT, {"OK"} | _HEALTHY_REFUSED),
+    "stream": ("GenerateStream", EXACT, {"OK"} | _HEALTHY_REFUSED),
+    "cancel_mid_flight": ("Generate", MAYBE, {"OK", "CANCELLED"} | _HEALTHY_REFUSED),
+    # It received an image, so the server has the request: it must finish it.
+    "stream_cancel_after_first": ("GenerateStream", COUNTED,
+                                  {"OK", "CANCELLED"} | _HEALTHY_REFUSED),
+    "stream_never_read": ("GenerateStream", MAYBE,
                           {"OK", "DEADLINE_EXCEEDED", "CANCELLED"} | _HEALTHY_REFUSED),
     # Its "status" is its own disconnect: the server's side shows in the counters and gauges.
-    "disconnect_mid_flight": ("GenerateStream", False, {"DISCONNECTED"}),
-    "short_deadline": ("Generate", False, {"OK", "DEADLINE_EXCEEDED"} | _HEALTHY_REFUSED),
+    "disconnect_mid_flight": ("GenerateStream", MAYBE, {"DISCONNECTED"}),
+    "short_deadline": ("Generate", MAYBE, {"OK", "DEADLINE_EXCEEDED"} | _HEALTHY_REFUSED),
     # Injected model faults (their own models, so a failing batch holds only faulty requests).
-    "fault_raise": ("Generate", True, {"INTERNAL", QUEUE_FULL}),
-    "fault_oom": ("Generate", True, {OUT_OF_MEMORY, QUEUE_FULL}),
+    "fault_raise": ("Generate", EXACT, {"INTERNAL", QUEUE_FULL}),
+    "fault_oom": ("Generate", EXACT, {OUT_OF_MEMORY, QUEUE_FULL}),
     # Light calls beside the load.
-    "tokenize": ("Tokenize", True, {"OK"}),
-    "list_models": ("ListModels", True, {"OK"}),
-    "health": (None, True, {"SERVING"}),
-    # Refused by gRPC's transport before dmdserve's handlers (not in dmdserve's counts).
-    "oversize_message": (None, True, {TOO_LARGE}),
-    "oversize_metadata": (None, True, {TOO_LARGE}),
+    "tokenize": ("Tokenize", EXACT, {"OK"}),
+    "list_models": ("ListModels", EXACT, {"OK"}),
+    "health": (None, EXACT, {"SERVING"}),
+    # Refused by gRPC's transport before dmdserve's handlers.
+    "oversize_message": (None, EXACT, {TOO_LARGE}),
+    "oversize_metadata": (None, EXACT, {TOO_LARGE}),
 }
 
 # Bad inputs: "bad:<case>" kinds, registered by add_bad_input_kind().
@@ -74,7 +81,7 @@ BAD_PREFIX = "bad:"
 
 def add_bad_input_kind(case, method, expected_label):
     """Registers kind "bad:<case>": a request the server must refuse with `expected_label`."""
-    KINDS[BAD_PREFIX + case] = (method, True, {expected_label})
+    KINDS[BAD_PREFIX + case] = (method, EXACT, {expected_label})
 
 
 # The healthy model's kinds: the offered load, and the latency table.
@@ -142,32 +149,36 @@ def _code_of(status_label):
 
 
 def client_counts(ledger, model_of):
-    """(certain, uncertain) client counts for the metrics comparison: certain[(model, method,
-    code)] from kinds the server must count exactly as the client saw them, uncertain[(model,
-    method)] the number of requests of the other kinds. `model_of(kind)` names the model a kind's
-    requests go to."""
+    """The client's side of the metrics comparison: (certain, counted, maybe) where
+    certain[(model, method, code)] counts the EXACT kinds' requests by the code the client saw,
+    and counted[(model, method)] / maybe[(model, method)] the COUNTED / MAYBE kinds' requests.
+    `model_of(kind)` names the model a kind's requests go to."""
     certain = collections.Counter()
-    uncertain = collections.Counter()
+    counted = collections.Counter()
+    maybe = collections.Counter()
     for (kind, status_label), n in ledger.closed.items():
-        method, exact, _ = KINDS[kind]
+        method, how, _ = KINDS[kind]
         if method is None:
             continue
-        if exact:
+        if how == EXACT:
             certain[(model_of(kind), method, _code_of(status_label))] += n
         else:
-            uncertain[(model_of(kind), method)] += n
-    return certain, uncertain
+            (counted if how == COUNTED else maybe)[(model_of(kind), method)] += n
+    return certain, counted, maybe
 
 
-def check_metrics(certain, uncertain, server, exact_models=()):
+def check_metrics(client, server, exact_models=()):
     """Failures where the server's dmdserve_requests_total deltas (`server`: (model, method,
-    code) -> count) disagree with the client's counts (client_counts()).
+    code) -> count) disagree with the client's counts (`client`: client_counts()).
 
     Summed over models (the server files a refused request under the model it names, or
-    "_unknown", or the resolved one, depending on where validation stopped it): for every method
-    and code, and for every method's total, the server's count lies between the client's certain
-    count and that plus the method's uncertain requests. For each model of `exact_models`, which
-    only certain kinds use, every (method, code) count matches exactly."""
+    "_unknown", or the resolved one, depending on where validation stopped it), for every method:
+    each code's count lies between the client's certain count and that plus the method's COUNTED
+    and MAYBE requests; the total lies between the certain and COUNTED requests and that plus
+    the MAYBE ones. For each model of `exact_models`, which only EXACT kinds use, every
+    (method, code) count matches exactly."""
+    certain, counted, maybe = client
+
     def collapse(counter, width):
         out = collections.Counter()
         for key, n in counter.items():
@@ -177,22 +188,24 @@ def check_metrics(certain, uncertain, server, exact_models=()):
     failures = []
     c_codes, s_codes = collapse(certain, 3), collapse(server, 3)
     c_methods, s_methods = collapse(certain, 2), collapse(server, 2)
-    slack = collapse(uncertain, 2)
+    counted_m, maybe_m = collapse(counted, 2), collapse(maybe, 2)
     for method, code in sorted(set(c_codes) | set(s_codes)):
-        want, got, extra = c_codes[(method, code)], s_codes[(method, code)], slack[(method,)]
+        want, got = c_codes[(method, code)], s_codes[(method, code)]
+        extra = counted_m[(method,)] + maybe_m[(method,)]
         if not want <= got <= want + extra:
             failures.append(f"metrics: {method} {code}: the server counted {got:g}, the client "
                             f"saw {want}" + (f" (+ up to {extra} that cancelled or timed out)"
                                              if extra else ""))
-    for (method,) in sorted(set(c_methods) | set(s_methods)):
-        want, got, extra = c_methods[(method,)], s_methods[(method,)], slack[(method,)]
-        if not want <= got <= want + extra:
+    for (method,) in sorted(set(c_methods) | set(s_methods) | set(counted_m)):
+        low = c_methods[(method,)] + counted_m[(method,)]
+        got, extra = s_methods[(method,)], maybe_m[(method,)]
+        if not low <= got <= low + extra:
             failures.append(f"metrics: {method} in all: the server counted {got:g}, the client "
-                            f"sent {want}" + (f" + up to {extra} that cancelled or timed out"
-                                              if extra else ""))
+                            f"sent {low}" + (f" + up to {extra} it may not have received"
+                                             if extra else ""))
     for model in exact_models:
-        if any(m == model for (m, _) in uncertain):
-            raise ValueError(f"model {model} has uncertain kinds: it cannot be compared exactly")
+        if any(m == model for (m, _) in list(counted) + list(maybe)):
+            raise ValueError(f"model {model} has inexact kinds: it cannot be compared exactly")
         keys = {k for k in list(certain) + list(server) if k[0] == model}
         for key in sorted(keys):
             if certain.get(key, 0) != server.get(key, 0):
@@ -306,8 +319,9 @@ def markdown(report):
               f"{r['offered_images_per_second']:.0f} images/s in "
               f"{r['offered_requests_per_second']:.1f} requests/s (target "
               f"{r['target_images_per_second']:.0f}) |",
-              f"| served (images received in OK requests) | "
-              f"{r['served_images_per_second']:.0f} images/s |",
+              f"| served: images in OK responses, as the client counted them (the server's "
+              f"dmdserve_images_generated_total) | {r['served_images_per_second']:.0f} images/s "
+              f"({r['server_images_generated'] / (60 * r['minutes']):.0f}) |",
               f"| requests sent / lost | {r['requests_sent']} / {r['requests_lost']} |",
               f"| /metrics scrapes during load (all answered) | {r['scrapes']} |", ""]
     lines += ["| kind | sent | statuses | p50 ms | p99 ms (OK) |", "|---|---|---|---|---|"]
