@@ -691,7 +691,7 @@ async def soak(args, stubs, server, healthy, models, trigger_id, tmp):
         "scrapes": scraper.ok, "by_kind": by_kind,
         "latency_ok": {k: {q: sr.percentile(v, float(q[1:]) / 100) for q in ("p50", "p90", "p99")}
                        for k, v in load_ok.items()},
-        "warmup_s": warmup, "resources": resources, "resources_after": resources_after,
+        "load_window": [load_start, load_end], "warmup_s": warmup, "resources": resources, "resources_after": resources_after,
         "samples": sampler.samples, "server_counts": {"/".join(k): v for k, v in
                                                       sorted(server_counts.items())},
         "drain": {"requests": args.drain_requests, "images_each": images,

@@ -290,6 +290,18 @@ def check_growth(summary, limits):
     return failures
 
 
+def rss_by_minute(samples, load_start, load_end):
+    """RSS (MiB) of the last sample at or before the load's start and each whole minute of it."""
+    out = []
+    mark = load_start
+    while mark <= load_end + 1e-9:
+        before = [s["rss_mib"] for s in samples if s["t"] <= mark]
+        if before:
+            out.append(before[-1])
+        mark += 60
+    return out
+
+
 # --- report ----------------------------------------------------------------------------------
 
 def percentile(values, q):
@@ -338,6 +350,10 @@ def markdown(report):
         lines.append(f"| {name} | {_num(g['start'])} | {_num(g['steady'])} | {_num(g['end'])} "
                      f"| {_num(g['max'])} | {g['slope_per_min']:+.1f} | "
                      f"{_num(r['resources_after'].get(key))} |")
+    by_minute = rss_by_minute(r["samples"], *r["load_window"])
+    if by_minute:
+        lines += ["", "RSS MiB at the start of the load and at the end of each of its minutes: "
+                  + ", ".join(_num(x) for x in by_minute)]
     lines += ["", "| invariant | result |", "|---|---|"]
     for name, ok in r["checks"]:
         lines.append(f"| {name} | {'pass' if ok else '**FAIL**'} |")

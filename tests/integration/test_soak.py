@@ -192,6 +192,8 @@ class ReportTest(unittest.TestCase):
             "by_kind": {"generate": {"OK": 9}, "bad:x": {"INVALID_ARGUMENT": 1}},
             "latency_ok": {"generate": {"p50": 0.01, "p99": 0.02}},
             "resources": resources, "resources_after": {"rss_mib": 3, "fds": 20, "threads": 9},
+            "samples": [{"t": t, "rss_mib": 100 + t} for t in range(0, 200, 10)],
+            "load_window": [5, 130],
             "checks": [("every request ended with a final status", False)],
             "failures": ["lost: 1 'stream' request(s) ended without a final status"]}
         text = sr.markdown(report)
@@ -200,6 +202,7 @@ class ReportTest(unittest.TestCase):
         self.assertLess(text.index("| generate |"), text.index("| bad:x |"))
         self.assertIn("| every request ended with a final status | **FAIL** |", text)
         self.assertIn("- lost: 1 'stream'", text)
+        self.assertIn("and at the end of each of its minutes: 100, 160, 220\n", text)
         self.assertEqual(collections.Counter(text.split("\n"))["| RSS MiB | 1 | 2 | 3 | 4 | "
                                                               "+0.5 | 3 |"], 1)
 
