@@ -28,7 +28,7 @@ asan_tests=(malloc_tuning_test clip_tokenizer_test text_cleanup_test batcher_tes
   device_test postprocess_test engine_test
   api_keys_test fd_limit_test wire_format_test json_log_formatter_test metrics_test
   metrics_http_test request_validation_test status_util_test image_service_test
-  server_flags_test dmdctl_test)
+  server_flags_test dmdctl_test grpc_log_test openai_api_test)
 # The request path end to end: generation (unary and streamed), errors, the client. The
 # lifecycle tests are left out: their drain tests run a 50-step model that takes minutes under
 # ASan, about 20 times slower than uninstrumented (ASan's allocator hands libtorch fresh pages).
