@@ -14,7 +14,7 @@ import unittest
 
 import grpc
 
-from harness import Server, pb
+from harness import Server, pb, pb_grpc
 
 REFLECTION_METHOD = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 LIST_SERVICES = b"\x3a\x00"
@@ -71,8 +71,12 @@ class MetadataLimitTest(unittest.TestCase):
                 server.stub.ListModels(pb.ListModelsRequest(), timeout=10,
                                        metadata=[("x-pad", "a" * (65 << 10))])
             self.assertEqual(caught.exception.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
-            # The server keeps serving (on a new connection).
-            self.assertTrue(server.stub.ListModels(pb.ListModelsRequest(), timeout=10).models)
+            # The server keeps serving, on a new connection: the transport closes the old one, and
+            # a call sent on it before the client notices fails with UNAVAILABLE.
+            with grpc.insecure_channel(server.target,
+                                       options=[("grpc.use_local_subchannel_pool", 1)]) as fresh:
+                stub = pb_grpc.ImageGenerationStub(fresh)
+                self.assertTrue(stub.ListModels(pb.ListModelsRequest(), timeout=10).models)
         finally:
             self.assertEqual(server.stop(), 0, server.log())
 
