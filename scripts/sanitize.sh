@@ -4,8 +4,8 @@
 #   asan  build-asan/, -fsanitize=address,undefined (ASan, LeakSanitizer, UBSan): every C++ unit
 #         test binary, and the integration tests test_generate, test_errors and test_dmdctl
 #         against the instrumented dmdserve and dmdctl.
-#   tsan  build-tsan/, -fsanitize=thread: the batcher and thread pool tests, and the test
-#         of the TSan build's abseil annotations (tests/sanitizers/).
+#   tsan  build-tsan/, -fsanitize=thread: the batcher, thread pool and engine tests, and the
+#         tests of the TSan build's abseil annotations (tests/sanitizers/).
 # Each build compiles only the targets its tests need, with gcc at -O1 -g1 (line numbers in the
 # reports), without benchmarks or fuzzers. In these builds each unit test binary is one CTest
 # test (cmake/DmdserveTest.cmake).
@@ -38,9 +38,7 @@ asan_integration=(test_generate test_errors test_dmdctl)
 # reactor deleted in OnDone against its earlier writes, gRPC's own header code against its core)
 # that only suppressions matching any stack through gRPC would silence, hiding real races on
 # gRPC threads as well. The service's object lifetimes are checked by the ASan job instead.
-# engine_test is left out for now: under TSan it has reported a race (an absl::Status freed by the
-# test thread while a worker still held a reference, engine_test.cc:34/343), not yet explained.
-tsan_tests=(tsan_absl_mutex_test batcher_test thread_pool_test)
+tsan_tests=(tsan_absl_mutex_test tsan_absl_status_test batcher_test thread_pool_test engine_test)
 
 # configure_and_build DIR SANITIZERS TARGET...
 configure_and_build() {
