@@ -330,7 +330,7 @@ absl::StatusOr<GenerateParams> HttpApiServer::Prepare(MHD_Connection* connection
 bool HttpApiServer::StartGeneration(MHD_Connection* connection,
                                     const std::shared_ptr<Call>& call) {
   absl::StatusOr<GenerateParams> params = Prepare(connection, *call);
-  if (!params.ok()) return Answer(*call, params.status(), "", 0);
+  if (!params.ok()) return Answer(*call, WithOpenAiParam(params.status()), "", 0);
   if (keys_ != nullptr) {
     if (absl::Status s = keys_->Admit(call->key, params->num_images); !s.ok()) {
       return Answer(*call, s, "", 0);
@@ -344,7 +344,7 @@ bool HttpApiServer::StartGeneration(MHD_Connection* connection,
   };
   absl::Status submitted =
       SubmitCounted(*backend_, *metrics_, *std::move(params), std::move(callbacks));
-  if (!submitted.ok()) return Answer(*call, submitted, "", 0);
+  if (!submitted.ok()) return Answer(*call, WithOpenAiParam(submitted), "", 0);
   // on_done may already have answered (then the caller queues the answer at once); otherwise
   // the connection waits, suspended, for on_done to resume it.
   absl::MutexLock lock(&call->mu);

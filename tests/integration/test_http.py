@@ -97,10 +97,14 @@ class HttpApiTest(unittest.TestCase):
         for body, param in cases:
             with self.subTest(body=body):
                 self.assertError(generate(self.server, body), 400, param)
-        # A size the model does not serve and a prompt over the limit: validation's messages.
-        error = self.assertError(generate(self.server, {"prompt": "x", "size": "48x48"}), 400)
+        # Validation's and the engine's errors name OpenAI's param: a size the model does not
+        # serve, a prompt empty or over the limit, too many images.
+        error = self.assertError(generate(self.server, {"prompt": "x", "size": "48x48"}), 400,
+                                 "size")
         self.assertIn("48", error["message"])
-        self.assertError(generate(self.server, {"prompt": "x" * 5000}), 400)
+        self.assertError(generate(self.server, {"prompt": "x" * 5000}), 400, "prompt")
+        self.assertError(generate(self.server, {"prompt": ""}), 400, "prompt")
+        self.assertError(generate(self.server, {"prompt": "x", "n": 1000}), 400, "n")
         self.assertError(generate(self.server, {"prompt": "x"},
                                   {"X-Request-Timeout": "soon"}), 400)
 
