@@ -250,5 +250,21 @@ class HttpDrainTest(unittest.TestCase):
             raise
 
 
+class HttpWarmupTest(unittest.TestCase):
+    def test_503_while_warming_up_then_200(self):
+        # Many warm-up passes keep the server in warm-up long enough to observe it.
+        with Server("--warmup_runs=300", wait_ready=False) as server:
+            server.wait_listening()
+            status, _, body = generate(server, {"prompt": "x"})
+            self.assertEqual(status, 503, body)
+            self.assertIn("not ready", body["error"]["message"])
+            self.assertEqual(body["error"]["type"], "server_error")
+            status, _, body = http(server, "/v1/models")  # listed while warming up
+            self.assertEqual((status, [m["id"] for m in body["data"]]), (200, ["tiny-random"]))
+            server.wait_ready()
+            status, _, body = generate(server, {"prompt": "x"})
+            self.assertEqual(status, 200, body)
+
+
 if __name__ == "__main__":
     unittest.main()
