@@ -169,8 +169,8 @@ absl::StatusOr<std::unique_ptr<HttpApiServer>> HttpApiServer::Create(Options opt
   server->daemon_ = MHD_start_daemon(
       MHD_USE_AUTO_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG, /*port=*/0,
       /*apc=*/nullptr, /*apc_cls=*/nullptr, &AccessHandler, server.get(),
+      MHD_OPTION_EXTERNAL_LOGGER, &LogFromMhd, nullptr,  // first, or MHD warns at start
       MHD_OPTION_NOTIFY_COMPLETED, &CompletedHandler, server.get(),
-      MHD_OPTION_EXTERNAL_LOGGER, &LogFromMhd, nullptr,
       MHD_OPTION_LISTEN_SOCKET, static_cast<MHD_socket>(*fd),
       MHD_OPTION_THREAD_STACK_SIZE, kThreadStackBytes,
       MHD_OPTION_CONNECTION_TIMEOUT, TimeoutSeconds(o.io_timeout),

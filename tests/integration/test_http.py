@@ -108,6 +108,9 @@ class HttpApiTest(unittest.TestCase):
         self.assertError(generate(self.server, {"prompt": "x"},
                                   {"X-Request-Timeout": "soon"}), 400)
 
+    def test_start_up_logs_no_libmicrohttpd_warning(self):
+        self.assertEqual([line for line in self.server.lines if "libmicrohttpd" in line], [])
+
     def test_unknown_model_is_404_listing_the_served_ones(self):
         error = self.assertError(generate(self.server, {"prompt": "x", "model": "dall-e-3"}), 404,
                                  code="model_not_found")
