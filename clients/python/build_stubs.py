@@ -16,6 +16,7 @@ Standard library only: it runs before the package or its dependencies are instal
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -46,12 +47,10 @@ def compiler(protoc: Optional[str] = None, plugin: Optional[str] = None) -> List
     plugin = plugin or os.environ.get("GRPC_PYTHON_PLUGIN") or shutil.which("grpc_python_plugin")
     if protoc and plugin:
         return [protoc, f"--plugin=protoc-gen-grpc_python={plugin}"]
-    try:
-        import grpc_tools  # noqa: F401  (grpcio-tools, where Debian's compilers are missing)
-    except ImportError:
+    if importlib.util.find_spec("grpc_tools") is None:  # grpcio-tools: protoc and the plugin
         raise SystemExit(
             "build_stubs.py: needs protoc and grpc_python_plugin (Debian: apt-get install "
-            "protobuf-compiler protobuf-compiler-grpc) or the grpcio-tools package") from None
+            "protobuf-compiler protobuf-compiler-grpc) or the grpcio-tools package")
     return [sys.executable, "-m", "grpc_tools.protoc"]
 
 
