@@ -119,13 +119,12 @@ class ClientTest(SharedServerTestCase):
             self.assertIn("tiny-random", caught.exception.message)
 
     def test_an_unreachable_server_is_unavailable_once_the_retries_are_spent(self):
-        with socket.socket() as s:  # a port that was free a moment ago: nothing listens on it
+        with socket.socket() as s:  # bound, never listening: connections are refused
             s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        with dmdserve.Client(f"127.0.0.1:{port}", retry=QUICK_RETRY) as client:
-            with self.assertLogs("dmdserve", logging.INFO) as logs:
-                with self.assertRaises(dmdserve.UnavailableError):
-                    client.models(timeout=30)
+            with dmdserve.Client(f"127.0.0.1:{s.getsockname()[1]}", retry=QUICK_RETRY) as client:
+                with self.assertLogs("dmdserve", logging.INFO) as logs:
+                    with self.assertRaises(dmdserve.UnavailableError):
+                        client.models(timeout=30)
         self.assertEqual(len(logs.records), 2)  # 3 attempts
 
 
@@ -189,7 +188,7 @@ class TlsTest(unittest.TestCase):
         d = cls.tmp.name
         for ca in ("server-ca", "client-ca"):
             make_ca(d, ca)
-        make_cert(d, "server", "server-ca")
+        make_cert(d, "server", "server-ca", san="DNS:localhost")  # no IP address in it
         make_cert(d, "client", "client-ca", san="DNS:client")
         cls.server = Server(f"--tls_cert_file={d}/server.pem", f"--tls_key_file={d}/server.key",
                             f"--tls_client_ca_file={d}/client-ca.pem")
@@ -210,10 +209,14 @@ class TlsTest(unittest.TestCase):
         with dmdserve.Client(self.target, tls=self.tls()) as client:
             self.assertEqual([m.name for m in client.models()], ["tiny-random"])
             self.assertEqual(client.generate(PROMPT, seed=1).seeds, [1])
-        # By IP address, the certificate's name given explicitly.
-        with dmdserve.Client(f"127.0.0.1:{self.server.port}",
-                             tls=self.tls(server_name="localhost")) as client:
-            self.assertEqual(len(client.models()), 1)
+
+    def test_server_name_checks_the_certificate_against_another_name_than_the_targets(self):
+        by_ip = f"127.0.0.1:{self.server.port}"  # not a name the certificate has
+        with dmdserve.Client(by_ip, tls=self.tls(), retry=dmdserve.NO_RETRY) as client:
+            with self.assertRaises(dmdserve.UnavailableError):
+                client.models(timeout=20)
+        with dmdserve.Client(by_ip, tls=self.tls(server_name="localhost")) as client:
+            self.assertEqual([m.name for m in client.models()], ["tiny-random"])
 
     def test_no_client_certificate_or_no_tls_is_unavailable(self):
         for tls in (self.tls(client=False), None):
