@@ -35,7 +35,7 @@ RUN apt-get update -q && apt-get install -y -q --no-install-recommends \
       build-essential cmake ninja-build pkg-config ca-certificates \
       libtorch-dev libgrpc++-dev protobuf-compiler-grpc protobuf-compiler libprotobuf-dev \
       libabsl-dev libspdlog-dev libfmt-dev prometheus-cpp-dev libpng-dev nlohmann-json3-dev \
-      libutf8proc-dev libmicrohttpd-dev libopenblas0-openmp \
+      libutf8proc-dev libmicrohttpd-dev libgnutls28-dev libopenblas0-openmp \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=sources /src /src
 WORKDIR /src
@@ -60,7 +60,7 @@ RUN apt-get update -q && apt-get install -y -q --no-install-recommends \
       build-essential cmake ninja-build pkg-config ca-certificates curl unzip \
       libgrpc++-dev protobuf-compiler-grpc protobuf-compiler libprotobuf-dev libabsl-dev \
       libspdlog-dev libfmt-dev prometheus-cpp-dev libpng-dev nlohmann-json3-dev libutf8proc-dev \
-      libmicrohttpd-dev \
+      libmicrohttpd-dev libgnutls28-dev \
     && rm -rf /var/lib/apt/lists/*
 RUN test -n "${LIBTORCH_URL}" || { echo "set --build-arg LIBTORCH_URL" >&2; exit 1; } \
     && curl -fsSL -o /tmp/libtorch.zip "${LIBTORCH_URL}" && unzip -q /tmp/libtorch.zip -d /opt \

@@ -16,8 +16,9 @@ PKGS=(
   libopenblas0-openmp
   # tokenizer: Unicode classes
   libutf8proc-dev
-  # the /metrics HTTP endpoint (server/metrics_http.h)
-  libmicrohttpd-dev
+  # the /metrics endpoint and the HTTP API (server/metrics_http.h, server/http_server.h), and
+  # GnuTLS for HTTPS (server/https_credentials.h)
+  libmicrohttpd-dev libgnutls28-dev
   # TLS start-up checks (server/tls.h); the openssl command makes the tests' certificates
   libssl-dev openssl
   # tests and benchmarks

@@ -10,6 +10,7 @@
 #include <limits>
 #include "absl/strings/string_view.h"
 #include <utility>
+#include <vector>
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/numbers.h"
@@ -139,6 +140,29 @@ int RespondError(MHD_Connection* connection, const HttpError& error, const char*
   return queued;
 }
 
+// libmicrohttpd's TLS options for `https`: its certificates through GnuTLS's callback, TLS 1.2 and
+// 1.3 only, and with a client CA, a certificate request naming it.
+std::vector<MHD_OptionItem> TlsDaemonOptions(const HttpsCredentials& https) {
+  std::vector<MHD_OptionItem> items = {
+      {MHD_OPTION_HTTPS_CERT_CALLBACK, 0,
+       reinterpret_cast<void*>(&HttpsCredentials::RetrieveCertificate)},
+      {MHD_OPTION_HTTPS_PRIORITIES, 0,
+       const_cast<char*>("NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2")},
+  };
+  if (https.requires_client_certificate()) {
+    items.push_back(
+        {MHD_OPTION_HTTPS_MEM_TRUST, 0, const_cast<char*>(https.client_ca_pem().c_str())});
+  }
+  return items;
+}
+
+// The connection's GnuTLS session; null on a plaintext connection.
+gnutls_session_t TlsSession(MHD_Connection* connection) {
+  const MHD_ConnectionInfo* info =
+      MHD_get_connection_info(connection, MHD_CONNECTION_INFO_GNUTLS_SESSION);
+  return info == nullptr ? nullptr : static_cast<gnutls_session_t>(info->tls_session);
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<HttpApiServer>> HttpApiServer::Create(Options options,
@@ -164,11 +188,20 @@ absl::StatusOr<std::unique_ptr<HttpApiServer>> HttpApiServer::Create(Options opt
       new HttpApiServer(std::move(options), backend, metrics, keys));
   server->port_ = port;
   const Options& o = server->options_;
+  unsigned int flags = MHD_USE_AUTO_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG;
+  std::vector<MHD_OptionItem> tls_options;
+  if (o.tls.enabled()) {
+    absl::StatusOr<std::unique_ptr<HttpsCredentials>> https = HttpsCredentials::Create(o.tls);
+    if (!https.ok()) return https.status();
+    server->https_ = *std::move(https);
+    flags |= MHD_USE_TLS;
+    tls_options = TlsDaemonOptions(*server->https_);
+  }
+  tls_options.push_back({MHD_OPTION_END, 0, nullptr});
   t_starting_daemon = true;
   // clang-format off
   server->daemon_ = MHD_start_daemon(
-      MHD_USE_AUTO_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG, /*port=*/0,
-      /*apc=*/nullptr, /*apc_cls=*/nullptr, &AccessHandler, server.get(),
+      flags, /*port=*/0, /*apc=*/nullptr, /*apc_cls=*/nullptr, &AccessHandler, server.get(),
       MHD_OPTION_EXTERNAL_LOGGER, &LogFromMhd, nullptr,  // first, or MHD warns at start
       MHD_OPTION_NOTIFY_COMPLETED, &CompletedHandler, server.get(),
       MHD_OPTION_LISTEN_SOCKET, static_cast<MHD_socket>(*fd),
@@ -177,6 +210,7 @@ absl::StatusOr<std::unique_ptr<HttpApiServer>> HttpApiServer::Create(Options opt
       MHD_OPTION_CONNECTION_LIMIT, static_cast<unsigned int>(o.max_connections),
       MHD_OPTION_PER_IP_CONNECTION_LIMIT, static_cast<unsigned int>(o.max_connections_per_ip),
       MHD_OPTION_CONNECTION_MEMORY_LIMIT, kConnectionPoolBytes,
+      MHD_OPTION_ARRAY, tls_options.data(),
       MHD_OPTION_END);
   // clang-format on
   t_starting_daemon = false;
@@ -244,6 +278,11 @@ int HttpApiServer::HandleRequest(MHD_Connection* connection, const char* url, co
 int HttpApiServer::Admit(MHD_Connection* connection, const char* url, const char* method,
                          Call& call) {
   call.started = absl::Now();
+  if (https_ != nullptr) {
+    if (absl::Status s = https_->VerifyClient(TlsSession(connection)); !s.ok()) {
+      return RespondError(connection, ToHttpError(s), nullptr);
+    }
+  }
   const absl::string_view path(url);
   const absl::string_view verb(method);
   if (path == kGenerationsPath) {

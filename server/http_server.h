@@ -24,6 +24,10 @@
 // Bodies: a Content-Length over max_body_bytes is answered 413 without reading the body; a body
 // without Content-Length (chunked) that grows past it has its connection closed.
 //
+// HTTPS: with Options.tls enabled, the port speaks TLS 1.2/1.3 only, with the gRPC port's
+// certificate files, re-read while serving (https_credentials.h); with a client CA, every
+// request must come over a connection whose client certificate that CA signed (401 otherwise).
+//
 // Drain: StartDrain() makes every new request get 503 (`Connection: close`) while accepted ones
 // finish; WaitIdle() returns once every accepted request has been answered and sent.
 // Thread-safe. Does not own the backend, metrics or keys, which must outlive it; the backend must
@@ -42,6 +46,7 @@
 #include "absl/time/time.h"
 #include "server/api_keys.h"
 #include "server/generation_backend.h"
+#include "server/https_credentials.h"
 #include "server/metrics.h"
 #include "server/openai_api.h"
 #include "server/request_validation.h"
@@ -69,6 +74,8 @@ class HttpApiServer {
     // Model aliases applied to a request's `model` before resolution.
     ModelAliases model_aliases;
     RequestLimits limits;
+    // TLS, as for the gRPC port (tls.h). Default disabled: plaintext HTTP.
+    TlsOptions tls;
   };
 
   // Binds and starts serving. UNAVAILABLE naming host:port when it cannot bind; INVALID_ARGUMENT
@@ -83,6 +90,7 @@ class HttpApiServer {
   HttpApiServer& operator=(const HttpApiServer&) = delete;
 
   int port() const { return port_; }
+  bool https() const { return https_ != nullptr; }
 
   // From now on every new request is answered 503.
   void StartDrain() { draining_.store(true); }
@@ -123,6 +131,7 @@ class HttpApiServer {
   std::atomic<bool> draining_{false};
   absl::Mutex mu_;
   int open_calls_ ABSL_GUARDED_BY(mu_) = 0;  // created and not yet completed
+  std::unique_ptr<HttpsCredentials> https_;  // null for plaintext; outlives daemon_
   MHD_Daemon* daemon_ = nullptr;
   int port_ = 0;
 };

@@ -61,7 +61,8 @@ void ConfigureBuilder(const DmdServer::Options& options, grpc::ServerBuilder& bu
 // Says so at start-up when the gRPC port is reachable from other machines in plaintext.
 void WarnIfExposed(const DmdServer::Options& options) {
   if (options.tls.enabled()) {
-    spdlog::info("gRPC port: TLS{} (certificate files re-read every {}s)",
+    spdlog::info("{}: TLS{} (certificate files re-read every {}s)",
+                 options.http_port >= 0 ? "gRPC and HTTP ports" : "gRPC port",
                  options.tls.client_ca_file.empty() ? "" : " with client certificates (mTLS)",
                  options.tls.refresh_s);
   } else if (!IsLoopbackHost(options.listen_host)) {
@@ -154,13 +155,8 @@ absl::StatusOr<std::unique_ptr<DmdServer>> DmdServer::Create(Options options) {
 
 absl::Status DmdServer::StartHttp() {
   if (options_.http_port < 0) return absl::OkStatus();
-  if (options_.tls.enabled()) {
-    spdlog::warn("HTTP API off: --tls_cert_file is set and the HTTP API has no TLS, so it would "
-                 "serve in plaintext; put it behind a TLS-terminating proxy on a TLS-less "
-                 "server, or use the gRPC API");
-    return absl::OkStatus();
-  }
   HttpApiServer::Options http;
+  http.tls = options_.tls;
   http.host = options_.listen_host;
   http.port = options_.http_port;
   http.max_body_bytes = options_.http_max_body_bytes;

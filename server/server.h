@@ -56,9 +56,8 @@ class DmdServer {
     // Prometheus /metrics port; 0 picks a free port (see metrics_port()). Default 9464.
     int metrics_port = 9464;
     // HTTP/JSON API port (server/http_server.h: OpenAI-compatible image generation); 0 picks a
-    // free port (see http_port()), -1 turns the HTTP API off. Default 8080. With tls enabled the
-    // HTTP API stays off (logged): it has no TLS, and a plaintext port beside a TLS one would
-    // undo what TLS was asked for.
+    // free port (see http_port()), -1 turns the HTTP API off. Default 8080. With tls enabled it
+    // speaks HTTPS with the same certificates (and client CA).
     int http_port = 8080;
     // Largest HTTP request body, in bytes. Default 64 KiB.
     int http_max_body_bytes = 64 << 10;

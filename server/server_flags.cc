@@ -24,7 +24,7 @@ ABSL_FLAG(int, port, 50051, "gRPC port; 0 picks a free port (logged at startup).
 ABSL_FLAG(int, metrics_port, 9464, "Prometheus /metrics port; 0 picks a free port (logged).");
 ABSL_FLAG(int, http_port, 8080,
           "HTTP/JSON API port (OpenAI-compatible POST /v1/images/generations, GET /v1/models); 0 "
-          "picks a free port (logged), -1 turns it off. Off when --tls_cert_file is set (no TLS).");
+          "picks a free port (logged), -1 turns it off. HTTPS when --tls_cert_file is set.");
 ABSL_FLAG(int, http_max_body_bytes, 64 << 10,
           "Largest HTTP request body, in bytes (larger: 413).");
 ABSL_FLAG(std::string, http_model_aliases, "",
@@ -98,8 +98,8 @@ ABSL_FLAG(std::string, api_keys_file, "",
           "File of API keys, one 'NAME SHA256HEX [IMAGES_PER_SECOND]' a line: clients must send "
           "'authorization: Bearer KEY'; re-read on SIGHUP. Empty: no keys.");
 ABSL_FLAG(std::string, tls_cert_file, "",
-          "PEM certificate chain: the gRPC port speaks TLS only (with --tls_key_file); empty: "
-          "plaintext.");
+          "PEM certificate chain: the gRPC and HTTP ports speak TLS only (with --tls_key_file); "
+          "empty: plaintext.");
 ABSL_FLAG(std::string, tls_key_file, "", "PEM private key of --tls_cert_file.");
 ABSL_FLAG(std::string, tls_client_ca_file, "",
           "PEM CA bundle: clients must present a certificate it signed (mutual TLS).");

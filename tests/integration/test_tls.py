@@ -1,12 +1,17 @@
-"""TLS on the gRPC port: server certificates, client certificates (mTLS), certificates renewed
-while serving, clear start-up errors for wrong files, and the plaintext warning. Certificates are
+"""TLS on the gRPC and HTTP ports: server certificates, client certificates (mTLS), certificates
+renewed while serving, clear start-up errors for wrong files, and the plaintext warning. Certificates are
 made in the test with the openssl command (EC P-256, valid for a day)."""
+import base64
 import os
 import shutil
 import subprocess
 import tempfile
 import time
 import unittest
+
+import http.client
+import json
+import ssl
 
 import grpc
 from dmdserve.v1 import dmdserve_pb2_grpc as pb_grpc
@@ -45,6 +50,7 @@ class TlsTest(unittest.TestCase):
         make_cert(d, "server", "server-ca")
         make_cert(d, "renewed", "other-ca")
         make_cert(d, "client", "client-ca", san="DNS:client")
+        make_cert(d, "stranger", "other-ca", san="DNS:stranger")
 
     @classmethod
     def tearDownClass(cls):
@@ -75,7 +81,7 @@ class TlsTest(unittest.TestCase):
     def test_tls_serves_tls_clients_only(self):
         server = self.tls_server()
         try:
-            self.assertIn("gRPC port: TLS", server.log())
+            self.assertIn("gRPC and HTTP ports: TLS", server.log())
             with self.channel(server) as channel:
                 self.assertEqual(self.list_models(channel), ["tiny-random"])
             with self.assertRaises(grpc.RpcError) as caught:  # plaintext client
@@ -134,6 +140,81 @@ class TlsTest(unittest.TestCase):
             self.assertTrue(wait_until(renewed_works, timeout_s=20, interval_s=0.5))
             self.assertEqual(self.list_models(old), ["tiny-random"])  # the open connection
             old.close()
+        finally:
+            self.assertEqual(server.stop(), 0, server.log())
+
+    def https(self, server, path="/v1/models", body=None, ca="server-ca", client=None):
+        """(status, parsed body, the server certificate's issuer CN) of one HTTPS request."""
+        context = ssl.create_default_context(cafile=self.path(f"{ca}.pem"))
+        if client:
+            context.load_cert_chain(self.path(f"{client}.pem"), self.path(f"{client}.key"))
+        connection = http.client.HTTPSConnection("localhost", server.http_port, context=context,
+                                                 timeout=60)
+        try:
+            connection.request("POST" if body else "GET", path,
+                               body=json.dumps(body) if body else None)
+            issuer = dict(x[0] for x in connection.sock.getpeercert()["issuer"])["commonName"]
+            response = connection.getresponse()
+            return response.status, json.loads(response.read()), issuer
+        finally:
+            connection.close()
+
+    def test_https_serves_tls_clients_only(self):
+        server = self.tls_server()
+        try:
+            self.assertIn("gRPC and HTTP ports: TLS", server.log())
+            status, body, _ = self.https(server)
+            self.assertEqual((status, [m["id"] for m in body["data"]]), (200, ["tiny-random"]))
+            status, body, _ = self.https(server, "/v1/images/generations",
+                                         {"prompt": "a boot", "seed": 3})
+            self.assertEqual(status, 200, body)
+            with self.channel(server) as channel:  # the same image as over gRPC
+                image = pb_grpc.ImageGenerationStub(channel).Generate(
+                    pb.GenerateRequest(prompt="a boot", seed=3), timeout=60).images[0].data
+            self.assertEqual(base64.b64decode(body["data"][0]["b64_json"]), image)
+            plain = http.client.HTTPConnection("localhost", server.http_port, timeout=10)
+            with self.assertRaises((ConnectionError, http.client.HTTPException)):
+                plain.request("GET", "/v1/models")
+                plain.getresponse().read()
+            plain.close()
+            with self.assertRaises(ssl.SSLError):  # a client that trusts another CA
+                self.https(server, ca="other-ca")
+        finally:
+            self.assertEqual(server.stop(), 0, server.log())
+
+    def test_https_mutual_tls_requires_a_client_certificate_from_the_client_ca(self):
+        server = self.tls_server(f"--tls_client_ca_file={self.path('client-ca.pem')}")
+        try:
+            status, body, _ = self.https(server, client="client")
+            self.assertEqual(status, 200, body)
+            for client in (None, "stranger"):  # none, or one the client CA did not sign
+                with self.subTest(client=client):
+                    status, body, _ = self.https(server, client=client)
+                    self.assertEqual(status, 401, body)
+                    self.assertIn("client certificate", body["error"]["message"])
+        finally:
+            self.assertEqual(server.stop(), 0, server.log())
+
+    def test_https_uses_a_renewed_certificate(self):
+        live = tempfile.mkdtemp(dir=self.dir)
+        for ext in ("pem", "key"):
+            shutil.copy(self.path(f"server.{ext}"), os.path.join(live, f"server.{ext}"))
+        server = Server(f"--tls_cert_file={live}/server.pem", f"--tls_key_file={live}/server.key",
+                        "--tls_refresh_s=1")
+        try:
+            self.assertEqual(self.https(server)[2], "server-ca")
+            for ext in ("key", "pem"):  # renew: write then rename, as cert-manager does
+                shutil.copy(self.path(f"renewed.{ext}"), os.path.join(live, f"new.{ext}"))
+                os.replace(os.path.join(live, f"new.{ext}"), os.path.join(live, f"server.{ext}"))
+
+            def renewed_served():
+                try:
+                    return self.https(server, ca="other-ca")[:1] == (200,)
+                except ssl.SSLError:
+                    return False
+
+            self.assertTrue(wait_until(renewed_served, timeout_s=20, interval_s=0.5))
+            self.assertIn("HTTPS: certificate files reloaded", server.log())
         finally:
             self.assertEqual(server.stop(), 0, server.log())
 
