@@ -30,6 +30,9 @@ PKGS=(
   python3 python3-torch python3-numpy python3-grpcio python3-protobuf python3-pil python3-scipy
   # training and evaluation data (Fashion-MNIST)
   dataset-fashion-mnist
+  # the playground page's browser test (tests/integration/test_playground.py): headless Chromium
+  # driven over the DevTools Protocol, and a font for its screenshot
+  chromium python3-websocket fonts-dejavu-core
 )
 # Node.js runs the offline Kubernetes manifest validation (tests/k8s); use Debian's if none.
 command -v node >/dev/null && command -v npm >/dev/null || PKGS+=(nodejs npm)
