@@ -38,8 +38,10 @@ class Browser:
             raise AssertionError("chromium is required (Debian package chromium)")
         self._profile = tempfile.mkdtemp(prefix="dmdserve-chromium-")
         self.proc = subprocess.Popen(
-            [binary, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-             "--no-default-browser-check", "--disable-extensions", "--disable-sync",
+            # No sandbox: tests run as root in containers; /dev/shm there is often tiny.
+            [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+             "--no-first-run", "--no-default-browser-check", "--disable-extensions",
+             "--disable-sync",
              "--disable-background-networking", "--disable-component-update",
              "--disable-default-apps", "--mute-audio", "--hide-scrollbars",
              f"--user-data-dir={self._profile}", "--remote-debugging-port=0",
