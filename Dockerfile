@@ -7,7 +7,8 @@
 #                          --build-arg LIBTORCH_URL=<libtorch cxx11-abi zip for that CUDA> \
 #                          [--build-arg CUDA_ARCHITECTURES="80;90"] -t dmdserve:cuda .
 #   Run it with --gpus all; DMDSERVE_DEVICES=cuda:0,cuda:1 spreads workers over GPUs (docs/GPU.md).
-# Run:  docker run -p 50051:50051 -p 9464:9464 dmdserve:cpu
+# Run:  docker run -p 50051:50051 -p 8080:8080 -p 9464:9464 dmdserve:cpu
+#   (gRPC on 50051, the HTTP/JSON API and playground on 8080, Prometheus metrics on 9464)
 # Other bundles: mount them and point DMDSERVE_MODEL_DIRS at them, e.g.
 #   docker run -v /srv/bundles/sd15-dmd:/models/sd15-dmd:ro \
 #     -e DMDSERVE_MODEL_DIRS=/models/sd15-dmd,/opt/dmdserve/models/fashion-dmd dmdserve:cpu
@@ -92,7 +93,7 @@ ENV LD_LIBRARY_PATH=/opt/libtorch/lib \
     DMDSERVE_MODEL_DIRS=/opt/dmdserve/models/fashion-dmd,/opt/dmdserve/models/fashion-teacher \
     DMDSERVE_DEVICES=all
 USER 10001
-EXPOSE 50051 9464
+EXPOSE 50051 8080 9464
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s \
   CMD ["/usr/local/bin/dmdctl", "--target=127.0.0.1:50051", "health", "--timeout_s=3"]
 ENTRYPOINT ["/usr/local/bin/dmdserve"]
@@ -111,7 +112,7 @@ COPY --from=build /out/bin/ /usr/local/bin/
 COPY models /opt/dmdserve/models
 ENV DMDSERVE_MODEL_DIRS=/opt/dmdserve/models/fashion-dmd,/opt/dmdserve/models/fashion-teacher
 USER 10001
-EXPOSE 50051 9464
+EXPOSE 50051 8080 9464
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s \
   CMD ["/usr/local/bin/dmdctl", "--target=127.0.0.1:50051", "health", "--timeout_s=3"]
 ENTRYPOINT ["/usr/local/bin/dmdserve"]

@@ -28,6 +28,8 @@ PKGS=(
   clang-14 libfuzzer-14-dev libclang-rt-14-dev
   # python tooling (Debian's interpreter at /usr/bin/python3)
   python3 python3-torch python3-numpy python3-grpcio python3-protobuf python3-pil python3-scipy
+  # the Python client package's offline install test (clients/python: venv + pip, no index)
+  python3-venv python3-pip python3-setuptools python3-wheel
   # training and evaluation data (Fashion-MNIST)
   dataset-fashion-mnist
   # the playground page's browser test (tests/integration/test_playground.py): headless Chromium

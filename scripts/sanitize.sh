@@ -4,8 +4,8 @@
 #   asan  build-asan/, -fsanitize=address,undefined (ASan, LeakSanitizer, UBSan): every C++ unit
 #         test binary, and the integration tests test_generate, test_errors and test_dmdctl
 #         against the instrumented dmdserve and dmdctl.
-#   tsan  build-tsan/, -fsanitize=thread: the batcher and thread pool tests, and the test
-#         of the TSan build's abseil annotations (tests/sanitizers/).
+#   tsan  build-tsan/, -fsanitize=thread: the batcher, thread pool, engine and gRPC service
+#         tests, and the tests of the TSan build's abseil annotations (tests/sanitizers/).
 # Each build compiles only the targets its tests need, with gcc at -O1 -g1 (line numbers in the
 # reports), without benchmarks or fuzzers. In these builds each unit test binary is one CTest
 # test (cmake/DmdserveTest.cmake).
@@ -33,14 +33,11 @@ asan_tests=(malloc_tuning_test clip_tokenizer_test text_cleanup_test batcher_tes
 # lifecycle tests are left out: their drain tests run a 50-step model that takes minutes under
 # ASan, about 20 times slower than uninstrumented (ASan's allocator hands libtorch fresh pages).
 asan_integration=(test_generate test_errors test_dmdctl)
-# Not image_service_test: gRPC hands each call between its threads through atomics inside
-# Debian's uninstrumented libgrpc, which TSan cannot see, so every RPC yields reports (the
-# reactor deleted in OnDone against its earlier writes, gRPC's own header code against its core)
-# that only suppressions matching any stack through gRPC would silence, hiding real races on
-# gRPC threads as well. The service's object lifetimes are checked by the ASan job instead.
-# engine_test is left out for now: under TSan it has reported a race (an absl::Status freed by the
-# test thread while a worker still held a reference, engine_test.cc:34/343), not yet explained.
-tsan_tests=(tsan_absl_mutex_test batcher_test thread_pool_test)
+# image_service_test runs the service in a real gRPC server: tests/sanitizers/tsan.supp keeps TSan
+# from reporting what Debian's uninstrumented gRPC does with its own memory, and
+# server/grpc_happens_before.h declares the orderings gRPC guarantees to our reactors.
+tsan_tests=(tsan_absl_mutex_test tsan_absl_status_test batcher_test thread_pool_test engine_test
+  image_service_test)
 
 # configure_and_build DIR SANITIZERS TARGET...
 configure_and_build() {
@@ -84,7 +81,7 @@ run_tsan() {
   local dir=build-tsan reports=$root/build-tsan/sanitizer-reports
   configure_and_build "$dir" thread "${tsan_tests[@]}"
   rm -rf "$reports" && mkdir -p "$reports"
-  export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:allocator_may_return_null=1:log_path=$reports/tsan"
+  export TSAN_OPTIONS="halt_on_error=1:suppressions=$root/tests/sanitizers/tsan.supp:second_deadlock_stack=1:allocator_may_return_null=1:log_path=$reports/tsan"
   run_tests "$dir" "$reports" "${tsan_tests[@]}"
 }
 

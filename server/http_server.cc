@@ -119,6 +119,24 @@ struct HttpApiServer::Call {
 
 namespace {
 
+// `status` tagged with the request field it is about, in the route's names (OpenAI's for
+// /v1/images/generations, the proto's for the native routes).
+absl::Status WithParam(const HttpApiServer::Call& call, absl::Status status) {
+  switch (call.route->call) {
+    case HttpCall::kImagesGenerations:
+      return WithOpenAiParam(std::move(status));
+    case HttpCall::kGenerate:
+    case HttpCall::kGenerateStream:
+      return WithFieldParam(std::move(status), *v1::GenerateRequest::descriptor());
+    case HttpCall::kTokenize:
+      return WithFieldParam(std::move(status), *v1::TokenizeRequest::descriptor());
+    case HttpCall::kOpenAiModels:
+    case HttpCall::kListModels:
+      break;
+  }
+  return status;
+}
+
 // Queues `call`'s answer (application/json; `Connection: close` while draining).
 int QueueAnswer(MHD_Connection* connection, HttpApiServer::Call& call, bool draining) {
   absl::MutexLock lock(&call.mu);
@@ -197,8 +215,8 @@ absl::StatusOr<std::unique_ptr<HttpApiServer>> HttpApiServer::Create(Options opt
   server->daemon_ = MHD_start_daemon(
       MHD_USE_AUTO_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG, /*port=*/0,
       /*apc=*/nullptr, /*apc_cls=*/nullptr, &AccessHandler, server.get(),
+      MHD_OPTION_EXTERNAL_LOGGER, &LogFromMhd, nullptr,  // first, or MHD warns at start
       MHD_OPTION_NOTIFY_COMPLETED, &CompletedHandler, server.get(),
-      MHD_OPTION_EXTERNAL_LOGGER, &LogFromMhd, nullptr,
       MHD_OPTION_LISTEN_SOCKET, static_cast<MHD_socket>(*fd),
       MHD_OPTION_THREAD_STACK_SIZE, kThreadStackBytes,
       MHD_OPTION_CONNECTION_TIMEOUT, TimeoutSeconds(o.io_timeout),
@@ -382,7 +400,7 @@ void HttpApiServer::Tokenize(Call& call) {
   }();
   call.model = result.ok() ? result->model : request.model();
   if (!result.ok()) {
-    Answer(call, result.status(), "", 0);
+    Answer(call, WithParam(call, result.status()), "", 0);
     return;
   }
   AnswerJson(call, ToTokenizeResponse(*std::move(result)));
@@ -432,7 +450,7 @@ absl::StatusOr<std::string> HttpApiServer::GenerationBody(const Call& call,
 bool HttpApiServer::StartGeneration(MHD_Connection* connection,
                                     const std::shared_ptr<Call>& call) {
   absl::StatusOr<GenerateParams> params = Prepare(connection, *call);
-  if (!params.ok()) return Answer(*call, params.status(), "", 0);
+  if (!params.ok()) return Answer(*call, WithParam(*call, params.status()), "", 0);
   if (keys_ != nullptr) {
     if (absl::Status s = keys_->Admit(call->key, params->num_images); !s.ok()) {
       return Answer(*call, s, "", 0);
@@ -450,7 +468,7 @@ bool HttpApiServer::StartGeneration(MHD_Connection* connection,
   };
   absl::Status submitted =
       SubmitCounted(*backend_, *metrics_, *std::move(params), std::move(callbacks));
-  if (!submitted.ok()) return Answer(*call, submitted, "", 0);
+  if (!submitted.ok()) return Answer(*call, WithParam(*call, submitted), "", 0);
   // on_done may already have answered (then the caller queues the answer at once); otherwise
   // the connection waits, suspended, for on_done to resume it.
   absl::MutexLock lock(&call->mu);
@@ -465,7 +483,7 @@ int HttpApiServer::StartStream(MHD_Connection* connection, const std::shared_ptr
   absl::Status admitted = params.status();
   if (admitted.ok() && keys_ != nullptr) admitted = keys_->Admit(call->key, params->num_images);
   if (!admitted.ok()) {
-    Answer(*call, admitted, "", 0);
+    Answer(*call, WithParam(*call, admitted), "", 0);
     return QueueAnswer(connection, *call, draining_.load());
   }
   auto stream = std::make_shared<HttpStream>(connection);
@@ -495,7 +513,7 @@ int HttpApiServer::StartStream(MHD_Connection* connection, const std::shared_ptr
       SubmitCounted(*backend_, *metrics_, *std::move(params), std::move(callbacks));
   if (!submitted.ok()) {
     call->stream = nullptr;
-    Answer(*call, submitted, "", 0);
+    Answer(*call, WithParam(*call, submitted), "", 0);
     return QueueAnswer(connection, *call, draining_.load());
   }
   if (stream->SuspendUntilFirstEvent()) return MHD_YES;  // the first image or the end resumes it

@@ -12,6 +12,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "server/counted_submit.h"
+#include "server/grpc_happens_before.h"
 #include "server/proto_conversion.h"
 #include "server/status_util.h"
 #include "server/wire_format.h"
@@ -207,6 +208,7 @@ class ImageGenerationService::StreamReactor final
   }
 
   void OnWriteDone(bool ok) override {
+    AcquireFromGrpc(this);
     Pump([&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
       writing_ = false;
       pending_.pop_front();
@@ -220,12 +222,16 @@ class ImageGenerationService::StreamReactor final
     });
   }
 
-  void OnDone() override { delete this; }
+  void OnDone() override {
+    AcquireFromGrpc(this);
+    delete this;
+  }
 
  private:
   void FailNow(std::string_view model, const absl::Status& s) {
     grpc::Status status = ToGrpcStatus(s);
     service_->Finished(RpcMethod::kGenerateStream, model, request_id_, status, started_, 0, key_);
+    ReleaseToGrpc(this);
     Finish(status);
   }
 
@@ -254,10 +260,12 @@ class ImageGenerationService::StreamReactor final
       }
     }
     if (to_write != nullptr) {
+      ReleaseToGrpc(this);
       StartWrite(to_write);
     } else if (to_finish.has_value()) {
       service_->Finished(RpcMethod::kGenerateStream, model_, request_id_, *to_finish, started_,
                          to_finish->ok() ? images : 0, key_);
+      ReleaseToGrpc(this);
       Finish(*to_finish);
     }
   }

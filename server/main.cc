@@ -1,8 +1,9 @@
 // dmdserve: gRPC server for one-step text-to-image models. Parses flags into Options
-// (server/server_flags.h), wires the server, waits for SIGTERM/SIGINT, drains and exits 0. Startup
-// errors are fatal (exit 1) with a clear message. If gRPC's listener stops accepting connections
-// (server/grpc_log.h), the server drains as on SIGTERM and exits 1, for a supervisor to restart it. Every flag can also be set by an environment
-// variable DMDSERVE_<FLAG_IN_CAPS>; a flag given on the command line wins.
+// (server/server_flags.h), wires the server, waits for SIGTERM/SIGINT, drains and exits 0 (a
+// signal during start-up exits at once, before serving). Startup errors are fatal (exit 1) with a
+// clear message. If gRPC's listener stops accepting connections (server/grpc_log.h), the server
+// drains as on SIGTERM and exits 1, for a supervisor to restart it. Every flag can also be set by
+// an environment variable DMDSERVE_<FLAG_IN_CAPS>; a flag given on the command line wins.
 #include <signal.h>
 #include <unistd.h>
 
@@ -121,21 +122,65 @@ std::unique_ptr<dmdserve::DmdServer> StartServer() {
   return *std::move(server);
 }
 
-// Waits for the first stop signal, then drains and stops the server. Draining waits for batches
-// already running; a second signal is the way out if one hangs.
-void WaitForStopThenDrain(const sigset_t& stop_signals,
-                          std::unique_ptr<dmdserve::DmdServer> server) {
-  int signal_number = 0;
-  sigwait(&stop_signals, &signal_number);
-  spdlog::info("received {}, shutting down (a second signal exits at once)",
-               signal_number == SIGTERM ? "SIGTERM" : "SIGINT");
-  std::thread([stop_signals] {
-    int second = 0;
-    sigwait(&stop_signals, &second);
-    spdlog::critical("second signal during drain: exiting without finishing accepted requests");
-    spdlog::shutdown();
-    std::_Exit(1);
-  }).detach();
+// SIGTERM and SIGINT, waited for on one thread for the life of the process. While the server
+// starts (model loading, warm-up: every request is refused with UNAVAILABLE, so none is accepted)
+// the first signal exits at once, with status 0. Once serving, the first signal makes
+// WaitForStop() return so that main drains; a second one, during the drain, exits at once with
+// status 1 (the way out if a batch hangs). Thread-safe.
+class StopSignals {
+ public:
+  explicit StopSignals(const sigset_t& signals) {
+    std::thread([this, signals] {
+      while (true) {
+        int signal_number = 0;
+        sigwait(&signals, &signal_number);
+        OnSignal(signal_number == SIGTERM ? "SIGTERM" : "SIGINT");
+      }
+    }).detach();
+  }
+
+  // From now on a signal starts a drain instead of exiting.
+  void SetServing() {
+    absl::MutexLock lock(&mu_);
+    phase_ = Phase::kServing;
+  }
+
+  // Blocks until the first signal once serving.
+  void WaitForStop() {
+    absl::MutexLock lock(&mu_);
+    mu_.Await(absl::Condition(
+        +[](Phase* phase) { return *phase == Phase::kDraining; }, &phase_));
+  }
+
+ private:
+  enum class Phase { kStarting, kServing, kDraining };
+
+  void OnSignal(const char* name) {
+    absl::MutexLock lock(&mu_);
+    switch (phase_) {
+      case Phase::kStarting:
+        spdlog::info("received {} while starting: exiting before serving (none was accepted)",
+                     name);
+        spdlog::default_logger()->flush();  // not shutdown(): main may be logging meanwhile
+        std::_Exit(listener_failed ? 1 : 0);
+      case Phase::kServing:
+        spdlog::info("received {}, shutting down (a second signal exits at once)", name);
+        phase_ = Phase::kDraining;
+        return;
+      case Phase::kDraining:
+        spdlog::critical("second signal during drain: exiting without finishing accepted requests");
+        spdlog::default_logger()->flush();
+        std::_Exit(1);
+    }
+  }
+
+  absl::Mutex mu_;
+  Phase phase_ ABSL_GUARDED_BY(mu_) = Phase::kStarting;
+};
+
+// Waits for the first stop signal once serving, then drains and stops the server.
+void WaitForStopThenDrain(StopSignals& stop, std::unique_ptr<dmdserve::DmdServer> server) {
+  stop.WaitForStop();
   {
     absl::MutexLock lock(&reload_mu);
     reloadable = nullptr;
@@ -151,14 +196,15 @@ int main(int argc, char** argv) {
   const std::vector<std::string> positional = dmdserve::ParseServerFlags(argc, argv);
   ConfigureLogging();
   if (positional.size() > 1) Fatal(absl::StrCat("unexpected argument '", positional[1], "'"));
-  const sigset_t stop_signals = BlockSignals({SIGTERM, SIGINT});
+  static StopSignals* const stop = new StopSignals(BlockSignals({SIGTERM, SIGINT}));
   ReloadOnHangup(BlockSignals({SIGHUP}));
   std::unique_ptr<dmdserve::DmdServer> server = StartServer();
   {
     absl::MutexLock lock(&reload_mu);
     reloadable = server.get();
   }
-  WaitForStopThenDrain(stop_signals, std::move(server));
+  stop->SetServing();
+  WaitForStopThenDrain(*stop, std::move(server));
   spdlog::shutdown();
   return listener_failed ? 1 : 0;
 }

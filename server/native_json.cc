@@ -82,6 +82,16 @@ absl::Status ParseNativeJson(absl::string_view body, pb::Message* out) {
   return field.empty() ? absl::InvalidArgumentError(message) : InvalidParam(field, message);
 }
 
+absl::Status WithFieldParam(absl::Status status, const pb::Descriptor& request) {
+  if (status.code() != absl::StatusCode::kInvalidArgument || !ErrorParam(status).empty()) {
+    return status;
+  }
+  const absl::string_view message = status.message();
+  const std::string first(message.substr(0, message.find_first_of(" :")));
+  const pb::FieldDescriptor* field = request.FindFieldByName(first);
+  return field == nullptr ? status : InvalidParam(field->name(), message);
+}
+
 absl::StatusOr<std::string> ToNativeJson(const pb::Message& message) {
   pb::util::JsonPrintOptions options;
   options.always_print_primitive_fields = true;

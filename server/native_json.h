@@ -19,6 +19,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "google/protobuf/descriptor.h"
 #include "google/protobuf/message.h"
 
 namespace dmdserve {
@@ -27,6 +28,12 @@ namespace dmdserve {
 // names an unknown field or holds a value of the wrong type; the status then carries the field
 // (ErrorParam() in openai_api.h) where there is one.
 absl::Status ParseNativeJson(absl::string_view body, google::protobuf::Message* out);
+
+// `status` tagged (ErrorParam) with the field of `request` its message starts with, when it is an
+// untagged INVALID_ARGUMENT: request validation and the engine name the field first
+// ("num_images is 9; the limit is 8", "prompt: 80 tokens ..."). Any other status, or one already
+// tagged, is returned as it is. (The OpenAI routes' counterpart is WithOpenAiParam.)
+absl::Status WithFieldParam(absl::Status status, const google::protobuf::Descriptor& request);
 
 // `message` as one line of JSON (no newline). INTERNAL if protobuf cannot print it (a string
 // field that is not UTF-8: never the case for the server's own messages).

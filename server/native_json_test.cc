@@ -96,6 +96,38 @@ TEST(ParseNativeJsonTest, BodyThatIsNoObjectIsInvalidArgument) {
   }
 }
 
+TEST(WithFieldParamTest, NamesTheRequestFieldThatValidationAndTheEngineNameFirst) {
+  const struct {
+    const char* message;
+    const char* param;
+  } cases[] = {
+      {"prompt is required", "prompt"},
+      {"prompt: 80 tokens; the limit is 77", "prompt"},
+      {"num_images is 9; the limit is 8", "num_images"},
+      {"width and height must both be 0 (the model default) or both be set", "width"},
+      {"request_id must be printable ASCII", "request_id"},
+      {"prompts are fine", ""},  // the whole first word must be a field
+      {"n is 3", ""},            // OpenAI's name is no field of GenerateRequest
+  };
+  for (const auto& c : cases) {
+    const absl::Status tagged =
+        WithFieldParam(absl::InvalidArgumentError(c.message), *v1::GenerateRequest::descriptor());
+    EXPECT_EQ(ErrorParam(tagged), c.param) << c.message;
+    EXPECT_EQ(tagged.message(), c.message);
+    EXPECT_EQ(tagged.code(), absl::StatusCode::kInvalidArgument);
+  }
+  EXPECT_EQ(ErrorParam(WithFieldParam(absl::InvalidArgumentError("text is 5000 bytes"),
+                                      *v1::TokenizeRequest::descriptor())),
+            "text");
+  // Already tagged, or not INVALID_ARGUMENT: unchanged.
+  EXPECT_EQ(ErrorParam(WithFieldParam(InvalidParam("seed", "prompt x"),
+                                      *v1::GenerateRequest::descriptor())),
+            "seed");
+  EXPECT_EQ(ErrorParam(WithFieldParam(absl::NotFoundError("model 'x' is not served"),
+                                      *v1::GenerateRequest::descriptor())),
+            "");
+}
+
 TEST(ToNativeJsonTest, PrintsEveryFieldInProtobufsMapping) {
   v1::GenerateResponse response;
   response.set_model("tiny");

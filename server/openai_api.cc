@@ -178,6 +178,21 @@ std::string ErrorParam(const absl::Status& status) {
   return param.has_value() ? std::string(*param) : std::string();
 }
 
+absl::Status WithOpenAiParam(absl::Status status) {
+  if (status.code() != absl::StatusCode::kInvalidArgument || !ErrorParam(status).empty()) {
+    return status;
+  }
+  static constexpr std::pair<absl::string_view, absl::string_view> kParams[] = {
+      {"prompt", "prompt"}, {"model", "model"}, {"num_images", "n"},
+      {"width", "size"},    {"height", "size"}};
+  const absl::string_view message = status.message();
+  const absl::string_view field = message.substr(0, message.find_first_of(" :"));
+  for (const auto& [grpc_field, param] : kParams) {
+    if (field == grpc_field) return InvalidParam(param, message);
+  }
+  return status;
+}
+
 HttpError MakeHttpError(int http_status, absl::string_view type, absl::string_view code,
                         absl::string_view message, absl::string_view status) {
   return ErrorOf(http_status, type, code, message, "", status);

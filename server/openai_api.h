@@ -65,6 +65,12 @@ absl::Status InvalidParam(absl::string_view param, absl::string_view message);
 // The field a status was tagged with by InvalidParam; empty when none.
 std::string ErrorParam(const absl::Status& status);
 
+// `status` tagged with the OpenAI parameter it is about, when it is an untagged INVALID_ARGUMENT
+// from request validation or the engine: their messages name the gRPC field first (the gRPC
+// API's convention), mapped here to OpenAI's names: prompt, model, num_images -> n, width and
+// height -> size. Any other status, or one already tagged, is returned as it is.
+absl::Status WithOpenAiParam(absl::Status status);
+
 // An error as the HTTP API reports it.
 struct HttpError {
   int http_status = 500;

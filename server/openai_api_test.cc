@@ -135,6 +135,31 @@ TEST(ToHttpErrorTest, NativeErrorsAddTheCanonicalCodesName) {
             "OUT_OF_RANGE");
 }
 
+TEST(WithOpenAiParamTest, NamesTheOpenAiParamOfValidationAndEngineErrors) {
+  const struct {
+    const char* message;
+    const char* param;
+  } cases[] = {
+      {"prompt is required", "prompt"},
+      {"prompt: 80 tokens; the limit is 77", "prompt"},
+      {"num_images is 9; the limit is 8", "n"},
+      {"width x height 48x48 is not supported by model 'm'", "size"},
+      {"height must be >= 0 (0 means the model default)", "size"},
+      {"model is 300 bytes; the limit is 256", "model"},
+      {"request_id must be printable ASCII", ""},  // a header, not a body parameter
+      {"prompts are fine", ""},                    // the whole first word must match
+  };
+  for (const auto& c : cases) {
+    const absl::Status tagged = WithOpenAiParam(absl::InvalidArgumentError(c.message));
+    EXPECT_EQ(ErrorParam(tagged), c.param) << c.message;
+    EXPECT_EQ(tagged.message(), c.message);
+    EXPECT_EQ(tagged.code(), absl::StatusCode::kInvalidArgument);
+  }
+  // Already tagged, or not INVALID_ARGUMENT: unchanged.
+  EXPECT_EQ(ErrorParam(WithOpenAiParam(InvalidParam("size", "prompt x"))), "size");
+  EXPECT_EQ(ErrorParam(WithOpenAiParam(absl::NotFoundError("model 'x' is not served"))), "");
+}
+
 TEST(ResponseJsonTest, ImagesAreBase64PngsWithTheirSeedsInIndexOrder) {
   GenerateResult result;
   result.images.push_back({0, 7, 1, 1, 3, ImageEncoding::kPng, "\x89PNG-a", {}});

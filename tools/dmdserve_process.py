@@ -16,7 +16,8 @@ import signal
 import subprocess
 import threading
 
-LISTENING_LINE = re.compile(r"gRPC listening on [^:]+:(\d+), /metrics on [^:]+:(\d+)")
+LISTENING_LINE = re.compile(r"gRPC listening on [^:]+:(\d+), /metrics on [^:]+:(\d+)"
+                            r"(?:, HTTP API on (?:\S+:(\d+)|off))?")
 READY_LINE = re.compile(r"serving port=(\d+) metrics_port=(\d+)(?: http_port=(\d+|off))?")
 
 
@@ -35,7 +36,7 @@ class DmdserveProcess:
         self.lines = []
         self.port = None
         self.metrics_port = None
-        self.http_port = None  # None until ready, and when the HTTP API is off
+        self.http_port = None  # None until listening, and when the HTTP API is off
         self._signalled = False
         self._ready = threading.Event()
         self._ready_seen = False
@@ -52,6 +53,8 @@ class DmdserveProcess:
             m = LISTENING_LINE.search(line)
             if m:
                 self.port, self.metrics_port = int(m.group(1)), int(m.group(2))
+                if m.group(3):
+                    self.http_port = int(m.group(3))
                 self._listening.set()
             m = READY_LINE.search(line)
             if m:

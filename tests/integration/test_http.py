@@ -97,12 +97,19 @@ class HttpApiTest(unittest.TestCase):
         for body, param in cases:
             with self.subTest(body=body):
                 self.assertError(generate(self.server, body), 400, param)
-        # A size the model does not serve and a prompt over the limit: validation's messages.
-        error = self.assertError(generate(self.server, {"prompt": "x", "size": "48x48"}), 400)
+        # Validation's and the engine's errors name OpenAI's param: a size the model does not
+        # serve, a prompt empty or over the limit, too many images.
+        error = self.assertError(generate(self.server, {"prompt": "x", "size": "48x48"}), 400,
+                                 "size")
         self.assertIn("48", error["message"])
-        self.assertError(generate(self.server, {"prompt": "x" * 5000}), 400)
+        self.assertError(generate(self.server, {"prompt": "x" * 5000}), 400, "prompt")
+        self.assertError(generate(self.server, {"prompt": ""}), 400, "prompt")
+        self.assertError(generate(self.server, {"prompt": "x", "n": 1000}), 400, "n")
         self.assertError(generate(self.server, {"prompt": "x"},
                                   {"X-Request-Timeout": "soon"}), 400)
+
+    def test_start_up_logs_no_libmicrohttpd_warning(self):
+        self.assertEqual([line for line in self.server.lines if "libmicrohttpd" in line], [])
 
     def test_unknown_model_is_404_listing_the_served_ones(self):
         error = self.assertError(generate(self.server, {"prompt": "x", "model": "dall-e-3"}), 404,
@@ -244,6 +251,22 @@ class HttpDrainTest(unittest.TestCase):
         except BaseException:
             server.stop(signal.SIGKILL)
             raise
+
+
+class HttpWarmupTest(unittest.TestCase):
+    def test_503_while_warming_up_then_200(self):
+        # Many warm-up passes keep the server in warm-up long enough to observe it.
+        with Server("--warmup_runs=300", wait_ready=False) as server:
+            server.wait_listening()
+            status, _, body = generate(server, {"prompt": "x"})
+            self.assertEqual(status, 503, body)
+            self.assertIn("not ready", body["error"]["message"])
+            self.assertEqual(body["error"]["type"], "server_error")
+            status, _, body = http(server, "/v1/models")  # listed while warming up
+            self.assertEqual((status, [m["id"] for m in body["data"]]), (200, ["tiny-random"]))
+            server.wait_ready()
+            status, _, body = generate(server, {"prompt": "x"})
+            self.assertEqual(status, 200, body)
 
 
 if __name__ == "__main__":

@@ -183,13 +183,18 @@ class NativeJsonTest(unittest.TestCase):
         for path, body, param in cases:
             with self.subTest(path=path, body=body):
                 self.assertError(post(self.server, path, body), 400, "INVALID_ARGUMENT", param)
-        # Validation (request_validation.h) names the field in its message, as over gRPC.
-        for path, body, field in [("/v1/generate", {"numImages": 1}, "prompt"),
-                                  ("/v1/generate", {"prompt": "x", "numImages": 65}, "num_images"),
-                                  ("/v1/generate", {"prompt": "x", "width": 64}, "height"),
-                                  ("/v1/tokenize", {"text": "x" * 5000}, "text")]:
+        # Validation (request_validation.h) and the engine: their messages, as over gRPC, and
+        # the field they name first as `param`.
+        for path, body, field in [
+                ("/v1/generate", {"numImages": 1}, "prompt"),
+                ("/v1/generate", {"prompt": "x", "numImages": 65}, "num_images"),
+                ("/v1/generate", {"prompt": "x", "numImages": 9}, "num_images"),  # model's limit
+                ("/v1/generate:stream", {"prompt": "x", "width": 64}, "width"),
+                ("/v1/generate", {"prompt": "x", "width": 48, "height": 48}, "width"),
+                ("/v1/tokenize", {"text": "x" * 5000}, "text")]:
             with self.subTest(body=body):
-                error = self.assertError(post(self.server, path, body), 400, "INVALID_ARGUMENT")
+                error = self.assertError(post(self.server, path, body), 400, "INVALID_ARGUMENT",
+                                         field)
                 self.assertIn(field, error["message"])
 
     def test_failures_get_their_http_status_and_grpc_status_name(self):

@@ -61,6 +61,20 @@ class HealthTest(unittest.TestCase):
                                           model="tiny-random"), 1)
             self.assertEqual(server.stop(), 0)
 
+    def test_a_stop_signal_while_starting_exits_at_once(self):
+        # 300 warm-up passes keep the server starting for seconds: the signal must end it there,
+        # before it serves.
+        server = Server("--warmup_runs=300", wait_ready=False)
+        try:
+            server.wait_listening()
+            self.assertEqual(server.health_status(), NOT_SERVING)
+            self.assertEqual(server.stop(timeout_s=20), 0, server.log())
+        except BaseException:
+            server.stop(signal.SIGKILL)
+            raise
+        self.assertIn("received SIGTERM while starting: exiting before serving", server.log())
+        self.assertNotIn("ready: serving", server.log())
+
     def test_watch_sees_not_serving_as_soon_as_draining_starts(self):
         server = Server()
         updates = []
