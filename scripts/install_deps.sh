@@ -33,6 +33,9 @@ PKGS=(
   python3-venv python3-pip python3-setuptools python3-wheel
   # training and evaluation data (Fashion-MNIST)
   dataset-fashion-mnist
+  # the playground page's browser test (tests/integration/test_playground.py): headless Chromium
+  # driven over the DevTools Protocol, and a font for its screenshot
+  chromium python3-websocket fonts-dejavu-core
 )
 # Node.js runs the offline Kubernetes manifest validation (tests/k8s); use Debian's if none.
 command -v node >/dev/null && command -v npm >/dev/null || PKGS+=(nodejs npm)

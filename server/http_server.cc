@@ -8,14 +8,19 @@
 #include <cstdint>
 #include <cstdio>
 #include <limits>
-#include "absl/strings/string_view.h"
+#include <optional>
 #include <utility>
 #include <vector>
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 #include "server/counted_submit.h"
+#include "server/http_routes.h"
+#include "server/native_json.h"
+#include "server/proto_conversion.h"
+#include "server/static_assets.h"
 #include "server/tcp_listen.h"
 #include "spdlog/spdlog.h"
 
@@ -23,8 +28,8 @@ namespace dmdserve {
 namespace {
 
 constexpr char kJsonContentType[] = "application/json";
-constexpr char kGenerationsPath[] = "/v1/images/generations";
-constexpr char kModelsPath[] = "/v1/models";
+constexpr char kNdjsonContentType[] = "application/x-ndjson";
+constexpr char kNoSniff[] = "nosniff";
 // The key label of requests refused before a key was known (as in image_service.cc).
 constexpr char kUnauthenticatedKey[] = "_unauthenticated";
 // The daemon's one thread: the same generous stack as /metrics' (see metrics_http.h for why).
@@ -86,21 +91,24 @@ MHD_Result AccessHandler(void* closure, MHD_Connection* connection, const char* 
 }
 
 void CompletedHandler(void* closure, MHD_Connection* /*connection*/, void** request_state,
-                      MHD_RequestTerminationCode /*code*/) {
-  static_cast<HttpApiServer*>(closure)->RequestCompleted(request_state);
+                      MHD_RequestTerminationCode code) {
+  static_cast<HttpApiServer*>(closure)->RequestCompleted(
+      request_state, code == MHD_REQUEST_TERMINATED_COMPLETED_OK);
 }
 
 }  // namespace
 
 // One HTTP request, from its headers to its completion (shared with a generation's on_done).
 struct HttpApiServer::Call {
-  RpcMethod method = RpcMethod::kHttpImagesGenerations;
+  const HttpRoute* route = nullptr;  // set by Admit for every call that goes on
   absl::Time started;
   std::string key;  // the API key's name ("" without keys)
   std::string body;
   std::string model;
   std::string request_id;
   std::string user;
+  std::shared_ptr<HttpStream> stream;  // POST /v1/generate:stream, once submitted
+  std::optional<StaticAsset> asset;    // a playground file (no route, not counted)
 
   absl::Mutex mu;
   bool answered ABSL_GUARDED_BY(mu) = false;
@@ -112,6 +120,24 @@ struct HttpApiServer::Call {
 
 namespace {
 
+// `status` tagged with the request field it is about, in the route's names (OpenAI's for
+// /v1/images/generations, the proto's for the native routes).
+absl::Status WithParam(const HttpApiServer::Call& call, absl::Status status) {
+  switch (call.route->call) {
+    case HttpCall::kImagesGenerations:
+      return WithOpenAiParam(std::move(status));
+    case HttpCall::kGenerate:
+    case HttpCall::kGenerateStream:
+      return WithFieldParam(std::move(status), *v1::GenerateRequest::descriptor());
+    case HttpCall::kTokenize:
+      return WithFieldParam(std::move(status), *v1::TokenizeRequest::descriptor());
+    case HttpCall::kOpenAiModels:
+    case HttpCall::kListModels:
+      break;
+  }
+  return status;
+}
+
 // Queues `call`'s answer (application/json; `Connection: close` while draining).
 int QueueAnswer(MHD_Connection* connection, HttpApiServer::Call& call, bool draining) {
   absl::MutexLock lock(&call.mu);
@@ -119,6 +145,7 @@ int QueueAnswer(MHD_Connection* connection, HttpApiServer::Call& call, bool drai
       call.response.size(), call.response.data(), MHD_RESPMEM_MUST_COPY);
   if (response == nullptr) return MHD_NO;  // out of memory: libmicrohttpd closes the connection
   MHD_add_response_header(response, MHD_HTTP_HEADER_CONTENT_TYPE, kJsonContentType);
+  MHD_add_response_header(response, MHD_HTTP_HEADER_X_CONTENT_TYPE_OPTIONS, kNoSniff);
   if (call.retry_after) MHD_add_response_header(response, MHD_HTTP_HEADER_RETRY_AFTER, "1");
   if (draining) MHD_add_response_header(response, MHD_HTTP_HEADER_CONNECTION, "close");
   const MHD_Result queued =
@@ -133,6 +160,7 @@ int RespondError(MHD_Connection* connection, const HttpError& error, const char*
       error.body.size(), const_cast<char*>(error.body.data()), MHD_RESPMEM_MUST_COPY);
   if (response == nullptr) return MHD_NO;
   MHD_add_response_header(response, MHD_HTTP_HEADER_CONTENT_TYPE, kJsonContentType);
+  MHD_add_response_header(response, MHD_HTTP_HEADER_X_CONTENT_TYPE_OPTIONS, kNoSniff);
   if (allow != nullptr) MHD_add_response_header(response, MHD_HTTP_HEADER_ALLOW, allow);
   const MHD_Result queued =
       MHD_queue_response(connection, static_cast<unsigned int>(error.http_status), response);
@@ -161,6 +189,24 @@ gnutls_session_t TlsSession(MHD_Connection* connection) {
   const MHD_ConnectionInfo* info =
       MHD_get_connection_info(connection, MHD_CONNECTION_INFO_GNUTLS_SESSION);
   return info == nullptr ? nullptr : static_cast<gnutls_session_t>(info->tls_session);
+}
+
+// A playground file: no key needed (it holds no secret), not counted or logged.
+int RespondStatic(MHD_Connection* connection, const StaticAsset& asset, bool draining) {
+  // The bytes are static: no copy.
+  MHD_Response* response = MHD_create_response_from_buffer(
+      asset.body.size(), const_cast<char*>(asset.body.data()), MHD_RESPMEM_PERSISTENT);
+  if (response == nullptr) return MHD_NO;
+  MHD_add_response_header(response, MHD_HTTP_HEADER_CONTENT_TYPE,
+                          std::string(asset.content_type).c_str());
+  MHD_add_response_header(response, MHD_HTTP_HEADER_CONTENT_SECURITY_POLICY, kPlaygroundCsp);
+  MHD_add_response_header(response, MHD_HTTP_HEADER_X_CONTENT_TYPE_OPTIONS, kNoSniff);
+  MHD_add_response_header(response, "Referrer-Policy", "no-referrer");
+  MHD_add_response_header(response, MHD_HTTP_HEADER_CACHE_CONTROL, "no-cache");
+  if (draining) MHD_add_response_header(response, MHD_HTTP_HEADER_CONNECTION, "close");
+  const MHD_Result queued = MHD_queue_response(connection, MHD_HTTP_OK, response);
+  MHD_destroy_response(response);
+  return queued;
 }
 
 }  // namespace
@@ -234,9 +280,14 @@ bool HttpApiServer::WaitIdle(absl::Duration timeout) {
       timeout);
 }
 
-void HttpApiServer::RequestCompleted(void** request_state) {
+void HttpApiServer::RequestCompleted(void** request_state, bool completed) {
   auto* holder = static_cast<std::shared_ptr<Call>*>(*request_state);
   if (holder == nullptr) return;
+  if (const std::shared_ptr<HttpStream>& stream = (*holder)->stream; stream != nullptr) {
+    if (std::optional<HttpStream::Outcome> outcome = stream->ConnectionDone(completed)) {
+      Record(**holder, outcome->status, MHD_HTTP_OK, outcome->status.ok() ? outcome->lines : 0);
+    }
+  }
   delete holder;
   *request_state = nullptr;
   absl::MutexLock lock(&mu_);
@@ -271,7 +322,9 @@ int HttpApiServer::HandleRequest(MHD_Connection* connection, const char* url, co
     absl::MutexLock lock(&call.mu);
     answered = call.answered;
   }
+  if (call.asset.has_value()) return RespondStatic(connection, *call.asset, draining_.load());
   if (answered) return QueueAnswer(connection, call, draining_.load());  // resumed
+  if (call.stream != nullptr) return QueueStream(connection, call);      // resumed
   return Dispatch(connection, *holder);
 }
 
@@ -285,29 +338,38 @@ int HttpApiServer::Admit(MHD_Connection* connection, const char* url, const char
   }
   const absl::string_view path(url);
   const absl::string_view verb(method);
-  if (path == kGenerationsPath) {
-    call.method = RpcMethod::kHttpImagesGenerations;
-    if (verb != MHD_HTTP_METHOD_POST) {
-      return RespondError(connection,
-                          MakeHttpError(405, "invalid_request_error", "method_not_allowed",
-                                        "use POST"),
-                          "POST");
-    }
-  } else if (path == kModelsPath) {
-    call.method = RpcMethod::kHttpListModels;
+  if (std::optional<StaticAsset> asset =
+          FindStaticAsset(std::string_view(path.data(), path.size()));
+      asset.has_value()) {
     if (verb != MHD_HTTP_METHOD_GET && verb != MHD_HTTP_METHOD_HEAD) {
-      return RespondError(connection,
-                          MakeHttpError(405, "invalid_request_error", "method_not_allowed",
-                                        "use GET"),
-                          "GET, HEAD");
+      return RespondError(
+          connection, MakeHttpError(405, "invalid_request_error", "method_not_allowed", "use GET"),
+          "GET, HEAD");
     }
-  } else {
-    return RespondError(connection,
-                        MakeHttpError(404, "invalid_request_error", "not_found",
-                                      absl::StrCat("no route ", Loggable(path), "; the API is ",
-                                                   kGenerationsPath, " and ", kModelsPath)),
-                        nullptr);
+    // Answered once the request is read in full: an answer queued now would close the
+    // connection (libmicrohttpd cannot tell whether a body follows), and a page loads several.
+    call.asset = *asset;
+    return -1;
   }
+  call.route = FindHttpRoute(path);
+  if (call.route == nullptr) {
+    return RespondError(
+        connection,
+        MakeHttpError(404, "invalid_request_error", "not_found",
+                      absl::StrCat("no route ", Loggable(path), "; the API is ", HttpRoutePaths(),
+                                   " and the playground is at /")),
+        nullptr);
+  }
+  if (!Allows(*call.route, verb)) {
+    return RespondError(connection,
+                        MakeHttpError(405, "invalid_request_error", "method_not_allowed",
+                                      absl::StrCat("use ", call.route->allow)),
+                        call.route->allow);
+  }
+  return AdmitApiCall(connection, call);
+}
+
+int HttpApiServer::AdmitApiCall(MHD_Connection* connection, Call& call) {
   call.key = keys_ == nullptr ? "" : kUnauthenticatedKey;
   if (draining_.load()) {
     Answer(call, absl::UnavailableError("the server is draining; retry on another instance"), "",
@@ -327,37 +389,87 @@ int HttpApiServer::Admit(MHD_Connection* connection, const char* url, const char
   const absl::string_view content_length = Header(connection, MHD_HTTP_HEADER_CONTENT_LENGTH);
   if (absl::SimpleAtoi(content_length, &length) &&
       length > static_cast<uint64_t>(options_.max_body_bytes)) {
-    const std::string message = absl::StrCat("the request body is ", length,
-                                             " bytes; the limit is ", options_.max_body_bytes);
-    const HttpError error = MakeHttpError(413, "invalid_request_error", "request_too_large",
-                                          message);
-    Answer(call, absl::OutOfRangeError(message), "", 0, &error);
+    const absl::Status status = absl::OutOfRangeError(absl::StrCat(
+        "the request body is ", length, " bytes; the limit is ", options_.max_body_bytes));
+    const HttpError error = MakeHttpError(
+        413, "invalid_request_error", "request_too_large", status.message(),
+        call.route->errors == ErrorStyle::kNative ? absl::StatusCodeToString(status.code()) : "");
+    Answer(call, status, "", 0, &error);
     return QueueAnswer(connection, call, draining_.load());
   }
   return -1;
 }
 
 int HttpApiServer::Dispatch(MHD_Connection* connection, const std::shared_ptr<Call>& call) {
-  if (call->method == RpcMethod::kHttpListModels) {
-    Answer(*call, absl::OkStatus(), ModelsResponseJson(backend_->ListModels(), created_), 0);
-    return QueueAnswer(connection, *call, draining_.load());
+  switch (call->route->call) {
+    case HttpCall::kOpenAiModels:
+      Answer(*call, absl::OkStatus(), ModelsResponseJson(backend_->ListModels(), created_), 0);
+      break;
+    case HttpCall::kListModels:
+      ListModels(*call);
+      break;
+    case HttpCall::kTokenize:
+      Tokenize(*call);
+      break;
+    case HttpCall::kGenerateStream:
+      return StartStream(connection, call);
+    case HttpCall::kImagesGenerations:
+    case HttpCall::kGenerate:
+      if (StartGeneration(connection, call)) return MHD_YES;  // on_done resumes it
+      break;
   }
-  if (StartGeneration(connection, call)) return MHD_YES;  // on_done resumes it
   return QueueAnswer(connection, *call, draining_.load());
+}
+
+void HttpApiServer::ListModels(Call& call) {
+  v1::ListModelsRequest request;
+  if (absl::Status s = ParseNativeJson(call.body, &request); !s.ok()) {
+    Answer(call, s, "", 0);
+    return;
+  }
+  AnswerJson(call, ToListModelsResponse(backend_->ListModels()));
+}
+
+void HttpApiServer::Tokenize(Call& call) {
+  v1::TokenizeRequest request;
+  absl::StatusOr<TokenizeResult> result = [&]() -> absl::StatusOr<TokenizeResult> {
+    if (absl::Status s = ParseNativeJson(call.body, &request); !s.ok()) return s;
+    if (absl::Status s = ValidateTokenizeRequest(request, options_.limits); !s.ok()) return s;
+    return backend_->Tokenize(request.model(), request.text());
+  }();
+  call.model = result.ok() ? result->model : request.model();
+  if (!result.ok()) {
+    Answer(call, WithParam(call, result.status()), "", 0);
+    return;
+  }
+  AnswerJson(call, ToTokenizeResponse(*std::move(result)));
+}
+
+absl::StatusOr<v1::GenerateRequest> HttpApiServer::ParseGenerateRequest(MHD_Connection* connection,
+                                                                        Call& call) const {
+  const absl::string_view request_id = Header(connection, "X-Request-Id");
+  if (call.route->call == HttpCall::kImagesGenerations) {
+    absl::StatusOr<ImagesRequest> parsed = ParseImagesRequest(call.body, options_.model_aliases);
+    if (!parsed.ok()) return parsed.status();
+    call.user = parsed->user;
+    parsed->request.set_request_id(std::string(request_id));
+    return std::move(parsed->request);
+  }
+  v1::GenerateRequest request;
+  if (absl::Status s = ParseNativeJson(call.body, &request); !s.ok()) return s;
+  if (request.request_id().empty()) request.set_request_id(std::string(request_id));
+  return request;
 }
 
 absl::StatusOr<GenerateParams> HttpApiServer::Prepare(MHD_Connection* connection,
                                                       Call& call) const {
-  absl::StatusOr<ImagesRequest> parsed = ParseImagesRequest(call.body, options_.model_aliases);
-  if (!parsed.ok()) return parsed.status();
-  call.user = parsed->user;
-  call.model = parsed->request.model();
-  call.request_id = std::string(Header(connection, "X-Request-Id"));
-  parsed->request.set_request_id(call.request_id);
+  absl::StatusOr<v1::GenerateRequest> request = ParseGenerateRequest(connection, call);
+  if (!request.ok()) return request.status();
+  call.model = request->model();
+  call.request_id = request->request_id();
   absl::StatusOr<absl::Time> deadline = DeadlineOf(Header(connection, "X-Request-Timeout"));
   if (!deadline.ok()) return deadline.status();
-  absl::StatusOr<GenerateParams> params =
-      ToGenerateParams(parsed->request, options_.limits, *deadline);
+  absl::StatusOr<GenerateParams> params = ToGenerateParams(*request, options_.limits, *deadline);
   if (!params.ok()) return params;
   absl::StatusOr<std::string> model = backend_->ResolveModel(params->model);
   if (!model.ok()) return model.status();
@@ -366,10 +478,18 @@ absl::StatusOr<GenerateParams> HttpApiServer::Prepare(MHD_Connection* connection
   return params;
 }
 
+absl::StatusOr<std::string> HttpApiServer::GenerationBody(const Call& call,
+                                                          GenerateResult result) const {
+  if (call.route->call == HttpCall::kImagesGenerations) {
+    return ImagesResponseJson(result, absl::Now());
+  }
+  return ToNativeJson(ToGenerateResponse(call.request_id, std::move(result)));
+}
+
 bool HttpApiServer::StartGeneration(MHD_Connection* connection,
                                     const std::shared_ptr<Call>& call) {
   absl::StatusOr<GenerateParams> params = Prepare(connection, *call);
-  if (!params.ok()) return Answer(*call, WithOpenAiParam(params.status()), "", 0);
+  if (!params.ok()) return Answer(*call, WithParam(*call, params.status()), "", 0);
   if (keys_ != nullptr) {
     if (absl::Status s = keys_->Admit(call->key, params->num_images); !s.ok()) {
       return Answer(*call, s, "", 0);
@@ -378,12 +498,16 @@ bool HttpApiServer::StartGeneration(MHD_Connection* connection,
   GenerateCallbacks callbacks;
   callbacks.on_done = [this, call, connection](absl::Status status, GenerateResult result) {
     const int images = status.ok() ? static_cast<int>(result.images.size()) : 0;
-    std::string body = status.ok() ? ImagesResponseJson(result, absl::Now()) : std::string();
-    if (Answer(*call, status, std::move(body), images)) MHD_resume_connection(connection);
+    absl::StatusOr<std::string> body = status.ok() ? GenerationBody(*call, std::move(result))
+                                                   : absl::StatusOr<std::string>(status);
+    if (Answer(*call, body.status(), body.ok() ? *std::move(body) : std::string(),
+               body.ok() ? images : 0)) {
+      MHD_resume_connection(connection);
+    }
   };
   absl::Status submitted =
       SubmitCounted(*backend_, *metrics_, *std::move(params), std::move(callbacks));
-  if (!submitted.ok()) return Answer(*call, WithOpenAiParam(submitted), "", 0);
+  if (!submitted.ok()) return Answer(*call, WithParam(*call, submitted), "", 0);
   // on_done may already have answered (then the caller queues the answer at once); otherwise
   // the connection waits, suspended, for on_done to resume it.
   absl::MutexLock lock(&call->mu);
@@ -393,21 +517,68 @@ bool HttpApiServer::StartGeneration(MHD_Connection* connection,
   return true;
 }
 
+int HttpApiServer::StartStream(MHD_Connection* connection, const std::shared_ptr<Call>& call) {
+  absl::StatusOr<GenerateParams> params = Prepare(connection, *call);
+  absl::Status admitted = params.status();
+  if (admitted.ok() && keys_ != nullptr) admitted = keys_->Admit(call->key, params->num_images);
+  if (!admitted.ok()) {
+    Answer(*call, WithParam(*call, admitted), "", 0);
+    return QueueAnswer(connection, *call, draining_.load());
+  }
+  auto stream = std::make_shared<HttpStream>(connection);
+  // An image that cannot be printed (never for the server's own messages) fails the stream.
+  auto print_failure = std::make_shared<absl::Status>();
+  GenerateCallbacks callbacks;
+  callbacks.on_image = [stream, print_failure, request_id = call->request_id, model = call->model](
+                           GeneratedImage image, const GenerateResult& so_far) {
+    absl::StatusOr<std::string> line =
+        ToNativeJson(ToStreamedImage(request_id, model, std::move(image), so_far));
+    if (line.ok()) {
+      stream->AddLine(*std::move(line));
+    } else {
+      *print_failure = line.status();
+    }
+  };
+  callbacks.on_done = [this, call, stream, print_failure](absl::Status status, GenerateResult) {
+    if (status.ok()) status = *print_failure;
+    const std::string error_line = ToHttpError(status, ErrorStyle::kNative).body;
+    if (std::optional<HttpStream::Outcome> outcome = stream->Close(status, error_line)) {
+      Record(*call, outcome->status, MHD_HTTP_OK, outcome->status.ok() ? outcome->lines : 0);
+    }
+  };
+  callbacks.is_cancelled = [stream] { return stream->client_gone(); };
+  call->stream = stream;
+  absl::Status submitted =
+      SubmitCounted(*backend_, *metrics_, *std::move(params), std::move(callbacks));
+  if (!submitted.ok()) {
+    call->stream = nullptr;
+    Answer(*call, WithParam(*call, submitted), "", 0);
+    return QueueAnswer(connection, *call, draining_.load());
+  }
+  if (stream->SuspendUntilFirstEvent()) return MHD_YES;  // the first image or the end resumes it
+  return QueueStream(connection, *call);
+}
+
+int HttpApiServer::QueueStream(MHD_Connection* connection, Call& call) {
+  if (absl::Status failed = call.stream->Start(); !failed.ok()) {
+    Answer(call, failed, "", 0);
+    return QueueAnswer(connection, call, draining_.load());
+  }
+  MHD_Response* response = HttpStream::CreateResponse(call.stream);
+  if (response == nullptr) return MHD_NO;  // out of memory: the connection closes
+  MHD_add_response_header(response, MHD_HTTP_HEADER_CONTENT_TYPE, kNdjsonContentType);
+  MHD_add_response_header(response, MHD_HTTP_HEADER_X_CONTENT_TYPE_OPTIONS, kNoSniff);
+  if (draining_.load()) MHD_add_response_header(response, MHD_HTTP_HEADER_CONNECTION, "close");
+  const MHD_Result queued = MHD_queue_response(connection, MHD_HTTP_OK, response);
+  MHD_destroy_response(response);
+  return queued;
+}
+
 bool HttpApiServer::Answer(Call& call, const absl::Status& status, std::string body, int images,
                            const HttpError* error) {
-  const absl::Duration elapsed = absl::Now() - call.started;
-  const auto code = static_cast<grpc::StatusCode>(status.code());
-  metrics_->RecordRequest(call.method, call.model, code, elapsed, images);
-  if (keys_ != nullptr) metrics_->RecordKeyRequest(call.key, code, images);
   HttpError failure = error != nullptr ? *error : HttpError{200, std::move(body)};
-  if (error == nullptr && !status.ok()) failure = ToHttpError(status);
-  spdlog::info(
-      "rpc={} request_id={} model={}{}{} images={} code={} http={} seconds={:.4f}{}",
-      RpcMethodName(call.method), Loggable(call.request_id), Loggable(call.model),
-      keys_ != nullptr ? absl::StrCat(" key=", call.key) : "",
-      call.user.empty() ? "" : absl::StrCat(" user=", Loggable(call.user)), images,
-      GrpcCodeName(code), failure.http_status, absl::ToDoubleSeconds(elapsed),
-      status.ok() ? "" : absl::StrCat(" error=\"", status.message(), "\""));
+  if (error == nullptr && !status.ok()) failure = ToHttpError(status, call.route->errors);
+  Record(call, status, failure.http_status, images);
   absl::MutexLock lock(&call.mu);
   call.answered = true;
   call.http_status = failure.http_status;
@@ -416,6 +587,25 @@ bool HttpApiServer::Answer(Call& call, const absl::Status& status, std::string b
   const bool was_suspended = call.suspended;
   call.suspended = false;
   return was_suspended;
+}
+
+bool HttpApiServer::AnswerJson(Call& call, const google::protobuf::Message& message) {
+  absl::StatusOr<std::string> body = ToNativeJson(message);
+  return Answer(call, body.status(), body.ok() ? *std::move(body) : std::string(), 0);
+}
+
+void HttpApiServer::Record(const Call& call, const absl::Status& status, int http_status,
+                           int images) {
+  const absl::Duration elapsed = absl::Now() - call.started;
+  const auto code = static_cast<grpc::StatusCode>(status.code());
+  metrics_->RecordRequest(call.route->method, call.model, code, elapsed, images);
+  if (keys_ != nullptr) metrics_->RecordKeyRequest(call.key, code, images);
+  spdlog::info("rpc={} request_id={} model={}{}{} images={} code={} http={} seconds={:.4f}{}",
+               RpcMethodName(call.route->method), Loggable(call.request_id), Loggable(call.model),
+               keys_ != nullptr ? absl::StrCat(" key=", call.key) : "",
+               call.user.empty() ? "" : absl::StrCat(" user=", Loggable(call.user)), images,
+               GrpcCodeName(code), http_status, absl::ToDoubleSeconds(elapsed),
+               status.ok() ? "" : absl::StrCat(" error=\"", status.message(), "\""));
 }
 
 }  // namespace dmdserve

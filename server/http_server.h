@@ -1,25 +1,38 @@
-// HttpApiServer: the HTTP/1.1 JSON API (OpenAI-compatible image generation) on its own port,
-// a thin adapter beside the gRPC service: the same backend (generation_backend.h), validation
-// (request_validation.h), API keys (api_keys.h), metrics (own method labels) and drain.
+// HttpApiServer: the HTTP/1.1 API on its own port, a thin adapter beside the gRPC service: the
+// same backend (generation_backend.h), validation (request_validation.h), API keys (api_keys.h),
+// metrics (own method labels) and drain. It routes (http_routes.h) and moves bytes; the JSON is
+// openai_api.h's and native_json.h's, the playground's files static_assets.h's.
 //
-// Routes (JSON bodies as openai_api.h describes):
-//   POST /v1/images/generations   generate; 200 with the images, or an OpenAI-shaped error
+// Routes:
+//   POST /v1/images/generations   OpenAI's image generation (openai_api.h)
 //   GET  /v1/models               the served models in OpenAI's list shape
+//   POST /v1/generate             Generate: GenerateRequest JSON -> GenerateResponse JSON
+//   POST /v1/generate:stream      GenerateStream: GenerateRequest JSON -> one GeneratedImage JSON
+//                                 per line (application/x-ndjson, chunked), each image sent when
+//                                 it is ready (http_stream.h); an error before the first image
+//                                 is an ordinary error response, one after it a last line
+//                                 {"error": {...}} (the status stays 200)
+//   POST /v1/models:list          ListModels: ListModelsRequest JSON (or no body) -> response JSON
+//   POST /v1/tokenize             Tokenize: TokenizeRequest JSON -> TokenizeResponse JSON
+//   GET  /, /playground/NAME      the playground page (static_assets.h): no API key, not counted
 //   another method on these: 405 (with Allow); another path: 404.
-// Headers read: `Authorization: Bearer KEY` (with API keys, every route needs one: 401 without),
-// `X-Request-Timeout: SECONDS` (decimal > 0: the request's deadline, like a gRPC deadline; 504
-// when it passes before the request ran; absent: none), `X-Request-Id` (echoed in logs, <= 128
-// printable ASCII bytes). A 429 carries `Retry-After: 1`.
+// Errors are openai_api.h's {"error": {...}} (ToHttpError), with `status` on the native routes.
+// Headers read: `Authorization: Bearer KEY` (with API keys, every API route needs one: 401
+// without), `X-Request-Timeout: SECONDS` (decimal > 0: the request's deadline, like a gRPC
+// deadline; 504 when it passes before the request ran; absent: none), `X-Request-Id` (logged,
+// <= 128 printable ASCII bytes; on the native generate routes the body's request_id wins). A
+// 429 carries `Retry-After: 1`.
 //
 // Why libmicrohttpd (as for /metrics, metrics_http.h): its internal thread is event-driven
 // (epoll), so a client that connects and stalls (half a request, or never reads its response)
 // holds one connection slot and nothing else; every connection is dropped after io_timeout of
 // silence; connections are capped in all and per IP address. A generation never blocks that
 // thread: once its body is read and checked, the connection is suspended
-// (MHD_suspend_connection) and the backend's on_done builds the response and resumes it. A
-// suspended connection has no I/O timeout (generation may take long; its deadline is the
-// request's own), and a client that goes away meanwhile is noticed only when the response is
-// sent (the images are computed anyway).
+// (MHD_suspend_connection) and the backend's on_done builds the response and resumes it (a
+// stream's connection likewise waits, suspended, for each next image). A suspended connection
+// has no I/O timeout (generation may take long; its deadline is the request's own), and a client
+// that goes away meanwhile is noticed only when the response is sent (the images are computed
+// anyway; a stream's later images are dropped before compute once its client is gone).
 //
 // Bodies: a Content-Length over max_body_bytes is answered 413 without reading the body; a body
 // without Content-Length (chunked) that grows past it has its connection closed.
@@ -28,8 +41,9 @@
 // certificate files, re-read while serving (https_credentials.h); with a client CA, every
 // request must come over a connection whose client certificate that CA signed (401 otherwise).
 //
-// Drain: StartDrain() makes every new request get 503 (`Connection: close`) while accepted ones
-// finish; WaitIdle() returns once every accepted request has been answered and sent.
+// Drain: StartDrain() makes every new API request get 503 (`Connection: close`) while accepted
+// ones finish (streams included); WaitIdle() returns once every accepted request has been
+// answered and sent. The playground's files are still served while draining.
 // Thread-safe. Does not own the backend, metrics or keys, which must outlive it; the backend must
 // deliver every accepted request's on_done before the server is destroyed (DmdServer drains the
 // engine first).
@@ -44,9 +58,11 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "google/protobuf/message.h"
 #include "server/api_keys.h"
 #include "server/generation_backend.h"
 #include "server/https_credentials.h"
+#include "server/http_stream.h"
 #include "server/metrics.h"
 #include "server/openai_api.h"
 #include "server/request_validation.h"
@@ -101,27 +117,47 @@ class HttpApiServer {
   struct Call;
   int HandleRequest(MHD_Connection* connection, const char* url, const char* method,
                     const char* upload_data, size_t* upload_data_size, void** request_state);
-  void RequestCompleted(void** request_state);
+  // `completed`: the response was sent in full.
+  void RequestCompleted(void** request_state, bool completed);
 
  private:
   HttpApiServer(Options options, GenerationBackend* backend, Metrics* metrics, ApiKeys* keys)
       : options_(std::move(options)), backend_(backend), metrics_(metrics), keys_(keys),
         created_(absl::Now()) {}
 
-  // The first call for a request (headers in): routes it and refuses it early when it can (404,
-  // 405, 503 draining, 401, 413); -1 when it goes on to read the body.
+  // The first call for a request (headers in): routes it, serves a static file, or refuses it
+  // early when it can (404, 405, 503 draining, 401, 413); -1 when it goes on to read the body.
   int Admit(MHD_Connection* connection, const char* url, const char* method, Call& call);
-  // The last call (body in): answers GET /v1/models, or starts a generation.
+  // Admit's checks once the route is known (drain, API key, body size); -1 to go on.
+  int AdmitApiCall(MHD_Connection* connection, Call& call);
+  // The last call (body in): answers the call, or starts a generation.
   int Dispatch(MHD_Connection* connection, const std::shared_ptr<Call>& call);
+  // POST /v1/models:list and POST /v1/tokenize: answered at once.
+  void ListModels(Call& call);
+  void Tokenize(Call& call);
   // Answers at once (false) or suspends the connection until on_done answers (true).
   bool StartGeneration(MHD_Connection* connection, const std::shared_ptr<Call>& call);
+  // POST /v1/generate:stream: queues the answer, or suspends until the first image or the end.
+  int StartStream(MHD_Connection* connection, const std::shared_ptr<Call>& call);
+  // Queues a stream's response once its first event came: 200 and the lines, or its error.
+  int QueueStream(MHD_Connection* connection, Call& call);
+  // The generate request of an image-generation route (OpenAI's or native JSON), with the
+  // request id.
+  absl::StatusOr<v1::GenerateRequest> ParseGenerateRequest(MHD_Connection* connection,
+                                                           Call& call) const;
   // The request as GenerateParams: parsed, timed, validated, model resolved.
   absl::StatusOr<GenerateParams> Prepare(MHD_Connection* connection, Call& call) const;
+  // The success body of a finished generation, in the route's JSON.
+  absl::StatusOr<std::string> GenerationBody(const Call& call, GenerateResult result) const;
   // Stores the answer (`body` when `status` is OK, else its error, or `error` when given) and
   // logs and counts the request. Returns whether the connection was suspended (the caller must
   // then resume it); the caller otherwise queues the answer.
   bool Answer(Call& call, const absl::Status& status, std::string body, int images,
               const HttpError* error = nullptr);
+  // Answer() with `message` as native JSON (INTERNAL if it cannot be printed).
+  bool AnswerJson(Call& call, const google::protobuf::Message& message);
+  // Counts and logs a finished request.
+  void Record(const Call& call, const absl::Status& status, int http_status, int images);
 
   const Options options_;
   GenerationBackend* const backend_;

@@ -13,6 +13,7 @@
 #include "absl/time/clock.h"
 #include "server/counted_submit.h"
 #include "server/grpc_happens_before.h"
+#include "server/proto_conversion.h"
 #include "server/status_util.h"
 #include "server/wire_format.h"
 #include "spdlog/spdlog.h"
@@ -27,79 +28,6 @@ absl::Time DeadlineOf(const grpc::CallbackServerContext* context) {
   const auto deadline = context->deadline();
   if (deadline == std::chrono::system_clock::time_point::max()) return absl::InfiniteFuture();
   return absl::FromChrono(deadline);
-}
-
-v1::ImageEncoding ToProto(ImageEncoding e) {
-  return e == ImageEncoding::kRaw ? v1::IMAGE_ENCODING_RAW : v1::IMAGE_ENCODING_PNG;
-}
-
-void ToProto(const RequestTimings& t, v1::Timings* out) {
-  out->set_queue_seconds(absl::ToDoubleSeconds(t.queue));
-  out->set_text_encoder_seconds(absl::ToDoubleSeconds(t.text_encoder));
-  out->set_generator_seconds(absl::ToDoubleSeconds(t.generator));
-  out->set_decoder_seconds(absl::ToDoubleSeconds(t.decoder));
-  out->set_encode_seconds(absl::ToDoubleSeconds(t.encode));
-  out->set_total_seconds(absl::ToDoubleSeconds(t.total));
-  out->set_batch_size(t.batch_size);
-}
-
-void ToProto(GeneratedImage&& image, v1::GeneratedImage* out) {
-  out->set_index(image.index);
-  out->set_seed(image.seed);
-  out->set_width(image.width);
-  out->set_height(image.height);
-  out->set_channels(image.channels);
-  out->set_encoding(ToProto(image.encoding));
-  out->set_data(std::move(image.data));
-}
-
-// A Generate response: every image of `result`, in index order.
-void ToProto(const std::string& request_id, GenerateResult&& result, v1::GenerateResponse* out) {
-  out->set_request_id(request_id);
-  out->set_model(result.model);
-  out->set_truncated_tokens(result.truncated_tokens);
-  ToProto(result.timings, out->mutable_timings());
-  for (GeneratedImage& image : result.images) ToProto(std::move(image), out->add_images());
-}
-
-// One GenerateStream message: an image and the request-level fields known so far.
-v1::GeneratedImage ToStreamedImage(const std::string& request_id, const std::string& model,
-                                   GeneratedImage&& image, const GenerateResult& so_far) {
-  v1::GeneratedImage out;
-  ToProto(std::move(image), &out);
-  ToProto(so_far.timings, out.mutable_timings());
-  out.set_request_id(request_id);
-  out.set_model(model);
-  out.set_truncated_tokens(so_far.truncated_tokens);
-  return out;
-}
-
-void ToProto(const ModelInfo& info, v1::ModelInfo* out) {
-  out->set_name(info.name);
-  out->set_description(info.description);
-  out->set_width(info.width);
-  out->set_height(info.height);
-  out->set_channels(info.channels);
-  out->set_steps(info.steps);
-  out->set_is_default(info.is_default);
-  out->set_max_images_per_request(info.max_images_per_request);
-  out->set_ready(info.ready);
-  out->set_max_tokens(info.max_tokens);
-  for (const ImageSize& size : info.supported_sizes) {
-    v1::ImageSize* s = out->add_supported_sizes();
-    s->set_width(size.width);
-    s->set_height(size.height);
-  }
-  for (const DeviceBatching& batching : info.batching) {
-    v1::DeviceBatching* b = out->add_batching();
-    b->set_device(batching.device);
-    b->set_max_batch_size(batching.max_batch_size);
-    for (const BatchCost& cost : batching.measured) {
-      v1::BatchThroughput* t = b->add_measured();
-      t->set_batch_size(cost.batch_size);
-      t->set_images_per_second(cost.images_per_second);
-    }
-  }
 }
 
 }  // namespace
@@ -219,7 +147,7 @@ void ImageGenerationService::GenerateParsed(grpc::CallbackServerContext* context
                        request_id = params->request_id](absl::Status status,
                                                         GenerateResult result) {
     const int images = status.ok() ? static_cast<int>(result.images.size()) : 0;
-    if (status.ok()) ToProto(request_id, std::move(result), response);
+    if (status.ok()) *response = ToGenerateResponse(request_id, std::move(result));
     grpc::Status grpc_status = ToGrpcStatus(status);
     Finished(RpcMethod::kGenerate, model, request_id, grpc_status, started, images, key);
     finish(grpc_status);
@@ -373,7 +301,7 @@ grpc::ServerUnaryReactor* ImageGenerationService::ListModels(grpc::CallbackServe
       [this](const v1::ListModelsRequest&, const std::string&, v1::ListModelsResponse* out,
              Finisher finish) {
         const absl::Time started = absl::Now();
-        for (const ModelInfo& info : backend_->ListModels()) ToProto(info, out->add_models());
+        *out = ToListModelsResponse(backend_->ListModels());
         Finished(RpcMethod::kListModels, "", "", grpc::Status::OK, started, 0);
         finish(grpc::Status::OK);
       });
@@ -398,13 +326,7 @@ void ImageGenerationService::TokenizeParsed(const v1::TokenizeRequest& request,
     return backend_->Tokenize(request.model(), request.text());
   }();
   std::string model = result.ok() ? result->model : request.model();
-  if (result.ok()) {
-    response->set_model(result->model);
-    response->mutable_ids()->Assign(result->ids.begin(), result->ids.end());
-    for (std::string& token : result->tokens) response->add_tokens(std::move(token));
-    response->mutable_input_ids()->Assign(result->input_ids.begin(), result->input_ids.end());
-    response->set_truncated_tokens(result->truncated_tokens);
-  }
+  if (result.ok()) *response = ToTokenizeResponse(*std::move(result));
   grpc::Status status = ToGrpcStatus(result.status());
   Finished(RpcMethod::kTokenize, model, "", status, started, 0);
   finish(status);

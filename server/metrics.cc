@@ -51,6 +51,14 @@ std::string_view RpcMethodName(RpcMethod method) {
       return "POST /v1/images/generations";
     case RpcMethod::kHttpListModels:
       return "GET /v1/models";
+    case RpcMethod::kHttpGenerate:
+      return "POST /v1/generate";
+    case RpcMethod::kHttpGenerateStream:
+      return "POST /v1/generate:stream";
+    case RpcMethod::kHttpNativeListModels:
+      return "POST /v1/models:list";
+    case RpcMethod::kHttpTokenize:
+      return "POST /v1/tokenize";
   }
   return "unknown";
 }

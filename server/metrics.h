@@ -7,8 +7,11 @@
 //
 // Metric list (all durations in seconds):
 //   dmdserve_requests_total{model,method,code}             counter (HTTP requests too: method
-//                                                          "POST /v1/images/generations" or
-//                                                          "GET /v1/models", code the status's
+//                                                          "POST /v1/images/generations",
+//                                                          "GET /v1/models", "POST /v1/generate",
+//                                                          "POST /v1/generate:stream",
+//                                                          "POST /v1/models:list" or
+//                                                          "POST /v1/tokenize", code the status's
 //                                                          canonical code)
 //   dmdserve_images_generated_total{model}                 counter
 //   dmdserve_request_duration_seconds{model,method}        histogram (accepted -> finished, OK
@@ -72,9 +75,14 @@ enum class RpcMethod {
   kListModels,
   kTokenize,
   kHttpImagesGenerations,
-  kHttpListModels
+  kHttpListModels,
+  // The native API as JSON (one route per RPC).
+  kHttpGenerate,
+  kHttpGenerateStream,
+  kHttpNativeListModels,
+  kHttpTokenize
 };
-inline constexpr int kNumRpcMethods = 6;
+inline constexpr int kNumRpcMethods = 10;
 inline constexpr int kNumGrpcCodes = 17;
 
 class Metrics final : public EngineListener {
@@ -160,8 +168,8 @@ class Metrics final : public EngineListener {
   prometheus::Family<prometheus::Counter>* key_images_ ABSL_GUARDED_BY(key_mu_) = nullptr;
 };
 
-// Label value of a method ("Generate", ...; the HTTP routes as "POST /v1/images/generations" and
-// "GET /v1/models").
+// Label value of a method ("Generate", ...; the HTTP routes as their method and path, e.g.
+// "POST /v1/images/generations", "GET /v1/models", "POST /v1/generate").
 std::string_view RpcMethodName(RpcMethod method);
 
 // Label value of a gRPC code ("OK", "INVALID_ARGUMENT", ...); "UNKNOWN" for codes out of range.

@@ -94,13 +94,15 @@ absl::Status ParseModel(const Json& model, const ModelAliases& aliases, v1::Gene
   return absl::OkStatus();
 }
 
+// `status` (a canonical code's name) is added when not empty.
 HttpError ErrorOf(int http_status, absl::string_view type, absl::string_view code,
-                  absl::string_view message, absl::string_view param) {
-  return {http_status, Dump({{"error",
-                              {{"message", std::string(message)},
-                               {"type", std::string(type)},
-                               {"param", param.empty() ? Json() : Json(std::string(param))},
-                               {"code", code.empty() ? Json() : Json(std::string(code))}}}})};
+                  absl::string_view message, absl::string_view param, absl::string_view status) {
+  Json error = {{"message", std::string(message)},
+                {"type", std::string(type)},
+                {"param", param.empty() ? Json() : Json(std::string(param))},
+                {"code", code.empty() ? Json() : Json(std::string(code))}};
+  if (!status.empty()) error["status"] = std::string(status);
+  return {http_status, Dump({{"error", std::move(error)}})};
 }
 
 }  // namespace
@@ -192,11 +194,11 @@ absl::Status WithOpenAiParam(absl::Status status) {
 }
 
 HttpError MakeHttpError(int http_status, absl::string_view type, absl::string_view code,
-                        absl::string_view message) {
-  return ErrorOf(http_status, type, code, message, "");
+                        absl::string_view message, absl::string_view status) {
+  return ErrorOf(http_status, type, code, message, "", status);
 }
 
-HttpError ToHttpError(const absl::Status& status) {
+HttpError ToHttpError(const absl::Status& status, ErrorStyle style) {
   struct Mapping {
     int http_status;
     absl::string_view type;
@@ -227,7 +229,9 @@ HttpError ToHttpError(const absl::Status& status) {
         return {500, "server_error", "internal_error"};
     }
   }();
-  return ErrorOf(m.http_status, m.type, m.code, status.message(), ErrorParam(status));
+  const std::string code_name =
+      style == ErrorStyle::kNative ? absl::StatusCodeToString(status.code()) : std::string();
+  return ErrorOf(m.http_status, m.type, m.code, status.message(), ErrorParam(status), code_name);
 }
 
 }  // namespace dmdserve

@@ -15,7 +15,8 @@
 //   seed            extension: unsigned integer, image i uses seed + i (as in the gRPC API)
 // and answers {"created": <unix seconds>, "data": [{"b64_json": <PNG base64>, "seed": <uint>}]}.
 // Every error is {"error": {"message", "type", "param", "code"}} with the HTTP status of its
-// canonical code (ToHttpError: the one place where absl::Status becomes an HTTP status).
+// canonical code (ToHttpError: the one place where absl::Status becomes an HTTP status; the native
+// routes' errors, native_json.h, add "status").
 #ifndef DMDSERVE_SERVER_OPENAI_API_H_
 #define DMDSERVE_SERVER_OPENAI_API_H_
 
@@ -76,16 +77,23 @@ struct HttpError {
   std::string body;  // {"error": {...}}
 };
 
+// Which routes an error answers: the OpenAI-compatible ones get exactly OpenAI's error object; the
+// native API's (POST /v1/generate, ...) get the same object plus `status`, the canonical code's
+// name ("INVALID_ARGUMENT", ...), i.e. what the gRPC API returns for the same failure.
+enum class ErrorStyle { kOpenAi, kNative };
+
 // The HTTP status, OpenAI error type and code of a non-OK status: INVALID_ARGUMENT,
 // OUT_OF_RANGE and FAILED_PRECONDITION 400 (invalid_request_error), UNAUTHENTICATED 401,
 // PERMISSION_DENIED 403, NOT_FOUND 404 (model_not_found), RESOURCE_EXHAUSTED 429
 // (rate_limit_exceeded), CANCELLED and UNAVAILABLE 503, DEADLINE_EXCEEDED 504, UNIMPLEMENTED
-// 501, anything else 500 (server_error).
-HttpError ToHttpError(const absl::Status& status);
+// 501, anything else 500 (server_error). The one place where an absl::Status becomes an HTTP
+// status, for every route of the HTTP port.
+HttpError ToHttpError(const absl::Status& status, ErrorStyle style = ErrorStyle::kOpenAi);
 
 // An error body for conditions that have no canonical code (413 body too large, 405, 404 path).
+// `status` (a canonical code's name; empty: none) is added as the native routes' `status`.
 HttpError MakeHttpError(int http_status, absl::string_view type, absl::string_view code,
-                        absl::string_view message);
+                        absl::string_view message, absl::string_view status = "");
 
 }  // namespace dmdserve
 

@@ -113,6 +113,28 @@ TEST(ToHttpErrorTest, MapsEachCodeToItsHttpStatusInOpenAisShape) {
                   .is_object());
 }
 
+TEST(ToHttpErrorTest, OpenAiErrorsHaveExactlyOpenAisFields) {
+  const Json body = Json::parse(ToHttpError(absl::InternalError("x")).body);
+  EXPECT_EQ(body["error"].size(), 4u) << body;
+  EXPECT_FALSE(body["error"].contains("status"));
+}
+
+TEST(ToHttpErrorTest, NativeErrorsAddTheCanonicalCodesName) {
+  const HttpError e = ToHttpError(InvalidParam("num_images", "bad"), ErrorStyle::kNative);
+  EXPECT_EQ(e.http_status, 400);
+  const Json body = Json::parse(e.body);
+  EXPECT_EQ(body["error"]["status"], "INVALID_ARGUMENT");
+  EXPECT_EQ(body["error"]["param"], "num_images");
+  EXPECT_EQ(body["error"]["code"], "invalid_value");
+  EXPECT_EQ(Json::parse(ToHttpError(absl::DeadlineExceededError("late"), ErrorStyle::kNative)
+                            .body)["error"]["status"],
+            "DEADLINE_EXCEEDED");
+  EXPECT_EQ(Json::parse(MakeHttpError(413, "invalid_request_error", "request_too_large", "big",
+                                      "OUT_OF_RANGE")
+                            .body)["error"]["status"],
+            "OUT_OF_RANGE");
+}
+
 TEST(WithOpenAiParamTest, NamesTheOpenAiParamOfValidationAndEngineErrors) {
   const struct {
     const char* message;

@@ -23,8 +23,10 @@ ABSL_FLAG(std::string, listen_host, "0.0.0.0", "Address to listen on (gRPC, HTTP
 ABSL_FLAG(int, port, 50051, "gRPC port; 0 picks a free port (logged at startup).");
 ABSL_FLAG(int, metrics_port, 9464, "Prometheus /metrics port; 0 picks a free port (logged).");
 ABSL_FLAG(int, http_port, 8080,
-          "HTTP/JSON API port (OpenAI-compatible POST /v1/images/generations, GET /v1/models); 0 "
-          "picks a free port (logged), -1 turns it off. HTTPS when --tls_cert_file is set.");
+          "HTTP/JSON API port (OpenAI-compatible /v1/images/generations and /v1/models, the native "
+          "API as JSON under /v1/generate, /v1/generate:stream, /v1/models:list, /v1/tokenize, "
+          "and the playground page at /); 0 picks a free port (logged), -1 turns it off. HTTPS when "
+          "--tls_cert_file is set.");
 ABSL_FLAG(int, http_max_body_bytes, 64 << 10,
           "Largest HTTP request body, in bytes (larger: 413).");
 ABSL_FLAG(std::string, http_model_aliases, "",
