@@ -5,11 +5,11 @@
 # report; the failing input is left in BUILD_DIR/artifacts/.
 #
 # Usage: tests/fuzz/run_fuzz.sh TARGET BUILD_DIR SECONDS [extra libFuzzer flags...]
-#   TARGET: clip_tokenizer | request
+#   TARGET: clip_tokenizer | request | http_json
 set -euo pipefail
 
 if [[ $# -lt 3 ]]; then
-  echo "usage: $0 clip_tokenizer|request BUILD_DIR SECONDS [libFuzzer flags...]" >&2
+  echo "usage: $0 clip_tokenizer|request|http_json BUILD_DIR SECONDS [libFuzzer flags...]" >&2
   exit 2
 fi
 target=$1
@@ -20,7 +20,8 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 case "$target" in
   clip_tokenizer) max_len=4096 ;;
   request) max_len=8192 ;;  # a prompt or text at and past its 4096-byte limit, with room
-  *) echo "unknown target '$target': clip_tokenizer or request" >&2; exit 2 ;;
+  http_json) max_len=8192 ;;  # a body with a prompt past its 4096-byte limit
+  *) echo "unknown target '$target': clip_tokenizer, request or http_json" >&2; exit 2 ;;
 esac
 
 if [[ ! -f "$build_dir/CMakeCache.txt" ]]; then
