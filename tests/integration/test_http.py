@@ -2,6 +2,7 @@
 server: the same images as gRPC Generate, OpenAI's error shape and HTTP codes, API keys, the body
 limit, drain, and a stalled client that does not hold up other requests."""
 import base64
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -9,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import unittest
@@ -251,6 +253,46 @@ class HttpDrainTest(unittest.TestCase):
         except BaseException:
             server.stop(signal.SIGKILL)
             raise
+
+
+class HttpFailureTwinsTest(unittest.TestCase):
+    """The status table's server-side failures over HTTP: a model that fails its batch (500, as
+    gRPC's INTERNAL) and a full queue (429, as RESOURCE_EXHAUSTED)."""
+
+    def test_model_failure_is_500_without_internals_and_the_server_keeps_serving(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            with open(os.path.join(TINY_BUNDLE, "tokenizer", "vocab.json")) as f:
+                trigger = json.load(f)["boom</w>"]
+            bundle = os.path.join(tmp, "faulty")
+            subprocess.run([sys.executable, os.path.join(SOURCE_DIR, "tests", "fixtures",
+                                                         "make_faulty_bundle.py"),
+                            "--src", TINY_BUNDLE, "--out", bundle, "--trigger-id", str(trigger)],
+                           check=True)
+            with Server(model_dirs=(bundle,)) as server:
+                status, _, body = generate(server, {"prompt": "boom", "n": 2})
+                self.assertEqual(status, 500, body)
+                self.assertEqual(body["error"]["type"], "server_error")
+                self.assertNotIn("/", body["error"]["message"])  # no paths or internals
+                status, _, body = generate(server, {"prompt": "a bag"})
+                self.assertEqual(status, 200, body)
+
+    def test_full_queue_is_429_with_retry_after_and_accepted_requests_finish(self):
+        with Server("--max_queue_images=8", "--max_batch_size=1", "--workers=1") as server:
+            def one(i):
+                return generate(server, {"prompt": f"a coat {i}", "n": 4, "seed": i})
+
+            with concurrent.futures.ThreadPoolExecutor(32) as pool:
+                results = list(pool.map(one, range(64)))
+            ok = [r for r in results if r[0] == 200]
+            full = [r for r in results if r[0] == 429]
+            self.assertEqual(len(ok) + len(full), len(results), [r[0] for r in results])
+            self.assertGreater(len(ok), 0)
+            self.assertGreater(len(full), 0)
+            self.assertTrue(all(len(r[2]["data"]) == 4 for r in ok))
+            for _, headers, body in full:
+                self.assertEqual(headers["Retry-After"], "1")
+                self.assertEqual(body["error"]["code"], "rate_limit_exceeded")
+                self.assertIn("queue", body["error"]["message"])
 
 
 class HttpWarmupTest(unittest.TestCase):
