@@ -196,8 +196,12 @@ int main(int argc, char** argv) {
   const std::vector<std::string> positional = dmdserve::ParseServerFlags(argc, argv);
   ConfigureLogging();
   if (positional.size() > 1) Fatal(absl::StrCat("unexpected argument '", positional[1], "'"));
-  static StopSignals* const stop = new StopSignals(BlockSignals({SIGTERM, SIGINT}));
-  ReloadOnHangup(BlockSignals({SIGHUP}));
+  // Every signal is blocked before the first thread starts: a thread inherits its creator's mask,
+  // and a thread that left SIGHUP unblocked would take its default action (exit).
+  const sigset_t stop_signals = BlockSignals({SIGTERM, SIGINT});
+  const sigset_t hangup = BlockSignals({SIGHUP});
+  static StopSignals* const stop = new StopSignals(stop_signals);
+  ReloadOnHangup(hangup);
   std::unique_ptr<dmdserve::DmdServer> server = StartServer();
   {
     absl::MutexLock lock(&reload_mu);
