@@ -399,6 +399,9 @@ def markdown(report):
               f"dmdserve_images_generated_total) | {r['served_images_per_second']:.0f} images/s "
               f"({r['server_images_generated'] / (60 * r['minutes']):.0f}) |",
               f"| requests sent / lost | {r['requests_sent']} / {r['requests_lost']} |",
+              f"| p99 of OK requests, gRPC (generate, stream) / HTTP (images, generate, stream), "
+              f"with a median of {_num(r['hostile_http_held_median'])} hostile HTTP clients held "
+              f"open | {_ms(r['p99_ok']['grpc'])} / {_ms(r['p99_ok']['http'])} ms |",
               f"| /metrics scrapes during load (all answered) | {r['scrapes']} |", ""]
     lines += ["| kind | sent | statuses | p50 ms | p99 ms (OK) |", "|---|---|---|---|---|"]
     by_kind = r["by_kind"]

@@ -314,6 +314,7 @@ class ReportTest(unittest.TestCase):
             "target_images_per_second": 200, "served_images_per_second": 100,
             "server_images_generated": 6000,
             "requests_sent": 10, "requests_lost": 1, "scrapes": 3,
+            "p99_ok": {"grpc": 0.5, "http": 0.6}, "hostile_http_held_median": 7,
             "by_kind": {"generate": {"OK": 9}, "bad:x": {"INVALID_ARGUMENT": 1}},
             "latency_ok": {"generate": {"p50": 0.01, "p99": 0.02}},
             "resources": resources, "resources_after": {"rss_mib": 3, "fds": 20, "threads": 9},
@@ -324,6 +325,8 @@ class ReportTest(unittest.TestCase):
         text = sr.markdown(report)
         self.assertIn("| generate | 9 | OK 9 | 10.0 | 20.0 |", text)
         self.assertIn("dmdserve_images_generated_total) | 100 images/s (100) |", text)
+        self.assertIn("with a median of 7 hostile HTTP clients held open | 500.0 / 600.0 ms |",
+                      text)
         self.assertLess(text.index("| generate |"), text.index("| bad:x |"))
         self.assertIn("| every request ended with a final status | **FAIL** |", text)
         self.assertIn("- lost: 1 'stream'", text)
