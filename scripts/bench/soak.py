@@ -572,7 +572,9 @@ def parse_args():
     parser.add_argument("--thread_growth", type=float, default=8)
     parser.add_argument("--min_offered", type=float, default=0.9,
                         help="fail unless the client offered this share of the target load")
-    parser.add_argument("--drain_requests", type=int, default=12)
+    parser.add_argument("--drain_requests", type=int, default=9,
+                        help="gRPC requests in the drain burst, beside DRAIN_HTTP's 6 HTTP ones: "
+                             "15 of 16 images fit the default 256-image queue")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json_out")
     parser.add_argument("--log_out", help="write the server's log here")
