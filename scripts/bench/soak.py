@@ -11,15 +11,22 @@ for; the server's resources tracked; a clean drain at the end.
    stream of requests (open loop: arrivals never wait for answers), mixed: unary Generate,
    GenerateStream read to the end, clients that cancel mid-flight, streams cancelled after their
    first image, streams never read until their deadline, clients that close their connection
-   mid-stream, deadlines of a few milliseconds. Beside
+   mid-stream, deadlines of a few milliseconds; and, 30% of the requests, the same over the HTTP
+   API (soak_http.py): OpenAI generations, native generate, native streams read to the end or
+   closed after their first line, X-Request-Timeout of a few milliseconds. Beside
    it at fixed rates: requests that make the faulty models raise or run out of memory, bad inputs
-   (invalid fields, unparseable bytes, oversize prompt, message and headers), Tokenize,
-   ListModels, health checks, and a /metrics scrape every 5 s.
+   (invalid fields, unparseable bytes, oversize prompt, message and headers; HTTP: bad JSON,
+   unknown fields, wrong types, bodies over the limit, unknown paths, wrong methods), Tokenize,
+   ListModels, health checks, hostile HTTP clients (half a request's headers then a stall, a
+   request whose answer is never read, connections without a request), and a /metrics scrape
+   every 5 s.
 4. Samples the server's RSS, open fds and threads every second.
 5. After the load: every request must have ended with a status its kind allows; the server's
    dmdserve_requests_total must agree with the client's counts; in-flight requests and queues
-   back to 0; resources no longer growing after warm-up; health SERVING and a normal request OK on
-   every model; then SIGTERM with a burst in flight: every request OK and exit code 0.
+   back to 0; resources no longer growing after warm-up; the normal HTTP requests' p99 latency
+   within max(3x, +1 s) of gRPC's while the hostile HTTP clients were held open; health SERVING
+   and a normal request OK on every model; then SIGTERM with a gRPC and HTTP burst in flight:
+   every request OK with every image, new HTTP requests 503, and exit code 0.
 
 Prints a Markdown report (docs/RELIABILITY.md's tables come from it) and exits 1 when an
 invariant fails (each failure is listed), 2 when the run itself could not be set up.
@@ -43,6 +50,7 @@ import time
 import urllib.request
 
 from bench_common import REPO, dmdctl_bench, git_commit, machine_line, today, write_prompts
+import soak_http as sh
 import soak_report as sr
 from tools.dmdserve_process import DmdserveProcess
 
@@ -51,20 +59,28 @@ HEALTHY_DEADLINE_S = 60
 LOST_AFTER_S = HEALTHY_DEADLINE_S + 30  # no final status by then: the request is lost
 MAX_RECEIVE = 256 << 20
 
-# Share of the healthy model's requests per kind, and the images each asks for.
+# Share of the healthy model's requests per kind, and the images each asks for: 70% gRPC, 30%
+# HTTP (soak_http.py).
 LOAD_MIX = {
-    "generate": (0.55, (1, 1, 2, 4, 8)),
-    "stream": (0.20, (2, 4, 8)),
-    "cancel_mid_flight": (0.10, (1, 2, 4)),
-    "short_deadline": (0.08, (1, 2, 4)),
-    "stream_cancel_after_first": (0.05, (4, 8)),
-    "stream_never_read": (0.02, (16,)),
-    "disconnect_mid_flight": (0.02, (4, 8)),
+    "generate": (0.38, (1, 1, 2, 4, 8)),
+    "stream": (0.14, (2, 4, 8)),
+    "cancel_mid_flight": (0.07, (1, 2, 4)),
+    "short_deadline": (0.06, (1, 2, 4)),
+    "stream_cancel_after_first": (0.03, (4, 8)),
+    "stream_never_read": (0.015, (16,)),
+    "disconnect_mid_flight": (0.015, (4, 8)),
+    "http_images": (0.10, (1, 2, 4)),
+    "http_generate": (0.08, (1, 1, 2, 4, 8)),
+    "http_stream": (0.06, (2, 4, 8)),
+    "http_stream_abandon": (0.03, (4, 8)),
+    "http_short_deadline": (0.03, (1, 2, 4)),
 }
 # Requests per second of the side kinds.
 SIDE_RATES = {"fault_raise": 2.0, "fault_oom": 2.0, "bad": 5.0, "tokenize": 2.0,
               "list_models": 0.5, "health": 1.0, "oversize_message": 0.2,
-              "oversize_metadata": 0.2}
+              "oversize_metadata": 0.2,
+              "http_bad": 4.0, "http_tokenize": 1.0, "http_models": 0.5, "http_list_models": 0.5,
+              "http_slowloris": 1.0, "http_never_read": 0.5, "http_idle_connect": 1.0}
 
 
 class Sampler(threading.Thread):
@@ -206,7 +222,7 @@ class Load:
     arrival process. Every request goes through `ledger`."""
 
     def __init__(self, grpc, pb, pb_grpc, health_pb2, health_grpc, target, healthy, ledger,
-                 rng, max_prompt_bytes):
+                 rng, max_prompt_bytes, http):
         self.grpc, self.pb, self.pb_grpc, self.health_pb2 = grpc, pb, pb_grpc, health_pb2
         self.target = target
         self.healthy, self.ledger, self.rng = healthy, ledger, rng
@@ -237,6 +253,8 @@ class Load:
         self.counter = 0
         self.max_images = 16  # the healthy model's limit, set once known
         self.tasks = set()
+        # The HTTP kinds: http(prompt maker) -> soak_http.HttpClients.
+        self.http = http(self._prompt)
 
     def _prompt(self, word=""):
         self.counter += 1
@@ -360,7 +378,7 @@ class Load:
         """(ledger kind, images, coroutine) of one request of `kind`."""
         if kind in LOAD_MIX:
             n = min(self.rng.choice(LOAD_MIX[kind][1]), self.max_images)
-            return kind, n, getattr(self, kind)(n)
+            return kind, n, getattr(self.http if kind.startswith("http_") else self, kind)(n)
         if kind == "fault_raise":
             return kind, 1, self.generate(self.rng.choice((1, 2)), "faulty", TRIGGER_WORD)
         if kind == "fault_oom":
@@ -369,6 +387,11 @@ class Load:
             case, method, message, _ = self.bad[self.bad_next % len(self.bad)]
             self.bad_next += 1
             return sr.BAD_PREFIX + case, 0, self.bad_input(case, method, message)
+        if kind == "http_bad":
+            bad_kind, coroutine = self.http.next_bad()
+            return bad_kind, 0, coroutine
+        if kind.startswith("http_"):
+            return kind, 0, getattr(self.http, kind)(0)
         method = {"health": self.health_check}.get(kind) or getattr(self, kind)
         return kind, 0, method(0)
 
@@ -382,6 +405,8 @@ class Load:
             return  # left open in the ledger: lost
         except self.grpc.aio.AioRpcError as e:
             status, got, details = self._error(e)
+        except (OSError, sh.HttpBroken) as e:  # an HTTP kind that could not even connect
+            status, got, details = f"BROKEN({type(e).__name__})", 0, str(e)
         self.ledger.finish(request, status, time.monotonic() - started, got, details)
 
     def launch(self, kind):
@@ -452,15 +477,27 @@ async def after_load_checks(load, models, checks):
         checks.append((f"a normal request to '{model}' OK after the load", ok))
 
 
+# The drain's HTTP requests: (kind, how many) in the burst, and the routes of the requests sent
+# after SIGTERM (each must get 503).
+DRAIN_HTTP = (("http_images", 2), ("http_generate", 2), ("http_stream", 2))
+AFTER_SIGTERM_HTTP = ("/v1/images/generations", "/v1/generate", "/v1/generate:stream")
+
+
 async def drain_burst(load, server, requests, images):
-    """Sends `requests` requests of `images` images, sends SIGTERM once the server accepted them
-    all, and returns (how many were still unfinished at SIGTERM, their results)."""
+    """Sends `requests` gRPC requests of `images` images and DRAIN_HTTP's HTTP ones, sends SIGTERM
+    once the server accepted them all, then, once it drains, one new HTTP request per
+    AFTER_SIGTERM_HTTP route. Returns (how many were unfinished at SIGTERM, the gRPC results,
+    the HTTP results (label, images), the after-SIGTERM labels)."""
     pb = load.pb
     before = sr.parse_requests_total(metrics_text(server.metrics_port))
+    probes = await sh.open_probes(load.http, len(AFTER_SIGTERM_HTTP))
     calls = [load.stub.Generate(pb.GenerateRequest(model=load.healthy, prompt=f"a coat {i}",
                                                    num_images=images, seed=i), timeout=120)
              for i in range(requests)]
     tasks = [asyncio.ensure_future(c) for c in calls]
+    http_tasks = [asyncio.ensure_future(getattr(load.http, kind)(images))
+                  for kind, count in DRAIN_HTTP for _ in range(count)]
+    requests += len(http_tasks)
     loop = asyncio.get_running_loop()
     unfinished = 0
     deadline = time.monotonic() + 30
@@ -472,8 +509,15 @@ async def drain_burst(load, server, requests, images):
             break
         await asyncio.sleep(0.01)
     server.terminate()
+    while not any("draining: finishing" in line for line in server.lines[-50:]):
+        if time.monotonic() > deadline + 30:
+            break
+        await asyncio.sleep(0.001)
+    after = await asyncio.gather(*(sh.send_probe(load.http, probe, path, images)
+                                   for probe, path in zip(probes, AFTER_SIGTERM_HTTP)))
     results = await asyncio.gather(*tasks, return_exceptions=True)
-    return int(unfinished), results
+    http_results = await asyncio.gather(*http_tasks, return_exceptions=True)
+    return int(unfinished), results, http_results, after
 
 
 class SetupError(Exception):
@@ -528,7 +572,9 @@ def parse_args():
     parser.add_argument("--thread_growth", type=float, default=8)
     parser.add_argument("--min_offered", type=float, default=0.9,
                         help="fail unless the client offered this share of the target load")
-    parser.add_argument("--drain_requests", type=int, default=12)
+    parser.add_argument("--drain_requests", type=int, default=9,
+                        help="gRPC requests in the drain burst, beside DRAIN_HTTP's 6 HTTP ones: "
+                             "15 of 16 images fit the default 256-image queue")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json_out")
     parser.add_argument("--log_out", help="write the server's log here")
@@ -593,9 +639,13 @@ async def soak(args, stubs, server, healthy, models, trigger_id, tmp):
         raise SetupError(f"capacity measurement failed: {capacity}")
     target = args.load_factor * capacity["images_per_second"]
     ledger = sr.Ledger()
+    max_prompt_bytes = flag_value(args.server_flags, "max_prompt_bytes", 4096)
     load = Load(grpc, pb, pb_grpc, health_pb2, health_grpc, server.target, healthy, ledger,
-                random.Random(args.seed),
-                flag_value(args.server_flags, "max_prompt_bytes", 4096))
+                random.Random(args.seed), max_prompt_bytes,
+                lambda prompt: sh.HttpClients(
+                    "127.0.0.1", server.http_port, healthy, random.Random(args.seed + 1), prompt,
+                    flag_value(args.server_flags, "http_max_body_bytes", 64 << 10),
+                    max_prompt_bytes, long_holds=args.minutes * 60 >= 120))
     info = {m.name: m for m in (await load.stub.ListModels(pb.ListModelsRequest(),
                                                            timeout=30)).models}
     load.max_images = info[healthy].max_images_per_request
@@ -635,7 +685,18 @@ async def soak(args, stubs, server, healthy, models, trigger_id, tmp):
     seen = {"fault_raise": "INTERNAL", "fault_oom": sr.OUT_OF_MEMORY}
     check("every fault and bad input was injected and answered",
           all(by_kind.get(k, {}).get(v) for k, v in seen.items())
-          and all(by_kind.get(sr.BAD_PREFIX + case) for case, *_ in load.bad))
+          and all(by_kind.get(sr.BAD_PREFIX + case) for case, *_ in load.bad + load.http.bad))
+    held = load.http.held_at_start
+    check("hostile HTTP clients were held open while the normal HTTP requests ran "
+          "(at least one at the median request's start)",
+          held and sr.percentile(held, 0.5) >= 1,
+          [f"stall isolation: hostile HTTP clients held at the normal HTTP requests' starts: "
+           f"median {sr.percentile(held, 0.5)}; the check did not test what it claims"])
+    http_ok = [s for k in sr.HTTP_NORMAL_KINDS for s in ledger.latency_ok[k]]
+    grpc_ok = [s for k in sr.GRPC_NORMAL_KINDS for s in ledger.latency_ok[k]]
+    stall = sr.check_stall_isolation(http_ok, grpc_ok)
+    check("stalled HTTP clients delay no one: HTTP p99 <= max(3 x gRPC p99, gRPC p99 + 1 s)",
+          not stall, stall)
     offered = sum(ledger.images_sent[k] for k in sr.LOAD_KINDS) / duration
     check(f"the client offered at least {args.min_offered:.0%} of the target load",
           offered >= args.min_offered * target,
@@ -666,11 +727,18 @@ async def soak(args, stubs, server, healthy, models, trigger_id, tmp):
     await after_load_checks(load, models, checks)
     failures.extend(name for name, ok in checks[-len(models) - 1:] if not ok)
     images = min(16, load.max_images)
-    unfinished, results = await drain_burst(load, server, args.drain_requests, images)
+    unfinished, results, http_results, after = await drain_burst(
+        load, server, args.drain_requests, images)
     bad = [r for r in results if isinstance(r, BaseException) or len(r.images) != images]
-    check(f"SIGTERM with {args.drain_requests} requests accepted ({unfinished} unfinished): "
-          "every one OK", not bad, [f"drain: {len(bad)} request(s) failed, e.g. {bad[0]!r}"]
-          if bad else ())
+    bad += [r for r in http_results if isinstance(r, BaseException)
+            or r[:2] != ("HTTP 200", images)]
+    http_drain = len(http_results)
+    check(f"SIGTERM with {args.drain_requests} gRPC and {http_drain} HTTP requests accepted "
+          f"({unfinished} unfinished): every one OK (HTTP: 200 with every image)", not bad,
+          [f"drain: {len(bad)} request(s) failed, e.g. {bad[0]!r}"] if bad else ())
+    check(f"new HTTP requests after SIGTERM ({len(after)}) get 503",
+          all(label == "HTTP 503" for label in after),
+          [f"drain: new HTTP requests after SIGTERM got {after}"])
     await load.close()
     code = await loop.run_in_executor(None, lambda: server.stop(timeout_s=120))
     check("exit code 0 after SIGTERM", code == 0, [f"exit code {code} after SIGTERM"])
@@ -687,14 +755,17 @@ async def soak(args, stubs, server, healthy, models, trigger_id, tmp):
         "server_images_generated": sr.metric_sum(after_text, "dmdserve_images_generated_total",
                                                  model=healthy)
         - sr.metric_sum(before_text, "dmdserve_images_generated_total", model=healthy),
-        "requests_sent": sum(ledger.sent.values()), "requests_lost": len(ledger.open),
+        "requests_sent": sum(ledger.sent.values()),
+        "p99_ok": {"grpc": sr.percentile(grpc_ok, 0.99), "http": sr.percentile(http_ok, 0.99)},
+        "hostile_http_held_median": sr.percentile(held, 0.5) if held else None, "requests_lost": len(ledger.open),
         "scrapes": scraper.ok, "by_kind": by_kind,
         "latency_ok": {k: {q: sr.percentile(v, float(q[1:]) / 100) for q in ("p50", "p90", "p99")}
                        for k, v in load_ok.items()},
         "load_window": [load_start, load_end], "warmup_s": warmup, "resources": resources, "resources_after": resources_after,
         "samples": sampler.samples, "server_counts": {"/".join(k): v for k, v in
                                                       sorted(server_counts.items())},
-        "drain": {"requests": args.drain_requests, "images_each": images,
+        "drain": {"requests": args.drain_requests, "http_requests": http_drain,
+                  "after_sigterm_http": after, "images_each": images,
                   "unfinished_at_sigterm": unfinished, "exit_code": code},
         "checks": checks, "failures": failures,
     }

@@ -75,6 +75,38 @@ KINDS = {
     "oversize_metadata": (None, EXACT, {TOO_LARGE}),
 }
 
+# The HTTP API's kinds (scripts/bench/soak_http.py). Their labels are "HTTP <status>"; the server
+# counts an answered request under its route's method label and the code name the status comes
+# from (HTTP_CODE_NAMES). A 429 must carry Retry-After (else it is labelled otherwise).
+_IMAGES = "POST /v1/images/generations"
+_GENERATE = "POST /v1/generate"
+_STREAM = "POST /v1/generate:stream"
+_HTTP_REFUSED = {"HTTP 429"}
+KINDS.update({
+    # The healthy model's load. The client reads every answer whole: the server counted it.
+    "http_images": (_IMAGES, EXACT, {"HTTP 200"} | _HTTP_REFUSED),
+    "http_generate": (_GENERATE, EXACT, {"HTTP 200"} | _HTTP_REFUSED),
+    "http_stream": (_STREAM, EXACT, {"HTTP 200"} | _HTTP_REFUSED),
+    # Closed after its first image line: the server had it, and counts it OK or CANCELLED.
+    "http_stream_abandon": (_STREAM, COUNTED, {"ABANDONED"} | _HTTP_REFUSED),
+    "http_short_deadline": (_GENERATE, EXACT, {"HTTP 200", "HTTP 504"} | _HTTP_REFUSED),
+    # Light calls.
+    "http_models": ("GET /v1/models", EXACT, {"HTTP 200"}),
+    "http_list_models": ("POST /v1/models:list", EXACT, {"HTTP 200"}),
+    "http_tokenize": ("POST /v1/tokenize", EXACT, {"HTTP 200"}),
+    # Hostile clients. Half a request's headers: no handler runs, nothing is counted; held
+    # past the server's io timeout, the server closes it.
+    "http_slowloris": (None, EXACT, {"HELD", "CLOSED_BY_SERVER"}),
+    # A whole stream request whose answer is never read: the server has it and counts it.
+    "http_never_read": (_STREAM, COUNTED, {"HELD"}),
+    "http_idle_connect": (None, EXACT, {"CLOSED"}),
+})
+# HTTP status -> the code name dmdserve_requests_total counts it under (server/openai_api.cc's
+# ToHttpError, read backwards for the statuses the soak allows; a 413 is OUT_OF_RANGE).
+HTTP_CODE_NAMES = {"200": "OK", "400": "INVALID_ARGUMENT", "404": "NOT_FOUND",
+                   "413": "OUT_OF_RANGE", "429": "RESOURCE_EXHAUSTED", "503": "UNAVAILABLE",
+                   "504": "DEADLINE_EXCEEDED"}
+
 # Bad inputs: "bad:<case>" kinds, registered by add_bad_input_kind().
 BAD_PREFIX = "bad:"
 
@@ -85,8 +117,19 @@ def add_bad_input_kind(case, method, expected_label):
 
 
 # The healthy model's kinds: the offered load, and the latency table.
-LOAD_KINDS = ("generate", "stream", "cancel_mid_flight", "stream_cancel_after_first",
-              "stream_never_read", "disconnect_mid_flight", "short_deadline")
+GRPC_LOAD_KINDS = ("generate", "stream", "cancel_mid_flight", "stream_cancel_after_first",
+                   "stream_never_read", "disconnect_mid_flight", "short_deadline")
+HTTP_LOAD_KINDS = ("http_images", "http_generate", "http_stream", "http_stream_abandon",
+                   "http_short_deadline")
+LOAD_KINDS = GRPC_LOAD_KINDS + HTTP_LOAD_KINDS
+# The requests whose OK latencies the stall-isolation check compares (check_stall_isolation).
+GRPC_NORMAL_KINDS = ("generate", "stream")
+HTTP_NORMAL_KINDS = ("http_images", "http_generate", "http_stream")
+
+
+def is_ok(status_label):
+    """Whether a label is a success (its images and latency are counted)."""
+    return status_label in ("OK", "HTTP 200")
 FAULT_KINDS = ("fault_raise", "fault_oom")
 
 
@@ -117,7 +160,7 @@ class Ledger:
         kind = self.open.pop(request)  # KeyError: closed twice, a bug in the soak itself
         self.closed[(kind, status_label)] += 1
         self.examples.setdefault((kind, status_label), (details or "")[:200])
-        if status_label == "OK":
+        if is_ok(status_label):
             self.images_ok[kind] += images
             if latency_s is not None:
                 self.latency_ok[kind].append(latency_s)
@@ -145,7 +188,11 @@ def check_ledger(ledger):
 
 
 def _code_of(status_label):
-    return status_label.split("(", 1)[0]
+    """The code name the server counts a label under ("HTTP 429" -> RESOURCE_EXHAUSTED)."""
+    code = status_label.split("(", 1)[0]
+    if code.startswith("HTTP "):
+        return HTTP_CODE_NAMES.get(code[5:], code)
+    return code
 
 
 def client_counts(ledger, model_of):
@@ -212,6 +259,23 @@ def check_metrics(client, server, exact_models=()):
                 failures.append(f"metrics: {'/'.join(key)}: the server counted "
                                 f"{server.get(key, 0):g}, the client saw {certain.get(key, 0)}")
     return failures
+
+
+def check_stall_isolation(http_s, grpc_s, factor=3.0, slack_s=1.0):
+    """Failures unless the p99 of the normal HTTP requests' OK latencies (`http_s`, seconds) is at
+    most max(`factor` x, `slack_s` + ) the gRPC ones' p99 (`grpc_s`) of the same run: stalled
+    HTTP clients held open beside them must not delay them beyond what the shared queue does to
+    gRPC's. (Both wait in the same queue, so their p99s are alike unless the HTTP path stalls;
+    the bound leaves room for the client's own HTTP handling and for noise in the tail.)"""
+    if not http_s or not grpc_s:
+        return [f"stall isolation: no OK latencies to compare ({len(http_s)} HTTP, "
+                f"{len(grpc_s)} gRPC)"]
+    http_p99, grpc_p99 = percentile(http_s, 0.99), percentile(grpc_s, 0.99)
+    bound = max(factor * grpc_p99, grpc_p99 + slack_s)
+    if http_p99 <= bound:
+        return []
+    return [f"stall isolation: HTTP p99 {http_p99 * 1e3:.0f} ms over the bound {bound * 1e3:.0f} "
+            f"ms (gRPC p99 {grpc_p99 * 1e3:.0f} ms)"]
 
 
 def parse_requests_total(text):
@@ -335,6 +399,9 @@ def markdown(report):
               f"dmdserve_images_generated_total) | {r['served_images_per_second']:.0f} images/s "
               f"({r['server_images_generated'] / (60 * r['minutes']):.0f}) |",
               f"| requests sent / lost | {r['requests_sent']} / {r['requests_lost']} |",
+              f"| p99 of OK requests, gRPC (generate, stream) / HTTP (images, generate, stream), "
+              f"with a median of {_num(r['hostile_http_held_median'])} hostile HTTP clients held "
+              f"open | {_ms(r['p99_ok']['grpc'])} / {_ms(r['p99_ok']['http'])} ms |",
               f"| /metrics scrapes during load (all answered) | {r['scrapes']} |", ""]
     lines += ["| kind | sent | statuses | p50 ms | p99 ms (OK) |", "|---|---|---|---|---|"]
     by_kind = r["by_kind"]

@@ -5,6 +5,7 @@ The run is short (about 15 s of load) so that the command cannot rot unnoticed; 
 are docs/RELIABILITY.md's. Nothing here asserts speed: the run's invariants are counts and
 statuses, and the load is sized from the capacity measured on the machine it runs on.
 """
+import asyncio
 import collections
 import json
 import os
@@ -16,6 +17,7 @@ import unittest
 from harness import BUILD_DIR, SOURCE_DIR
 
 sys.path.insert(0, os.path.join(SOURCE_DIR, "scripts", "bench"))
+import soak_http as sh  # noqa: E402
 import soak_report as sr  # noqa: E402
 
 SOAK = os.path.join(SOURCE_DIR, "scripts", "bench", "soak.py")
@@ -48,6 +50,14 @@ class SoakSmokeTest(unittest.TestCase):
         self.assertGreater(report["by_kind"]["fault_raise"].get("INTERNAL", 0), 0)
         self.assertGreater(report["by_kind"]["fault_oom"].get(sr.OUT_OF_MEMORY, 0), 0)
         self.assertEqual(report["drain"]["exit_code"], 0)
+        # HTTP as gRPC: served under overload, refused with 429, drained, 503 after SIGTERM.
+        for kind in sr.HTTP_NORMAL_KINDS:
+            self.assertGreater(report["by_kind"][kind].get("HTTP 200", 0), 0, kind)
+        self.assertIn("HTTP 413", report["by_kind"]["bad:http: body over the limit"])
+        self.assertEqual(report["drain"]["http_requests"], 6)
+        self.assertEqual(report["drain"]["after_sigterm_http"], ["HTTP 503"] * 3)
+        self.assertTrue(any(k.endswith("POST /v1/images/generations/OK")
+                            for k in report["server_counts"]))
         self.assertIn("| invariant | result |", run.stdout)
 
 
@@ -154,6 +164,121 @@ class MetricsAgreementTest(unittest.TestCase):
         self.assertEqual(sr.metric_sum(text, "dmdserve_images_generated_total", model="m"), 9.0)
 
 
+class HttpLedgerTest(unittest.TestCase):
+    def test_http_statuses_outside_a_kinds_set_fail(self):
+        ledger = sr.Ledger()
+        for kind, status in [("http_images", "HTTP 200"), ("http_generate", "HTTP 429"),
+                             ("http_short_deadline", "HTTP 504"), ("http_slowloris", "HELD"),
+                             ("http_generate", "HTTP 503"), ("http_images", "HTTP 504"),
+                             ("http_stream", "HTTP 429(no Retry-After)"),
+                             ("http_stream", "HTTP 200(error line)"),
+                             ("http_generate", "BROKEN(ConnectionResetError)")]:
+            ledger.finish(ledger.start(kind), status, details="why")
+        failures = sr.check_ledger(ledger)
+        self.assertEqual(len(failures), 5, failures)
+        for expected in ("'http_generate' request(s) ended HTTP 503",
+                         "'http_images' request(s) ended HTTP 504",
+                         "'http_stream' request(s) ended HTTP 429(no Retry-After)",
+                         "'http_stream' request(s) ended HTTP 200(error line)",
+                         "'http_generate' request(s) ended BROKEN(ConnectionResetError)"):
+            self.assertTrue(any(expected in f for f in failures), (expected, failures))
+
+    def test_an_http_200_counts_its_images_and_latency(self):
+        ledger = sr.Ledger()
+        ledger.finish(ledger.start("http_images", 4), "HTTP 200", 0.5, 4)
+        ledger.finish(ledger.start("http_images", 2), "HTTP 429", 0.01)
+        self.assertEqual(ledger.images_ok["http_images"], 4)
+        self.assertEqual(ledger.latency_ok["http_images"], [0.5])
+
+    def ledger(self, rows):
+        ledger = sr.Ledger()
+        for kind, status, n in rows:
+            for _ in range(n):
+                ledger.finish(ledger.start(kind), status)
+        return sr.client_counts(ledger, lambda kind: "m")
+
+    def test_http_statuses_are_compared_as_the_codes_the_server_counts(self):
+        sr.add_bad_input_kind("http: test 413", "POST /v1/images/generations", "HTTP 413")
+        sr.add_bad_input_kind("http: test 404 path", None, "HTTP 404")
+        for case in ("http: test 413", "http: test 404 path"):
+            self.addCleanup(sr.KINDS.pop, sr.BAD_PREFIX + case)
+        client = self.ledger([("http_images", "HTTP 200", 3), ("http_images", "HTTP 429", 2),
+                              ("http_short_deadline", "HTTP 504", 1),
+                              ("bad:http: test 413", "HTTP 413", 1),
+                              ("bad:http: test 404 path", "HTTP 404", 4)])
+        server = {("m", "POST /v1/images/generations", "OK"): 3,
+                  ("m", "POST /v1/images/generations", "RESOURCE_EXHAUSTED"): 2,
+                  ("m", "POST /v1/generate", "DEADLINE_EXCEEDED"): 1,
+                  ("_unknown", "POST /v1/images/generations", "OUT_OF_RANGE"): 1}
+        self.assertEqual(sr.check_metrics(client, server), [])
+        # A 413 the server counted as INVALID_ARGUMENT, and a routing 404 it counted: both fail.
+        del server[("_unknown", "POST /v1/images/generations", "OUT_OF_RANGE")]
+        server[("_unknown", "POST /v1/images/generations", "INVALID_ARGUMENT")] = 1
+        server[("_unknown", "POST /v1/nothing", "NOT_FOUND")] = 4
+        failures = sr.check_metrics(client, server)
+        self.assertIn("metrics: POST /v1/images/generations OUT_OF_RANGE: the server counted 0, "
+                      "the client saw 1", failures)
+        self.assertIn("metrics: POST /v1/nothing NOT_FOUND: the server counted 4, the client "
+                      "saw 0", failures)
+
+    def test_an_abandoned_stream_must_be_counted_once(self):
+        client = self.ledger([("http_stream_abandon", "ABANDONED", 2)])
+        ok = {("m", "POST /v1/generate:stream", "CANCELLED"): 1,
+              ("m", "POST /v1/generate:stream", "OK"): 1}
+        self.assertEqual(sr.check_metrics(client, ok), [])
+        self.assertEqual(sr.check_metrics(client, {("m", "POST /v1/generate:stream", "OK"): 1}),
+                         ["metrics: POST /v1/generate:stream in all: the server counted 1, the "
+                          "client sent 2"])
+
+
+class StallIsolationTest(unittest.TestCase):
+    def test_http_close_to_grpc_passes(self):
+        grpc = [0.4] * 99 + [0.55]
+        self.assertEqual(sr.check_stall_isolation([0.4] * 99 + [1.5], grpc), [])  # +1 s slack
+        self.assertEqual(sr.check_stall_isolation([0.1] * 100, grpc), [])
+
+    def test_http_delayed_beyond_the_bound_fails(self):
+        grpc = [0.4] * 99 + [0.55]
+        failures = sr.check_stall_isolation([0.4] * 98 + [1.7] * 2, grpc)
+        self.assertEqual(failures, ["stall isolation: HTTP p99 1700 ms over the bound 1650 ms "
+                                    "(gRPC p99 550 ms)"])
+        # A slow gRPC tail scales the bound: 3 x 2 s.
+        self.assertEqual(sr.check_stall_isolation([5.9] * 10, [2.0] * 10), [])
+        self.assertTrue(sr.check_stall_isolation([6.1] * 10, [2.0] * 10))
+
+    def test_nothing_to_compare_fails(self):
+        self.assertTrue(sr.check_stall_isolation([], [0.1]))
+        self.assertTrue(sr.check_stall_isolation([0.1], []))
+
+
+class HttpReadingTest(unittest.TestCase):
+    @staticmethod
+    def read(data, chunked=True):
+        async def go():
+            reader = asyncio.StreamReader()
+            reader.feed_data(data)
+            reader.feed_eof()
+            status, headers = await sh.read_head(reader)
+            return status, headers, await sh.read_body(reader, headers)
+        return asyncio.run(go())
+
+    def test_a_chunked_body_is_decoded(self):
+        status, headers, body = self.read(
+            b"HTTP/1.1 429 Too Many\r\nRetry-After: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+        self.assertEqual((status, body), (429, b"abcde"))
+        self.assertEqual(sh.status_label(status, headers), "HTTP 429")
+        self.assertEqual(sh.status_label(429, {}), "HTTP 429(no Retry-After)")
+
+    def test_a_cut_body_is_broken(self):
+        with self.assertRaises(sh.HttpBroken):  # no terminating chunk
+            self.read(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        with self.assertRaises(sh.HttpBroken):
+            self.read(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        with self.assertRaises(sh.HttpBroken):
+            self.read(b"HTTP/1.1 20")
+
+
 class GrowthTest(unittest.TestCase):
     @staticmethod
     def samples(rss):
@@ -189,6 +314,7 @@ class ReportTest(unittest.TestCase):
             "target_images_per_second": 200, "served_images_per_second": 100,
             "server_images_generated": 6000,
             "requests_sent": 10, "requests_lost": 1, "scrapes": 3,
+            "p99_ok": {"grpc": 0.5, "http": 0.6}, "hostile_http_held_median": 7,
             "by_kind": {"generate": {"OK": 9}, "bad:x": {"INVALID_ARGUMENT": 1}},
             "latency_ok": {"generate": {"p50": 0.01, "p99": 0.02}},
             "resources": resources, "resources_after": {"rss_mib": 3, "fds": 20, "threads": 9},
@@ -199,6 +325,8 @@ class ReportTest(unittest.TestCase):
         text = sr.markdown(report)
         self.assertIn("| generate | 9 | OK 9 | 10.0 | 20.0 |", text)
         self.assertIn("dmdserve_images_generated_total) | 100 images/s (100) |", text)
+        self.assertIn("with a median of 7 hostile HTTP clients held open | 500.0 / 600.0 ms |",
+                      text)
         self.assertLess(text.index("| generate |"), text.index("| bad:x |"))
         self.assertIn("| every request ended with a final status | **FAIL** |", text)
         self.assertIn("- lost: 1 'stream'", text)
