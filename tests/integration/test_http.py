@@ -254,6 +254,30 @@ class HttpDrainTest(unittest.TestCase):
             server.stop(signal.SIGKILL)
             raise
 
+    def test_after_the_grace_an_unfinished_request_gets_503_saying_so(self):
+        # No grace: SIGTERM cancels the images still queued (gRPC: CANCELLED).
+        server = Server("--max_batch_size=1", "--workers=1", "--drain_grace_s=0",
+                        model_dirs=(self.bundle,))
+        try:
+            results = []
+            worker = threading.Thread(target=lambda: results.append(
+                generate(server, {"prompt": "a sandal", "n": 8, "seed": 1})))
+            worker.start()
+            self.assertTrue(wait_until(lambda: (metric_value(
+                server.metrics(), "dmdserve_requests_in_flight", model=self.SLOW_MODEL) or 0) > 0))
+            server.terminate()
+            worker.join(120)
+            status, _, body = results[0]
+            self.assertEqual(status, 503, body)
+            self.assertEqual(body["error"]["type"], "server_error")
+            self.assertIn("grace", body["error"]["message"])
+            self.assertEqual(server.stop(), 0, server.log())
+            self.assertTrue(any("rpc=POST /v1/images/generations" in line
+                                and "code=CANCELLED" in line for line in server.lines))
+        except BaseException:
+            server.stop(signal.SIGKILL)
+            raise
+
 
 class HttpFailureTwinsTest(unittest.TestCase):
     """The status table's server-side failures over HTTP: a model that fails its batch (500, as
