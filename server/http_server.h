@@ -33,6 +33,10 @@
 // has no I/O timeout (generation may take long; its deadline is the request's own), and a client
 // that goes away meanwhile is noticed only when the response is sent (the images are computed
 // anyway; a stream's later images are dropped before compute once its client is gone).
+// The alternatives in Debian 12: cpp-httplib 0.11 serves each connection on a pool thread, so a
+// few stalled or keep-alive clients occupy the pool and a generation would hold a thread for its
+// whole run (no suspension); Boost.Beast 1.74 is asynchronous and robust but a toolkit, leaving
+// the server itself (timeouts, limits, connection management) to be written here.
 //
 // Bodies: a Content-Length over max_body_bytes is answered 413 without reading the body; a body
 // without Content-Length (chunked) that grows past it has its connection closed.
