@@ -232,15 +232,21 @@ class HttpDrainTest(unittest.TestCase):
     def tearDown(self):
         self.tmp.cleanup()
 
+    def start_slow_request(self, server):
+        """An 8-image request to the slow model on its own thread, once it is in flight: (the list
+        its (status, headers, body) goes into, the thread)."""
+        results = []
+        worker = threading.Thread(target=lambda: results.append(
+            generate(server, {"prompt": "a sandal", "n": 8, "seed": 1})))
+        worker.start()
+        self.assertTrue(wait_until(lambda: (metric_value(
+            server.metrics(), "dmdserve_requests_in_flight", model=self.SLOW_MODEL) or 0) > 0))
+        return results, worker
+
     def test_drain_refuses_new_requests_with_503_and_finishes_accepted_ones(self):
         server = Server("--max_batch_size=1", "--workers=1", model_dirs=(self.bundle,))
         try:
-            results = []
-            worker = threading.Thread(target=lambda: results.append(
-                generate(server, {"prompt": "a sandal", "n": 8, "seed": 1})))
-            worker.start()
-            self.assertTrue(wait_until(lambda: (metric_value(
-                server.metrics(), "dmdserve_requests_in_flight", model=self.SLOW_MODEL) or 0) > 0))
+            results, worker = self.start_slow_request(server)
             server.terminate()
             self.assertTrue(wait_until(lambda: any("draining" in l for l in server.lines)))
             status, headers, body = generate(server, {"prompt": "x"})
@@ -259,12 +265,7 @@ class HttpDrainTest(unittest.TestCase):
         server = Server("--max_batch_size=1", "--workers=1", "--drain_grace_s=0",
                         model_dirs=(self.bundle,))
         try:
-            results = []
-            worker = threading.Thread(target=lambda: results.append(
-                generate(server, {"prompt": "a sandal", "n": 8, "seed": 1})))
-            worker.start()
-            self.assertTrue(wait_until(lambda: (metric_value(
-                server.metrics(), "dmdserve_requests_in_flight", model=self.SLOW_MODEL) or 0) > 0))
+            results, worker = self.start_slow_request(server)
             server.terminate()
             worker.join(120)
             status, _, body = results[0]

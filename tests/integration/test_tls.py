@@ -117,18 +117,26 @@ class TlsTest(unittest.TestCase):
         finally:
             self.assertEqual(server.stop(), 0, server.log())
 
-    def test_a_renewed_certificate_is_used_without_dropping_connections(self):
+    def renewable_server(self):
+        """A server whose certificate files live in their own directory, checked every second."""
         live = tempfile.mkdtemp(dir=self.dir)
         for ext in ("pem", "key"):
             shutil.copy(self.path(f"server.{ext}"), os.path.join(live, f"server.{ext}"))
-        server = Server(f"--tls_cert_file={live}/server.pem", f"--tls_key_file={live}/server.key",
-                        "--tls_refresh_s=1")
+        return live, Server(f"--tls_cert_file={live}/server.pem",
+                            f"--tls_key_file={live}/server.key", "--tls_refresh_s=1")
+
+    def renew(self, live):
+        """Replaces the files in `live` with the renewed certificate (signed by other-ca)."""
+        for ext in ("key", "pem"):  # write then rename, as cert-manager does
+            shutil.copy(self.path(f"renewed.{ext}"), os.path.join(live, f"new.{ext}"))
+            os.replace(os.path.join(live, f"new.{ext}"), os.path.join(live, f"server.{ext}"))
+
+    def test_a_renewed_certificate_is_used_without_dropping_connections(self):
+        live, server = self.renewable_server()
         try:
             old = self.channel(server)
             self.assertEqual(self.list_models(old), ["tiny-random"])
-            for ext in ("key", "pem"):  # renew: write then rename, as cert-manager does
-                shutil.copy(self.path(f"renewed.{ext}"), os.path.join(live, f"new.{ext}"))
-                os.replace(os.path.join(live, f"new.{ext}"), os.path.join(live, f"server.{ext}"))
+            self.renew(live)
 
             def renewed_works():
                 try:
@@ -196,16 +204,10 @@ class TlsTest(unittest.TestCase):
             self.assertEqual(server.stop(), 0, server.log())
 
     def test_https_uses_a_renewed_certificate(self):
-        live = tempfile.mkdtemp(dir=self.dir)
-        for ext in ("pem", "key"):
-            shutil.copy(self.path(f"server.{ext}"), os.path.join(live, f"server.{ext}"))
-        server = Server(f"--tls_cert_file={live}/server.pem", f"--tls_key_file={live}/server.key",
-                        "--tls_refresh_s=1")
+        live, server = self.renewable_server()
         try:
             self.assertEqual(self.https(server)[2], "server-ca")
-            for ext in ("key", "pem"):  # renew: write then rename, as cert-manager does
-                shutil.copy(self.path(f"renewed.{ext}"), os.path.join(live, f"new.{ext}"))
-                os.replace(os.path.join(live, f"new.{ext}"), os.path.join(live, f"server.{ext}"))
+            self.renew(live)
 
             def renewed_served():
                 try:
