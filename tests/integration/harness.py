@@ -3,7 +3,9 @@
 Environment (set by CTest, see tests/CMakeLists.txt): DMDSERVE_BIN, DMDCTL_BIN,
 DMDSERVE_SOURCE_DIR, DMDSERVE_BUILD_DIR, PYTHONPATH with the generated stubs.
 """
+import hashlib
 import io
+import json
 import os
 import re
 import subprocess
@@ -96,6 +98,41 @@ def decode_png(data):
     image = Image.open(io.BytesIO(data))
     image.load()
     return image.width, image.height, image.mode, image.tobytes()
+
+
+def make_slow_bundle(directory, name, **manifest):
+    """tiny-random under `name` in `directory`, with the teacher's 50-step guided schedule (100
+    generator calls an image), so that a request takes long enough for a test to act while it is in
+    flight; `manifest` overrides more fields of model.json. Returns the bundle's path."""
+    bundle = os.path.join(directory, name)
+    os.makedirs(bundle)
+    for entry in os.listdir(TINY_BUNDLE):
+        if entry != "model.json":
+            os.symlink(os.path.join(TINY_BUNDLE, entry), os.path.join(bundle, entry))
+    with open(os.path.join(TINY_BUNDLE, "model.json")) as f:
+        tiny = json.load(f)
+    with open(os.path.join(SOURCE_DIR, "models", "fashion-teacher", "model.json")) as f:
+        teacher = json.load(f)
+    tiny.update(name=name, schedule=teacher["schedule"], guidance_scale=3.0, **manifest)
+    with open(os.path.join(bundle, "model.json"), "w") as f:
+        json.dump(tiny, f)
+    return bundle
+
+
+def api_key_line(name, secret, rate=None):
+    """One line of an --api_keys_file: NAME, the SHA-256 of `secret`, and the optional rate limit
+    in images per second."""
+    digest = hashlib.sha256(secret.encode()).hexdigest()
+    return f"{name} {digest}" + (f" {rate}" if rate is not None else "") + "\n"
+
+
+def write_api_keys(directory, keys):
+    """Writes an --api_keys_file of `keys` (name -> (secret, images per second or None)) into
+    `directory` and returns its path."""
+    path = os.path.join(directory, "api_keys")
+    with open(path, "w") as f:
+        f.writelines(api_key_line(name, secret, rate) for name, (secret, rate) in keys.items())
+    return path
 
 
 def wait_until(predicate, timeout_s=30, interval_s=0.02):

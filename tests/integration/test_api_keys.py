@@ -1,7 +1,6 @@
 """API keys: every ImageGeneration call needs a key from --api_keys_file (the file holds only
 SHA-256 hashes), health checks stay open, per-key rate limits, the key's name in logs and
 metrics, reload on SIGHUP, and dmdctl's --api_key / DMDSERVE_API_KEY."""
-import hashlib
 import os
 import signal
 import subprocess
@@ -10,13 +9,13 @@ import unittest
 
 import grpc
 
-from harness import DMDCTL_BIN, Server, metric_value, pb, wait_until
+from harness import DMDCTL_BIN, Server, api_key_line, metric_value, pb, wait_until
 
 SECRETS = {"alice": "alice-secret-1", "bob": "bob-secret-2", "carol": "carol-secret-3"}
 
 
-def key_line(name, rate=""):
-    return f"{name} {hashlib.sha256(SECRETS[name].encode()).hexdigest()} {rate}\n"
+def key_line(name, rate=None):
+    return api_key_line(name, SECRETS[name], rate)
 
 
 class ApiKeysTest(unittest.TestCase):
@@ -26,7 +25,7 @@ class ApiKeysTest(unittest.TestCase):
         cls.keys_file = os.path.join(cls.tmp.name, "keys")
         with open(cls.keys_file, "w") as f:
             f.write("# name sha256 [images per second]\n" + key_line("alice") +
-                    key_line("bob", "2"))
+                    key_line("bob", 2))
         cls.server = Server(f"--api_keys_file={cls.keys_file}")
 
     @classmethod

@@ -3,10 +3,8 @@ server: the same images as gRPC Generate, OpenAI's error shape and HTTP codes, A
 limit, drain, and a stalled client that does not hold up other requests."""
 import base64
 import concurrent.futures
-import hashlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,7 +15,8 @@ import unittest
 import urllib.error
 import urllib.request
 
-from harness import (SOURCE_DIR, TINY_BUNDLE, Server, metric_value, pb, wait_until)
+from harness import (SOURCE_DIR, TINY_BUNDLE, Server, make_slow_bundle, metric_value, pb,
+                     wait_until, write_api_keys)
 
 FASHION_BUNDLE = os.path.join(SOURCE_DIR, "models", "fashion-dmd")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -181,10 +180,8 @@ class HttpApiKeysTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.tmp = tempfile.TemporaryDirectory()
-        keys_file = os.path.join(cls.tmp.name, "keys")
-        digest = hashlib.sha256(cls.SECRET.encode()).hexdigest()
-        with open(keys_file, "w") as f:
-            f.write(f"alice {digest} 1\n")  # 1 image/s: a 2-image burst
+        # 1 image/s: a 2-image burst
+        keys_file = write_api_keys(cls.tmp.name, {"alice": (cls.SECRET, 1)})
         cls.server = Server(f"--api_keys_file={keys_file}")
 
     @classmethod
@@ -218,16 +215,7 @@ class HttpDrainTest(unittest.TestCase):
         # tiny-random with the teacher's 50-step guided schedule, so that a request takes long
         # enough for SIGTERM to land while it is in flight.
         self.tmp = tempfile.TemporaryDirectory()
-        bundle = os.path.join(self.tmp.name, self.SLOW_MODEL)
-        shutil.copytree(TINY_BUNDLE, bundle, symlinks=True)
-        with open(os.path.join(bundle, "model.json")) as f:
-            manifest = json.load(f)
-        with open(os.path.join(SOURCE_DIR, "models", "fashion-teacher", "model.json")) as f:
-            manifest.update(name=self.SLOW_MODEL, schedule=json.load(f)["schedule"],
-                            guidance_scale=3.0)
-        with open(os.path.join(bundle, "model.json"), "w") as f:
-            json.dump(manifest, f)
-        self.bundle = bundle
+        self.bundle = make_slow_bundle(self.tmp.name, self.SLOW_MODEL)
 
     def tearDown(self):
         self.tmp.cleanup()

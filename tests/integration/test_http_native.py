@@ -3,18 +3,15 @@
 (protobuf's JSON mapping) and says what gRPC says, images byte for byte; the stream sends each
 image as it is ready and reports a late failure in a last line; errors carry the HTTP status, the
 field and the gRPC status name; API keys, metrics and drain apply as on the other routes."""
-import hashlib
 import http.client
 import json
-import os
-import shutil
 import signal
 import tempfile
 import unittest
 
 from google.protobuf import json_format
 
-from harness import (SOURCE_DIR, TINY_BUNDLE, Server, metric_value, pb, wait_until)
+from harness import Server, make_slow_bundle, metric_value, pb, wait_until, write_api_keys
 
 SLOW_MODEL = "tiny-random-50-steps"
 SLOW_IMAGES = 32  # a stream of these has most of its images to go when its first line arrives
@@ -56,16 +53,7 @@ def slow_bundle(tmp):
     """tiny-random with the teacher's 50-step guided schedule and SLOW_IMAGES images a request:
     run one image a batch, a stream of SLOW_IMAGES is still generating for seconds after its
     first line arrives."""
-    bundle = os.path.join(tmp, SLOW_MODEL)
-    shutil.copytree(TINY_BUNDLE, bundle, symlinks=True)
-    with open(os.path.join(bundle, "model.json")) as f:
-        manifest = json.load(f)
-    with open(os.path.join(SOURCE_DIR, "models", "fashion-teacher", "model.json")) as f:
-        manifest.update(name=SLOW_MODEL, schedule=json.load(f)["schedule"], guidance_scale=3.0,
-                        max_images_per_request=SLOW_IMAGES)
-    with open(os.path.join(bundle, "model.json"), "w") as f:
-        json.dump(manifest, f)
-    return bundle
+    return make_slow_bundle(tmp, SLOW_MODEL, max_images_per_request=SLOW_IMAGES)
 
 
 class NativeJsonTest(unittest.TestCase):
@@ -323,9 +311,7 @@ class NativeApiKeysTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.tmp = tempfile.TemporaryDirectory()
-        keys_file = os.path.join(cls.tmp.name, "keys")
-        with open(keys_file, "w") as f:
-            f.write(f"bob {hashlib.sha256(cls.SECRET.encode()).hexdigest()}\n")
+        keys_file = write_api_keys(cls.tmp.name, {"bob": (cls.SECRET, None)})
         cls.server = Server(f"--api_keys_file={keys_file}")
 
     @classmethod

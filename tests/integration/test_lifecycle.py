@@ -13,8 +13,8 @@ import unittest
 
 import grpc
 
-from harness import (DMDSERVE_BIN, SOURCE_DIR, TINY_BUNDLE, Server, health_pb2, metric_value,
-                     pb, wait_until)
+from harness import (DMDSERVE_BIN, Server, health_pb2, make_slow_bundle, metric_value, pb,
+                     wait_until)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -263,18 +263,7 @@ class DrainTest(unittest.TestCase):
         # image, so that a backlog takes seconds to drain whatever the BLAS, and SIGTERM lands
         # while accepted requests are still unfinished.
         cls.tmp = tempfile.TemporaryDirectory()
-        cls.slow_bundle = os.path.join(cls.tmp.name, cls.SLOW_MODEL)
-        os.makedirs(cls.slow_bundle)
-        for name in os.listdir(TINY_BUNDLE):
-            if name != "model.json":
-                os.symlink(os.path.join(TINY_BUNDLE, name), os.path.join(cls.slow_bundle, name))
-        with open(os.path.join(TINY_BUNDLE, "model.json")) as f:
-            manifest = json.load(f)
-        with open(os.path.join(SOURCE_DIR, "models", "fashion-teacher", "model.json")) as f:
-            teacher = json.load(f)
-        manifest.update(name=cls.SLOW_MODEL, schedule=teacher["schedule"], guidance_scale=3.0)
-        with open(os.path.join(cls.slow_bundle, "model.json"), "w") as f:
-            json.dump(manifest, f)
+        cls.slow_bundle = make_slow_bundle(cls.tmp.name, cls.SLOW_MODEL)
 
     @classmethod
     def tearDownClass(cls):

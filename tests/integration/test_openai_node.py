@@ -3,21 +3,16 @@ against the real server's OpenAI-compatible API: images.generate returns the gRP
 the same prompt and seeds, models.list pages through the served models, and every error reaches
 the SDK as its own error class with OpenAI's status, code and param."""
 import base64
-import hashlib
 import json
 import os
 import subprocess
 import tempfile
 import unittest
 
-from harness import SOURCE_DIR, Server, pb
+from harness import SOURCE_DIR, Server, pb, write_api_keys
 
 SDK_DIR = os.path.join(SOURCE_DIR, "tests", "openai-node")
 SECRETS = {"alice": "alice-secret-1", "limited": "limited-secret-2"}
-
-
-def key_line(name, rate=""):
-    return f"{name} {hashlib.sha256(SECRETS[name].encode()).hexdigest()} {rate}\n"
 
 
 def install_sdk():
@@ -32,9 +27,8 @@ class OpenAiNodeSdkTest(unittest.TestCase):
     def setUpClass(cls):
         install_sdk()
         cls.tmp = tempfile.TemporaryDirectory()
-        keys_file = os.path.join(cls.tmp.name, "keys")
-        with open(keys_file, "w") as f:
-            f.write(key_line("alice") + key_line("limited", "1"))
+        keys_file = write_api_keys(cls.tmp.name, {"alice": (SECRETS["alice"], None),
+                                                  "limited": (SECRETS["limited"], 1)})
         server = Server(f"--api_keys_file={keys_file}",
                         "--http_model_aliases=gpt-image-1=tiny-random")
         try:

@@ -5,13 +5,12 @@ a typed prompt, seed and count, and shows every image decoded with its seed and 
 timings; the images are gRPC's for the same request. Leaves a screenshot in the build directory
 (build/playground.png; docs/images/playground.png is a copy of one)."""
 import base64
-import hashlib
 import os
 import tempfile
 import unittest
 
 from cdp import Browser
-from harness import BUILD_DIR, SOURCE_DIR, Server, pb
+from harness import BUILD_DIR, SOURCE_DIR, Server, pb, write_api_keys
 
 FASHION_BUNDLE = os.path.join(SOURCE_DIR, "models", "fashion-dmd")
 SECRET = "playground-key"
@@ -24,9 +23,7 @@ class PlaygroundTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.tmp = tempfile.TemporaryDirectory()
-        keys_file = os.path.join(cls.tmp.name, "keys")
-        with open(keys_file, "w") as f:
-            f.write(f"web {hashlib.sha256(SECRET.encode()).hexdigest()}\n")
+        keys_file = write_api_keys(cls.tmp.name, {"web": (SECRET, None)})
         cls.server = Server(f"--api_keys_file={keys_file}", model_dirs=(FASHION_BUNDLE,))
 
     @classmethod

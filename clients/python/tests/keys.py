@@ -1,9 +1,7 @@
 """API keys for the server-backed tests: a keys file in dmdserve's format (NAME SHA256HEX [RATE])
 and the metric that counts each key's calls by status code."""
-import hashlib
-import os
 
-from harness import metric_value, wait_until
+from harness import metric_value, wait_until, write_api_keys
 
 #: name -> (secret, images per second or None). bob's burst (2 s of his rate) is 2 images, so
 #: a 4-image request is refused every time; carol's is 4.
@@ -12,12 +10,7 @@ KEYS = {"alice": ("alice-secret", None), "bob": ("bob-secret", 1), "carol": ("ca
 
 def write_keys_file(directory):
     """Writes the keys file of KEYS into `directory` and returns its path."""
-    path = os.path.join(directory, "api_keys")
-    with open(path, "w") as f:
-        for name, (secret, rate) in KEYS.items():
-            digest = hashlib.sha256(secret.encode()).hexdigest()
-            f.write(f"{name} {digest} {rate or ''}\n")
-    return path
+    return write_api_keys(directory, KEYS)
 
 
 def secret(name):
