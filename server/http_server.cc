@@ -475,6 +475,9 @@ absl::StatusOr<GenerateParams> HttpApiServer::Prepare(MHD_Connection* connection
   if (!model.ok()) return model.status();
   params->model = *std::move(model);
   call.model = params->model;
+  if (keys_ != nullptr) {
+    if (absl::Status s = keys_->Admit(call.key, params->num_images); !s.ok()) return s;
+  }
   return params;
 }
 
@@ -490,11 +493,6 @@ bool HttpApiServer::StartGeneration(MHD_Connection* connection,
                                     const std::shared_ptr<Call>& call) {
   absl::StatusOr<GenerateParams> params = Prepare(connection, *call);
   if (!params.ok()) return Answer(*call, WithParam(*call, params.status()), "", 0);
-  if (keys_ != nullptr) {
-    if (absl::Status s = keys_->Admit(call->key, params->num_images); !s.ok()) {
-      return Answer(*call, s, "", 0);
-    }
-  }
   GenerateCallbacks callbacks;
   callbacks.on_done = [this, call, connection](absl::Status status, GenerateResult result) {
     const int images = status.ok() ? static_cast<int>(result.images.size()) : 0;
@@ -519,10 +517,8 @@ bool HttpApiServer::StartGeneration(MHD_Connection* connection,
 
 int HttpApiServer::StartStream(MHD_Connection* connection, const std::shared_ptr<Call>& call) {
   absl::StatusOr<GenerateParams> params = Prepare(connection, *call);
-  absl::Status admitted = params.status();
-  if (admitted.ok() && keys_ != nullptr) admitted = keys_->Admit(call->key, params->num_images);
-  if (!admitted.ok()) {
-    Answer(*call, WithParam(*call, admitted), "", 0);
+  if (!params.ok()) {
+    Answer(*call, WithParam(*call, params.status()), "", 0);
     return QueueAnswer(connection, *call, draining_.load());
   }
   auto stream = std::make_shared<HttpStream>(connection);

@@ -149,7 +149,8 @@ class HttpApiServer {
   // request id.
   absl::StatusOr<v1::GenerateRequest> ParseGenerateRequest(MHD_Connection* connection,
                                                            Call& call) const;
-  // The request as GenerateParams: parsed, timed, validated, model resolved.
+  // The request as GenerateParams: parsed, timed, validated, model resolved, and admitted by its
+  // API key's rate limit (when the server has keys).
   absl::StatusOr<GenerateParams> Prepare(MHD_Connection* connection, Call& call) const;
   // The success body of a finished generation, in the route's JSON.
   absl::StatusOr<std::string> GenerationBody(const Call& call, GenerateResult result) const;

@@ -83,13 +83,9 @@ absl::Status ParseNativeJson(absl::string_view body, pb::Message* out) {
 }
 
 absl::Status WithFieldParam(absl::Status status, const pb::Descriptor& request) {
-  if (status.code() != absl::StatusCode::kInvalidArgument || !ErrorParam(status).empty()) {
-    return status;
-  }
-  const absl::string_view message = status.message();
-  const std::string first(message.substr(0, message.find_first_of(" :")));
-  const pb::FieldDescriptor* field = request.FindFieldByName(first);
-  return field == nullptr ? status : InvalidParam(field->name(), message);
+  const std::string first = LeadingField(status);
+  const pb::FieldDescriptor* field = first.empty() ? nullptr : request.FindFieldByName(first);
+  return field == nullptr ? status : InvalidParam(field->name(), status.message());
 }
 
 absl::StatusOr<std::string> ToNativeJson(const pb::Message& message) {

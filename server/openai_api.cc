@@ -178,17 +178,21 @@ std::string ErrorParam(const absl::Status& status) {
   return param.has_value() ? std::string(*param) : std::string();
 }
 
-absl::Status WithOpenAiParam(absl::Status status) {
+std::string LeadingField(const absl::Status& status) {
   if (status.code() != absl::StatusCode::kInvalidArgument || !ErrorParam(status).empty()) {
-    return status;
+    return "";
   }
+  const absl::string_view message = status.message();
+  return std::string(message.substr(0, message.find_first_of(" :")));
+}
+
+absl::Status WithOpenAiParam(absl::Status status) {
   static constexpr std::pair<absl::string_view, absl::string_view> kParams[] = {
       {"prompt", "prompt"}, {"model", "model"}, {"num_images", "n"},
       {"width", "size"},    {"height", "size"}};
-  const absl::string_view message = status.message();
-  const absl::string_view field = message.substr(0, message.find_first_of(" :"));
+  const std::string field = LeadingField(status);
   for (const auto& [grpc_field, param] : kParams) {
-    if (field == grpc_field) return InvalidParam(param, message);
+    if (field == grpc_field) return InvalidParam(param, status.message());
   }
   return status;
 }

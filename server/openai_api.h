@@ -65,6 +65,11 @@ absl::Status InvalidParam(absl::string_view param, absl::string_view message);
 // The field a status was tagged with by InvalidParam; empty when none.
 std::string ErrorParam(const absl::Status& status);
 
+// The field an untagged INVALID_ARGUMENT is about, by the gRPC API's convention that request
+// validation and the engine name the field first ("num_images is 9; ...", "prompt: 80 tokens
+// ..."): the message's first word. Empty for any other status, or one already tagged.
+std::string LeadingField(const absl::Status& status);
+
 // `status` tagged with the OpenAI parameter it is about, when it is an untagged INVALID_ARGUMENT
 // from request validation or the engine: their messages name the gRPC field first (the gRPC
 // API's convention), mapped here to OpenAI's names: prompt, model, num_images -> n, width and

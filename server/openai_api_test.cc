@@ -155,6 +155,10 @@ TEST(WithOpenAiParamTest, NamesTheOpenAiParamOfValidationAndEngineErrors) {
     EXPECT_EQ(tagged.message(), c.message);
     EXPECT_EQ(tagged.code(), absl::StatusCode::kInvalidArgument);
   }
+  EXPECT_EQ(LeadingField(absl::InvalidArgumentError("num_images is 9")), "num_images");
+  EXPECT_EQ(LeadingField(absl::InvalidArgumentError("prompt: too long")), "prompt");
+  EXPECT_EQ(LeadingField(InvalidParam("size", "prompt x")), "");
+  EXPECT_EQ(LeadingField(absl::NotFoundError("model 'x' is not served")), "");
   // Already tagged, or not INVALID_ARGUMENT: unchanged.
   EXPECT_EQ(ErrorParam(WithOpenAiParam(InvalidParam("size", "prompt x"))), "size");
   EXPECT_EQ(ErrorParam(WithOpenAiParam(absl::NotFoundError("model 'x' is not served"))), "");
