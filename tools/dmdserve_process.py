@@ -18,7 +18,7 @@ import threading
 
 LISTENING_LINE = re.compile(r"gRPC listening on [^:]+:(\d+), /metrics on [^:]+:(\d+)"
                             r"(?:, HTTP API on (?:\S+:(\d+)|off))?")
-READY_LINE = re.compile(r"serving port=(\d+) metrics_port=(\d+)(?: http_port=(\d+|off))?")
+READY_LINE = re.compile(r"serving port=\d+ metrics_port=\d+")
 
 
 class DmdserveProcess:
@@ -57,9 +57,7 @@ class DmdserveProcess:
                     self.http_port = int(m.group(3))
                 self._listening.set()
             m = READY_LINE.search(line)
-            if m:
-                if m.group(3) and m.group(3) != "off":
-                    self.http_port = int(m.group(3))
+            if m:  # the ports were read from the listening line, which comes first
                 self._ready_seen = True
                 self._ready.set()
         self._ready.set()  # the server's output ended: wake the waiters (it is not ready)
