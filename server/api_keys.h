@@ -31,6 +31,10 @@
 
 namespace dmdserve {
 
+// The key name requests are logged and counted under when they were refused before a key was
+// known (unparseable, or no valid key), on every API of a server that has keys.
+inline constexpr char kUnauthenticatedKey[] = "_unauthenticated";
+
 class ApiKeys {
  public:
   struct Key {

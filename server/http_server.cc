@@ -30,8 +30,6 @@ namespace {
 constexpr char kJsonContentType[] = "application/json";
 constexpr char kNdjsonContentType[] = "application/x-ndjson";
 constexpr char kNoSniff[] = "nosniff";
-// The key label of requests refused before a key was known (as in image_service.cc).
-constexpr char kUnauthenticatedKey[] = "_unauthenticated";
 // The daemon's one thread: the same generous stack as /metrics' (see metrics_http.h for why).
 constexpr size_t kThreadStackBytes = size_t{8} << 20;
 // The per-connection memory pool: request line, headers and the read buffer the body passes

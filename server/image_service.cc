@@ -21,9 +21,6 @@
 namespace dmdserve {
 namespace {
 
-// The key label of requests refused before a key was known (unparseable or unauthenticated).
-constexpr char kUnauthenticatedKey[] = "_unauthenticated";
-
 absl::Time DeadlineOf(const grpc::CallbackServerContext* context) {
   const auto deadline = context->deadline();
   if (deadline == std::chrono::system_clock::time_point::max()) return absl::InfiniteFuture();
