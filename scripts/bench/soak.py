@@ -36,6 +36,7 @@ Usage: scripts/bench/soak.py [--build build] [--bundle models/fashion-dmd] [--mi
 """
 import argparse
 import asyncio
+import collections
 import json
 import os
 import random
@@ -251,6 +252,7 @@ class Load:
         self.bad = bad_inputs(pb, healthy, max_prompt_bytes)
         self.bad_next = 0
         self.counter = 0
+        self.launched = collections.Counter()  # drive kind -> requests launched
         self.max_images = 16  # the healthy model's limit, set once known
         self.tasks = set()
         # The HTTP kinds: http(prompt maker) -> soak_http.HttpClients.
@@ -410,13 +412,16 @@ class Load:
         self.ledger.finish(request, status, time.monotonic() - started, got, details)
 
     def launch(self, kind):
+        self.launched[kind] += 1
         task = asyncio.get_running_loop().create_task(self.one(kind))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
     async def drive(self, rates, duration_s):
-        """Poisson arrivals of `rates` (kind -> requests/s) for `duration_s`; returns when the
-        last one is sent (not answered). Behind schedule, it sends at once (open loop)."""
+        """Poisson arrivals of `rates` (kind -> requests/s) for `duration_s`, then one request
+        of every kind (and every bad input) that chance left out, so a short run still tries
+        them all; returns when the last one is sent (not answered). Behind schedule, it sends
+        at once (open loop)."""
         loop = asyncio.get_running_loop()
         kinds, weights = list(rates), list(rates.values())
         total = sum(weights)
@@ -428,6 +433,18 @@ class Load:
                 break
             await asyncio.sleep(max(0.0, next_at - loop.time()))
             self.launch(self.rng.choices(kinds, weights)[0])
+        self.top_up(kinds)
+
+    def top_up(self, kinds):
+        """Launches one request of each of `kinds` never launched, and the bad inputs not yet
+        sent (each bad kind sends its cases in turn)."""
+        for kind in kinds:
+            if not self.launched[kind]:
+                self.launch(kind)
+        for kind, cases in (("bad", self.bad), ("http_bad", self.http.bad)):
+            if kind in kinds:
+                for _ in range(len(cases) - self.launched[kind]):
+                    self.launch(kind)
 
     async def settle(self):
         """Waits for every request still running (each ends by LOST_AFTER_S)."""

@@ -17,6 +17,7 @@ import unittest
 from harness import BUILD_DIR, SOURCE_DIR
 
 sys.path.insert(0, os.path.join(SOURCE_DIR, "scripts", "bench"))
+import soak  # noqa: E402
 import soak_http as sh  # noqa: E402
 import soak_report as sr  # noqa: E402
 
@@ -59,6 +60,30 @@ class SoakSmokeTest(unittest.TestCase):
         self.assertTrue(any(k.endswith("POST /v1/images/generations/OK")
                             for k in report["server_counts"]))
         self.assertIn("| invariant | result |", run.stdout)
+
+
+class TopUpTest(unittest.TestCase):
+    """A short run's Poisson arrivals can miss a rare kind: the drive tops every kind up."""
+
+    def load(self, launched):
+        load = soak.Load.__new__(soak.Load)
+        load.launched = collections.Counter(launched)
+        load.bad = ["b1", "b2", "b3"]
+        load.http = type("Http", (), {"bad": ["h1", "h2"]})()
+        sent = []
+        load.launch = lambda kind: (sent.append(kind), load.launched.update([kind]))
+        return load, sent
+
+    def test_kinds_chance_left_out_are_sent_once_and_every_bad_input_in_turn(self):
+        load, sent = self.load({"generate": 9, "bad": 1})
+        load.top_up(["generate", "oversize_metadata", "bad", "http_bad"])
+        self.assertEqual(collections.Counter(sent),
+                         {"oversize_metadata": 1, "bad": 2, "http_bad": 2})
+
+    def test_a_run_that_sent_everything_sends_nothing_more(self):
+        load, sent = self.load({"generate": 9, "oversize_metadata": 1, "bad": 7, "http_bad": 2})
+        load.top_up(["generate", "oversize_metadata", "bad", "http_bad"])
+        self.assertEqual(sent, [])
 
 
 class LedgerTest(unittest.TestCase):
