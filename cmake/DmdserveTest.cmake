@@ -20,6 +20,11 @@ function(dmdserve_cc_test name)
   target_link_libraries(${name} PRIVATE ${ARG_LIBS} GTest::gtest GTest::gtest_main GTest::gmock)
   target_compile_definitions(${name} PRIVATE
     DMDSERVE_SOURCE_DIR="${PROJECT_SOURCE_DIR}" DMDSERVE_PYTHON="${DMDSERVE_PYTHON}")
+  # Listed in <build>/unit_tests.txt (the top-level CMakeLists.txt writes it), which the ASan
+  # job of scripts/sanitize.sh runs whole.
+  if(ARG_LABEL STREQUAL "unit")
+    set_property(GLOBAL APPEND PROPERTY DMDSERVE_UNIT_TESTS ${name})
+  endif()
   set(_properties LABELS ${ARG_LABEL})
   if(ARG_TIMEOUT)
     list(APPEND _properties TIMEOUT ${ARG_TIMEOUT})

@@ -23,6 +23,8 @@ PKGS=(
   libssl-dev openssl
   # tests and benchmarks
   libgtest-dev libgmock-dev libbenchmark-dev prometheus yamllint
+  # the HTTP API unit test's client (server/http_server_test.cc)
+  libcurl4-openssl-dev
   # code-size lint (tests/lint): function extents
   universal-ctags
   # fuzzing (libFuzzer + sanitizers)

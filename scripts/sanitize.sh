@@ -2,10 +2,11 @@
 # Sanitizer builds and their tests (README "Sanitizers"); scripts/test.sh runs both after the
 # normal suite.
 #   asan  build-asan/, -fsanitize=address,undefined (ASan, LeakSanitizer, UBSan): every C++ unit
-#         test binary, and the integration tests test_generate, test_errors and test_dmdctl
-#         against the instrumented dmdserve and dmdctl.
-#   tsan  build-tsan/, -fsanitize=thread: the batcher, thread pool, engine and gRPC service
-#         tests, and the tests of the TSan build's abseil annotations (tests/sanitizers/).
+#         test binary, and the integration tests test_generate, test_errors, test_dmdctl and
+#         test_http_native against the instrumented dmdserve and dmdctl.
+#   tsan  build-tsan/, -fsanitize=thread: the batcher, thread pool, engine, gRPC service, HTTP
+#         API server and HTTP stream tests, and the tests of the TSan build's abseil annotations
+#         (tests/sanitizers/).
 # Each build compiles only the targets its tests need, with gcc at -O1 -g1 (line numbers in the
 # reports), without benchmarks or fuzzers. In these builds each unit test binary is one CTest
 # test (cmake/DmdserveTest.cmake).
@@ -22,30 +23,32 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 jobs=${JOBS:-$(nproc)}
 
-# Every gtest binary of worker/, server/ and client/ except gpu_test (needs a CUDA device).
-asan_tests=(malloc_tuning_test clip_tokenizer_test text_cleanup_test batcher_test thread_pool_test
-  cpu_budget_test batch_size_tuner_test image_codec_test model_manifest_test pipeline_test
-  device_test postprocess_test engine_test
-  api_keys_test fd_limit_test wire_format_test json_log_formatter_test metrics_test
-  metrics_http_test request_validation_test status_util_test image_service_test
-  server_flags_test dmdctl_test grpc_log_test openai_api_test)
-# The request path end to end: generation (unary and streamed), errors, the client. The
-# lifecycle tests are left out: their drain tests run a 50-step model that takes minutes under
-# ASan, about 20 times slower than uninstrumented (ASan's allocator hands libtorch fresh pages).
-asan_integration=(test_generate test_errors test_dmdctl)
+# ASan runs every C++ unit test binary: <build>/unit_tests.txt, which CMake writes (every
+# dmdserve_cc_test with label unit; gpu_test, which needs a CUDA device, has label gpu).
+# The request path end to end: generation (unary and streamed) over gRPC and HTTP, errors, the
+# client. The lifecycle tests are left out: their drain tests run a 50-step model that takes
+# minutes under ASan, about 20 times slower than uninstrumented (ASan's allocator hands libtorch
+# fresh pages).
+asan_integration=(test_generate test_errors test_dmdctl test_http_native)
 # image_service_test runs the service in a real gRPC server: tests/sanitizers/tsan.supp keeps TSan
 # from reporting what Debian's uninstrumented gRPC does with its own memory, and
 # server/grpc_happens_before.h declares the orderings gRPC guarantees to our reactors.
+# http_server_test does the same for the HTTP API in libmicrohttpd, whose connections are
+# suspended on its thread and resumed from the backend's.
 tsan_tests=(tsan_absl_mutex_test tsan_absl_status_test batcher_test thread_pool_test engine_test
-  image_service_test)
+  image_service_test http_stream_test http_server_test)
 
-# configure_and_build DIR SANITIZERS TARGET...
-configure_and_build() {
-  local dir=$1 sanitizers=$2
-  shift 2
-  cmake -S . -B "$dir" -G Ninja -DDMDSERVE_SANITIZE="$sanitizers" \
+# configure DIR SANITIZERS
+configure() {
+  cmake -S . -B "$1" -G Ninja -DDMDSERVE_SANITIZE="$2" \
     -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g1" \
     -DDMDSERVE_BUILD_BENCHMARKS=OFF -DDMDSERVE_BUILD_FUZZERS=OFF >/dev/null
+}
+
+# build DIR TARGET...
+build() {
+  local dir=$1
+  shift
   cmake --build "$dir" -j "$jobs" --target "$@"
 }
 
@@ -70,7 +73,10 @@ run_tests() {
 # abort the process instead.
 run_asan() {
   local dir=build-asan reports=$root/build-asan/sanitizer-reports
-  configure_and_build "$dir" address,undefined "${asan_tests[@]}" dmdserve dmdctl python_stubs
+  configure "$dir" address,undefined
+  local asan_tests
+  mapfile -t asan_tests < "$dir/unit_tests.txt"
+  build "$dir" "${asan_tests[@]}" dmdserve dmdctl python_stubs
   rm -rf "$reports" && mkdir -p "$reports"
   export ASAN_OPTIONS="halt_on_error=1:detect_leaks=1:allocator_may_return_null=1:detect_stack_use_after_return=1:check_initialization_order=1:strict_init_order=1:log_path=$reports/asan"
   export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
@@ -79,7 +85,8 @@ run_asan() {
 
 run_tsan() {
   local dir=build-tsan reports=$root/build-tsan/sanitizer-reports
-  configure_and_build "$dir" thread "${tsan_tests[@]}"
+  configure "$dir" thread
+  build "$dir" "${tsan_tests[@]}"
   rm -rf "$reports" && mkdir -p "$reports"
   export TSAN_OPTIONS="halt_on_error=1:suppressions=$root/tests/sanitizers/tsan.supp:second_deadlock_stack=1:allocator_may_return_null=1:log_path=$reports/tsan"
   run_tests "$dir" "$reports" "${tsan_tests[@]}"
