@@ -4,8 +4,8 @@
 #   asan  build-asan/, -fsanitize=address,undefined (ASan, LeakSanitizer, UBSan): every C++ unit
 #         test binary, and the integration tests test_generate, test_errors, test_dmdctl and
 #         test_http_native against the instrumented dmdserve and dmdctl.
-#   tsan  build-tsan/, -fsanitize=thread: the batcher, thread pool, engine, gRPC service, HTTP
-#         API server and HTTP stream tests, and the tests of the TSan build's abseil annotations
+#   tsan  build-tsan/, -fsanitize=thread: the batcher, thread pool, engine, HTTP API server
+#         and HTTP stream tests, and the tests of the TSan build's abseil annotations
 #         (tests/sanitizers/).
 # Each build compiles only the targets its tests need, with gcc at -O1 -g1 (line numbers in the
 # reports), without benchmarks or fuzzers. In these builds each unit test binary is one CTest
@@ -30,13 +30,17 @@ jobs=${JOBS:-$(nproc)}
 # minutes under ASan, about 20 times slower than uninstrumented (ASan's allocator hands libtorch
 # fresh pages).
 asan_integration=(test_generate test_errors test_dmdctl test_http_native)
-# image_service_test runs the service in a real gRPC server: tests/sanitizers/tsan.supp keeps TSan
-# from reporting what Debian's uninstrumented gRPC does with its own memory, and
-# server/grpc_happens_before.h declares the orderings gRPC guarantees to our reactors.
-# http_server_test does the same for the HTTP API in libmicrohttpd, whose connections are
-# suspended on its thread and resumed from the backend's.
+# http_server_test runs the HTTP API in libmicrohttpd, whose connections are suspended on its
+# thread and resumed from the backend's. image_service_test (the gRPC service in a real gRPC
+# server) is left out: tests/sanitizers/tsan.supp and server/grpc_happens_before.h remove most of
+# what TSan reports of Debian's uninstrumented gRPC, but about 1 run in 10 still reports one of
+# gRPC's own hand-offs in its header-only callback code. TSAN_TESTS (names separated by spaces)
+# replaces the list, e.g. TSAN_TESTS=image_service_test to run it by hand.
 tsan_tests=(tsan_absl_mutex_test tsan_absl_status_test batcher_test thread_pool_test engine_test
-  image_service_test http_stream_test http_server_test)
+  http_stream_test http_server_test)
+if [[ -n ${TSAN_TESTS:-} ]]; then
+  read -ra tsan_tests <<< "$TSAN_TESTS"
+fi
 
 # configure DIR SANITIZERS
 configure() {

@@ -160,12 +160,13 @@ absl::StatusOr<std::unique_ptr<HttpsCredentials::Generation>> Load(const TlsOpti
 
 }  // namespace
 
-HttpsCredentials::HttpsCredentials(TlsOptions options) : options_(std::move(options)) {}
+HttpsCredentials::HttpsCredentials(TlsOptions options, Clock* clock)
+    : options_(std::move(options)), clock_(clock != nullptr ? clock : RealClock::Get()) {}
 
 absl::StatusOr<std::unique_ptr<HttpsCredentials>> HttpsCredentials::Create(
-    const TlsOptions& options) {
+    const TlsOptions& options, Clock* clock) {
   if (!options.enabled()) return absl::InvalidArgumentError("HTTPS needs --tls_cert_file");
-  auto credentials = std::unique_ptr<HttpsCredentials>(new HttpsCredentials(options));
+  auto credentials = std::unique_ptr<HttpsCredentials>(new HttpsCredentials(options, clock));
   absl::StatusOr<std::unique_ptr<Generation>> first = Load(options, &credentials->client_ca_pem_);
   if (!first.ok()) return first.status();
   HttpsCredentials* expected = nullptr;
@@ -174,7 +175,7 @@ absl::StatusOr<std::unique_ptr<HttpsCredentials>> HttpsCredentials::Create(
   }
   absl::MutexLock lock(&credentials->mu_);
   credentials->generations_.push_back(*std::move(first));
-  credentials->last_check_ = absl::Now();
+  credentials->last_check_ = credentials->clock_->Now();
   return credentials;
 }
 
@@ -184,7 +185,7 @@ HttpsCredentials::~HttpsCredentials() {
 }
 
 void HttpsCredentials::MaybeReload() {
-  const absl::Time now = absl::Now();
+  const absl::Time now = clock_->Now();
   if (now - last_check_ < absl::Seconds(options_.refresh_s)) return;
   last_check_ = now;
   std::vector<FileStamp> stamps = StampsOf(options_);

@@ -35,6 +35,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "server/tls.h"
+#include "worker/clock.h"
 
 namespace dmdserve {
 
@@ -42,7 +43,9 @@ class HttpsCredentials {
  public:
   // Loads the files of `options` (which must be enabled()); INVALID_ARGUMENT naming the flag and
   // the file when one does not load, FAILED_PRECONDITION when another HttpsCredentials exists.
-  static absl::StatusOr<std::unique_ptr<HttpsCredentials>> Create(const TlsOptions& options);
+  // `clock` (not owned, must outlive it; nullptr: real time) times refresh_s.
+  static absl::StatusOr<std::unique_ptr<HttpsCredentials>> Create(const TlsOptions& options,
+                                                                  Clock* clock = nullptr);
   ~HttpsCredentials();
 
   HttpsCredentials(const HttpsCredentials&) = delete;
@@ -70,12 +73,13 @@ class HttpsCredentials {
   struct FileStamp;
 
  private:
-  explicit HttpsCredentials(TlsOptions options);
+  HttpsCredentials(TlsOptions options, Clock* clock);
 
   // Re-reads the files when refresh_s has passed since the last check and they changed.
   void MaybeReload() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const TlsOptions options_;
+  Clock* const clock_;
   std::string client_ca_pem_;
   absl::Mutex mu_;
   // Every generation loaded; the last is current. Older ones stay for handshakes in progress.

@@ -6,11 +6,12 @@
 #include <cstdlib>
 #include <filesystem>
 #include <string>
-#include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "worker/clock.h"
 #include "worker/test_util.h"
 
 namespace dmdserve {
@@ -107,19 +108,21 @@ TEST_F(HttpsCredentialsTest, RenewedFilesAreServedAfterTheRefreshAndBrokenOnesAr
   options.cert_file = live + "/server.pem";
   options.key_file = live + "/server.key";
   options.refresh_s = 1;
-  auto https = HttpsCredentials::Create(options);
+  FakeClock clock;
+  auto https = HttpsCredentials::Create(options, &clock);
   ASSERT_TRUE(https.ok()) << https.status();
   const std::string a = Served();
   ASSERT_FALSE(a.empty());
 
   install("b.pem", "b.key");
+  clock.Advance(absl::Milliseconds(900));
   EXPECT_EQ(Served(), a);  // within refresh_s of the last check: not looked at
-  std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+  clock.Advance(absl::Milliseconds(200));
   const std::string b = Served();
   EXPECT_NE(b, a);
 
   install("a.pem", "b.key");  // a mismatched pair: kept out, b still served
-  std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+  clock.Advance(absl::Seconds(2));
   EXPECT_EQ(Served(), b);
 }
 

@@ -319,14 +319,20 @@ def _slope_per_minute(samples, key):
     return 60 * sum((t - mt) * (y - my) for t, y in zip(ts, ys)) / var if var else 0.0
 
 
+# Sampled resources (soak.Sampler) and their names in the report.
+RESOURCES = (("rss_mib", "RSS MiB"), ("fds", "open fds"),
+             ("fds_beyond_clients", "open fds beyond the client's connections"),
+             ("threads", "threads"))
+
+
 def growth_summary(samples, load_start, warm_end, load_end, window_s=10):
-    """For rss_mib, fds and threads: value before the load, at steady state (median of the
-    `window_s` after warm-up), at the end of the load (median of its last `window_s`), the
-    maximum, and the slope per minute after warm-up. `samples`: dicts with t (seconds),
-    rss_mib, fds, threads."""
+    """For each resource the samples hold (RESOURCES): value before the load, at steady state
+    (median of the `window_s` after warm-up), at the end of the load (median of its last
+    `window_s`), the maximum, and the slope per minute after warm-up. `samples`: dicts with t
+    (seconds) and resources."""
     out = {}
     steady = [s for s in samples if warm_end <= s["t"] <= load_end]
-    for key in ("rss_mib", "fds", "threads"):
+    for key in (k for k, _ in RESOURCES if samples and k in samples[0]):
         before = [s[key] for s in samples if s["t"] <= load_start]
         out[key] = {
             "start": before[-1] if before else None,
@@ -394,7 +400,8 @@ def markdown(report):
               f"| offered to the healthy model (open loop) | "
               f"{r['offered_images_per_second']:.0f} images/s in "
               f"{r['offered_requests_per_second']:.1f} requests/s (target "
-              f"{r['target_images_per_second']:.0f}) |",
+              f"{r['target_images_per_second']:.0f}); 99% sent within "
+              f"{_ms(r.get('launch_lag_p99_s'))} ms of schedule |",
               f"| served: images in OK responses, as the client counted them (the server's "
               f"dmdserve_images_generated_total) | {r['served_images_per_second']:.0f} images/s "
               f"({r['server_images_generated'] / (60 * r['minutes']):.0f}) |",
@@ -412,7 +419,9 @@ def markdown(report):
                      f"{_ms(lat.get('p50'))} | {_ms(lat.get('p99'))} |")
     lines += ["", "| resource | before load | steady (after warm-up) | end of load | max | "
               "after warm-up, per min | after load |", "|---|---|---|---|---|---|---|"]
-    for key, name in (("rss_mib", "RSS MiB"), ("fds", "open fds"), ("threads", "threads")):
+    for key, name in RESOURCES:
+        if key not in r["resources"]:
+            continue
         g = r["resources"][key]
         lines.append(f"| {name} | {_num(g['start'])} | {_num(g['steady'])} | {_num(g['end'])} "
                      f"| {_num(g['max'])} | {g['slope_per_min']:+.1f} | "

@@ -210,22 +210,25 @@ class HttpApiKeysTest(unittest.TestCase):
 
 class HttpDrainTest(unittest.TestCase):
     SLOW_MODEL = "tiny-random-50-steps"
+    IMAGES = 32
 
     def setUp(self):
-        # tiny-random with the teacher's 50-step guided schedule, so that a request takes long
-        # enough for SIGTERM to land while it is in flight.
+        # tiny-random with the teacher's 50-step guided schedule, and requests of 32 images one at
+        # a time, so that a request takes seconds: SIGTERM and the test's next steps land while
+        # it is in flight, however loaded the machine.
         self.tmp = tempfile.TemporaryDirectory()
-        self.bundle = make_slow_bundle(self.tmp.name, self.SLOW_MODEL)
+        self.bundle = make_slow_bundle(self.tmp.name, self.SLOW_MODEL,
+                                       max_images_per_request=self.IMAGES)
 
     def tearDown(self):
         self.tmp.cleanup()
 
     def start_slow_request(self, server):
-        """An 8-image request to the slow model on its own thread, once it is in flight: (the list
-        its (status, headers, body) goes into, the thread)."""
+        """A request of IMAGES images to the slow model on its own thread, once it is in flight:
+        (the list its (status, headers, body) goes into, the thread)."""
         results = []
         worker = threading.Thread(target=lambda: results.append(
-            generate(server, {"prompt": "a sandal", "n": 8, "seed": 1})))
+            generate(server, {"prompt": "a sandal", "n": self.IMAGES, "seed": 1})))
         worker.start()
         self.assertTrue(wait_until(lambda: (metric_value(
             server.metrics(), "dmdserve_requests_in_flight", model=self.SLOW_MODEL) or 0) > 0))
@@ -242,7 +245,7 @@ class HttpDrainTest(unittest.TestCase):
             self.assertEqual(headers["Connection"], "close")
             worker.join(120)
             self.assertEqual(results[0][0], 200, results)
-            self.assertEqual(len(results[0][2]["data"]), 8)
+            self.assertEqual(len(results[0][2]["data"]), self.IMAGES)
             self.assertEqual(server.stop(), 0, server.log())
         except BaseException:
             server.stop(signal.SIGKILL)

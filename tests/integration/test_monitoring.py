@@ -35,6 +35,31 @@ def free_port():
         return s.getsockname()[1]
 
 
+def start_prometheus(config, tmp, log, attempts=5):
+    """Prometheus on a free loopback port, ready: (process, port). A port found free can be taken
+    by another test's connection before Prometheus binds it; then it starts again on another."""
+    for attempt in range(attempts):
+        port = free_port()
+        prom = subprocess.Popen(
+            [tool("prometheus"), f"--config.file={config}",
+             f"--storage.tsdb.path={os.path.join(tmp, 'data')}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=log, stderr=subprocess.STDOUT)
+
+        def ready():
+            try:
+                return urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/-/ready", timeout=2).status == 200
+            except OSError:
+                return prom.poll() is not None  # exited: stop waiting
+
+        if wait_until(ready, timeout_s=60) and prom.poll() is None:
+            return prom, port
+        prom.kill()
+        prom.wait(30)
+    return None, None
+
+
 def dashboard_exprs():
     with open(DASHBOARD) as f:
         dash = json.load(f)
@@ -73,30 +98,19 @@ scrape_configs:
     static_configs:
       - targets: ["127.0.0.1:{server.metrics_port}"]
 """)
-            port = free_port()
             log_path = os.path.join(tmp, "prometheus.log")
             log = open(log_path, "w")
-            prom = subprocess.Popen(
-                [tool("prometheus"), f"--config.file={config}",
-                 f"--storage.tsdb.path={os.path.join(tmp, 'data')}",
-                 f"--web.listen-address=127.0.0.1:{port}"],
-                stdout=log, stderr=subprocess.STDOUT)
+            prom, port = start_prometheus(config, tmp, log)
+            if prom is None:
+                log.close()
+                with open(log_path) as f:
+                    self.fail("prometheus did not start:\n" + f.read())
             try:
                 def api(path, **params):
                     url = f"http://127.0.0.1:{port}{path}?{urllib.parse.urlencode(params)}"
                     with urllib.request.urlopen(url, timeout=10) as r:
                         return json.load(r)
 
-                def ready():
-                    try:
-                        return urllib.request.urlopen(
-                            f"http://127.0.0.1:{port}/-/ready", timeout=2).status == 200
-                    except OSError:
-                        return False
-
-                if not wait_until(ready, timeout_s=60):
-                    with open(log_path) as f:
-                        self.fail("prometheus did not start:\n" + f.read())
                 # Load for a while: successes, streams and a few errors.
                 deadline = time.monotonic() + 12
 
