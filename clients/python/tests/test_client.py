@@ -6,9 +6,11 @@ import socket
 import tempfile
 import unittest
 
+import grpc
+
 import dmdserve
 from dmdserve import RetryPolicy
-from harness import Server, SharedServerTestCase, decode_png, pb
+from harness import Server, SharedServerTestCase, decode_png, make_slow_bundle, pb, wait_until
 from keys import key_calls, secret, write_keys_file
 
 PROMPT = "a photo of a sneaker"
@@ -126,6 +128,54 @@ class ClientTest(SharedServerTestCase):
                     with self.assertRaises(dmdserve.UnavailableError):
                         client.models(timeout=30)
         self.assertEqual(len(logs.records), 2)  # 3 attempts
+
+
+class DeadlineTest(unittest.TestCase):
+    """A deadline that passes while the server works: DeadlineExceededError (also a
+    TimeoutError), raised on the first attempt (a deadline is never retried), and the server
+    gives up on the request too."""
+    SLOW_MODEL = "tiny-random-50-steps"
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        # The teacher's 50-step schedule, 32 images one at a time: seconds of work a request.
+        bundle = make_slow_bundle(cls.tmp.name, cls.SLOW_MODEL, max_images_per_request=32)
+        cls.server = Server("--max_batch_size=1", "--workers=1", model_dirs=(bundle,))
+
+    @classmethod
+    def tearDownClass(cls):
+        code = cls.server.stop()
+        cls.tmp.cleanup()
+        assert code == 0, cls.server.log()
+
+    def expired_on_the_server(self):
+        """Whether the server logged a request of the slow model that ended at its deadline."""
+        return wait_until(lambda: any(
+            f"model={self.SLOW_MODEL}" in line and "code=DEADLINE_EXCEEDED" in line
+            for line in self.server.lines))
+
+    def test_generate_past_its_deadline(self):
+        with dmdserve.Client(self.server.target) as client:
+            with self.assertNoLogs("dmdserve", logging.INFO):  # no retry
+                with self.assertRaises(dmdserve.DeadlineExceededError) as caught:
+                    client.generate(PROMPT, 32, model=self.SLOW_MODEL, timeout=0.5)
+        self.assertIsInstance(caught.exception, TimeoutError)
+        self.assertEqual(caught.exception.code, grpc.StatusCode.DEADLINE_EXCEEDED)
+        self.assertTrue(self.expired_on_the_server(), self.server.log())
+
+    def test_stream_past_its_deadline(self):
+        seeds = []
+        with dmdserve.Client(self.server.target) as client:
+            with self.assertNoLogs("dmdserve", logging.INFO):
+                with self.assertRaises(dmdserve.DeadlineExceededError):
+                    for image in client.stream(PROMPT, 32, model=self.SLOW_MODEL, seed=1,
+                                               timeout=1.5):
+                        seeds.append(image.seed)
+        # Whatever arrived before the deadline are images of this request, each once.
+        self.assertLess(len(seeds), 32)
+        self.assertEqual(len(set(seeds)), len(seeds))
+        self.assertLessEqual(set(seeds), set(range(1, 33)))
 
 
 class ApiKeyTest(unittest.TestCase):
