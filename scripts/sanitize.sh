@@ -26,9 +26,9 @@ jobs=${JOBS:-$(nproc)}
 # ASan runs every C++ unit test binary: <build>/unit_tests.txt, which CMake writes (every
 # dmdserve_cc_test with label unit; gpu_test, which needs a CUDA device, has label gpu).
 # The request path end to end: generation (unary and streamed) over gRPC and HTTP, errors, the
-# client. The lifecycle tests are left out: their drain tests run a 50-step model that takes
-# minutes under ASan, about 20 times slower than uninstrumented (ASan's allocator hands libtorch
-# fresh pages).
+# client. The lifecycle tests are left out: their drain tests run a 50-step model for minutes
+# under ASan, about 20 times slower than uninstrumented (ASan's allocator hands libtorch fresh
+# pages). test_http_native streams that model's images too, but fewer: about a minute under ASan.
 asan_integration=(test_generate test_errors test_dmdctl test_http_native)
 # http_server_test runs the HTTP API in libmicrohttpd, whose connections are suspended on its
 # thread and resumed from the backend's. image_service_test (the gRPC service in a real gRPC
@@ -44,7 +44,7 @@ fi
 
 # configure DIR SANITIZERS
 configure() {
-  cmake -S . -B "$1" -G Ninja -DDMDSERVE_SANITIZE="$2" \
+  cmake -S . -B "$1" -G Ninja -DDMDSERVE_SANITIZE="$2" -DDMDSERVE_BUILD_TESTS=ON \
     -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g1" \
     -DDMDSERVE_BUILD_BENCHMARKS=OFF -DDMDSERVE_BUILD_FUZZERS=OFF >/dev/null
 }
@@ -62,7 +62,7 @@ build() {
 run_tests() {
   local dir=$1 reports=$2 status=0
   shift 2
-  ctest --test-dir "$dir" --output-on-failure --timeout 900 -j "$jobs" \
+  ctest --test-dir "$dir" --output-on-failure --timeout 900 -j "$jobs" --no-tests=error \
     -R "^($(IFS='|'; echo "$*"))\$" || status=$?
   local report
   for report in $(grep -l '^SUMMARY: ' "$reports"/* 2>/dev/null); do
@@ -72,15 +72,21 @@ run_tests() {
   return "$status"
 }
 
+# run_asan and run_tsan run where a failure does not stop the script (`job || status=1`): each
+# step returns on failure itself, so that a failed build never tests stale binaries.
 # allocator_may_return_null: the out-of-memory tests (pipeline, engine) allocate 2^50 bytes on
 # purpose and expect libtorch's error, as from glibc's malloc; the sanitizers' allocators would
 # abort the process instead.
 run_asan() {
   local dir=build-asan reports=$root/build-asan/sanitizer-reports
-  configure "$dir" address,undefined
-  local asan_tests
-  mapfile -t asan_tests < "$dir/unit_tests.txt"
-  build "$dir" "${asan_tests[@]}" dmdserve dmdctl python_stubs
+  configure "$dir" address,undefined || return 1
+  local asan_tests=()
+  mapfile -t asan_tests < "$dir/unit_tests.txt" || return 1
+  if (( ${#asan_tests[@]} == 0 )); then
+    echo "sanitize: $dir/unit_tests.txt lists no unit test" >&2
+    return 1
+  fi
+  build "$dir" "${asan_tests[@]}" dmdserve dmdctl python_stubs || return 1
   rm -rf "$reports" && mkdir -p "$reports"
   export ASAN_OPTIONS="halt_on_error=1:detect_leaks=1:allocator_may_return_null=1:detect_stack_use_after_return=1:check_initialization_order=1:strict_init_order=1:log_path=$reports/asan"
   export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
@@ -89,8 +95,8 @@ run_asan() {
 
 run_tsan() {
   local dir=build-tsan reports=$root/build-tsan/sanitizer-reports
-  configure "$dir" thread
-  build "$dir" "${tsan_tests[@]}"
+  configure "$dir" thread || return 1
+  build "$dir" "${tsan_tests[@]}" || return 1
   rm -rf "$reports" && mkdir -p "$reports"
   export TSAN_OPTIONS="halt_on_error=1:suppressions=$root/tests/sanitizers/tsan.supp:second_deadlock_stack=1:allocator_may_return_null=1:log_path=$reports/tsan"
   run_tests "$dir" "$reports" "${tsan_tests[@]}"

@@ -43,15 +43,16 @@ struct Script {
   // on_done's status once every image is produced (CANCELLED instead when the fake honoured a
   // cancellation).
   absl::Status final_status;
-  // After this many images, wait (up to kWait) until the RPC is cancelled; -1: never.
+  // After this many images of the request, wait (up to kWait) until the RPC is cancelled; -1:
+  // never.
   int wait_for_cancel_after = -1;
   // Whether a seen cancellation stops production (as the engine does) or is ignored (a backend
   // that keeps producing after the client has gone).
   bool honour_cancel = true;
   // When set, on_done waits (up to kWait) until this is notified.
   absl::Notification* hold_done = nullptr;
-  // When set, production pauses after `pause_after` images until this is notified (up to
-  // kWait): the test acts between two images.
+  // When set, production pauses after `pause_after` images of the request until this is
+  // notified (up to kWait): the test acts between two images.
   absl::Notification* resume = nullptr;
   int pause_after = -1;
 };
@@ -105,6 +106,7 @@ class ThreadedProducer {
     std::condition_variable turn_changed;
     int turn = 0;
     bool stopped = false;  // a cancellation was honoured
+    int produced = 0;      // images of this request so far
     GenerateResult result;
   };
 
@@ -150,7 +152,8 @@ class ThreadedProducer {
     } else {
       run.result.images.push_back(std::move(image));
     }
-    const int produced = ++images_produced_;
+    ++images_produced_;
+    const int produced = ++run.produced;
     if (produced == run.script.pause_after && run.script.resume != nullptr) {
       run.script.resume->WaitForNotificationWithTimeout(kWait);
     }

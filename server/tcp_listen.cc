@@ -15,9 +15,10 @@
 namespace dmdserve {
 namespace {
 
-// Connections the kernel completes and queues before the server accepts them: its own limit
-// (net.core.somaxconn caps it; 4096 by default). A short queue drops the SYNs of a burst of new
-// clients, each of which then waits out TCP's 1-s retransmission before it is even accepted.
+// Connections the kernel completes and queues before the server accepts them: glibc's SOMAXCONN
+// (4096), which the kernel caps at net.core.somaxconn (4096 by default). A short queue drops the
+// SYNs of a burst of new clients, each of which then waits out TCP's 1-s retransmission before
+// it is even accepted.
 constexpr int kListenBacklog = SOMAXCONN;
 
 }  // namespace

@@ -10,10 +10,9 @@
 
 namespace dmdserve {
 
-// Binds and listens (non-blocking, close-on-exec, SO_REUSEADDR, the kernel's largest accept
-// queue) on host:port (the first address of `host` that binds); the bound port through
-// `bound_port`. UNAVAILABLE "cannot listen for
-// <what> on host:port: <reason>" otherwise.
+// Binds and listens (non-blocking, close-on-exec, SO_REUSEADDR, an accept queue of SOMAXCONN) on
+// host:port (the first address of `host` that binds); the bound port through `bound_port`.
+// UNAVAILABLE "cannot listen for <what> on host:port: <reason>" otherwise.
 absl::StatusOr<int> ListenTcp(const std::string& host, int port, absl::string_view what,
                               int& bound_port);
 

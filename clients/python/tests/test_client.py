@@ -135,12 +135,15 @@ class DeadlineTest(unittest.TestCase):
     TimeoutError), raised on the first attempt (a deadline is never retried), and the server
     gives up on the request too."""
     SLOW_MODEL = "tiny-random-50-steps"
+    IMAGES = 64
 
     @classmethod
     def setUpClass(cls):
         cls.tmp = tempfile.TemporaryDirectory()
-        # The teacher's 50-step schedule, 32 images one at a time: seconds of work a request.
-        bundle = make_slow_bundle(cls.tmp.name, cls.SLOW_MODEL, max_images_per_request=32)
+        # The teacher's 50-step schedule, 64 images one at a time: about 4 s of work a request
+        # here (2.2 s for 32), well past the deadlines below.
+        bundle = make_slow_bundle(cls.tmp.name, cls.SLOW_MODEL,
+                                  max_images_per_request=cls.IMAGES)
         cls.server = Server("--max_batch_size=1", "--workers=1", model_dirs=(bundle,))
 
     @classmethod
@@ -157,9 +160,10 @@ class DeadlineTest(unittest.TestCase):
 
     def test_generate_past_its_deadline(self):
         with dmdserve.Client(self.server.target) as client:
+            client.models()  # connected: the deadline below is the request's alone
             with self.assertNoLogs("dmdserve", logging.INFO):  # no retry
                 with self.assertRaises(dmdserve.DeadlineExceededError) as caught:
-                    client.generate(PROMPT, 32, model=self.SLOW_MODEL, timeout=0.5)
+                    client.generate(PROMPT, self.IMAGES, model=self.SLOW_MODEL, timeout=1.0)
         self.assertIsInstance(caught.exception, TimeoutError)
         self.assertEqual(caught.exception.code, grpc.StatusCode.DEADLINE_EXCEEDED)
         self.assertTrue(self.expired_on_the_server(), self.server.log())
@@ -167,15 +171,16 @@ class DeadlineTest(unittest.TestCase):
     def test_stream_past_its_deadline(self):
         seeds = []
         with dmdserve.Client(self.server.target) as client:
+            client.models()
             with self.assertNoLogs("dmdserve", logging.INFO):
                 with self.assertRaises(dmdserve.DeadlineExceededError):
-                    for image in client.stream(PROMPT, 32, model=self.SLOW_MODEL, seed=1,
+                    for image in client.stream(PROMPT, self.IMAGES, model=self.SLOW_MODEL, seed=1,
                                                timeout=1.5):
                         seeds.append(image.seed)
         # Whatever arrived before the deadline are images of this request, each once.
-        self.assertLess(len(seeds), 32)
+        self.assertLess(len(seeds), self.IMAGES)
         self.assertEqual(len(set(seeds)), len(seeds))
-        self.assertLessEqual(set(seeds), set(range(1, 33)))
+        self.assertLessEqual(set(seeds), set(range(1, self.IMAGES + 1)))
 
 
 class ApiKeyTest(unittest.TestCase):
