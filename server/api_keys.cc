@@ -167,6 +167,12 @@ absl::Status ApiKeys::Admit(const std::string& name, int images) {
   bucket.tokens = std::min(capacity, bucket.tokens + absl::ToDoubleSeconds(now - bucket.updated) *
                                                          bucket.images_per_second);
   bucket.updated = now;
+  if (images > capacity) {  // never admitted, however long the client waits: not a retry case
+    return absl::InvalidArgumentError(absl::StrCat(
+        "num_images is ", images, "; the limit for API key '", name, "' is ",
+        std::floor(capacity), " (its burst: ", bucket.images_per_second,
+        " images per second for ", kBurstSeconds, " s)"));
+  }
   if (bucket.tokens < images) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "API key '", name, "' is limited to ", bucket.images_per_second,

@@ -6,7 +6,9 @@
 // second. Blank lines and `#` comments are ignored. Clients send `authorization: Bearer SECRET`;
 // Authenticate() hashes the secret and compares it with every key's hash in constant time.
 // A rate limit is a token bucket holding 2 s of images (burst), refilled continuously; a
-// Generate that would overdraw it is refused whole with RESOURCE_EXHAUSTED naming the limit.
+// Generate that would overdraw it is refused whole with RESOURCE_EXHAUSTED naming the limit, and
+// one asking for more images than the burst (which no wait would ever admit) with
+// INVALID_ARGUMENT naming num_images and the most a request of that key may ask for.
 //
 // Reload() re-reads the file (SIGHUP in dmdserve): on an error the old keys stay. Buckets of
 // keys that keep their name keep their level.

@@ -86,8 +86,10 @@ TEST_F(ApiKeysTest, RateLimitIsATokenBucketWithTwoSecondsOfBurst) {
   EXPECT_TRUE(keys->Admit("slow", 2).ok());
   EXPECT_FALSE(keys->Admit("slow", 1).ok());
   clock_.Advance(absl::Seconds(100));  // never more than the burst
-  EXPECT_FALSE(keys->Admit("slow", 9).ok());
-  EXPECT_TRUE(keys->Admit("slow", 8).ok());
+  absl::Status never = keys->Admit("slow", 9);
+  EXPECT_EQ(never.code(), absl::StatusCode::kInvalidArgument);  // no wait would admit it
+  EXPECT_THAT(never.message(), HasSubstr("num_images is 9; the limit for API key 'slow' is 8"));
+  EXPECT_TRUE(keys->Admit("slow", 8).ok());  // the refusal took nothing
   EXPECT_TRUE(keys->Admit("free", 1000).ok());  // no limit
 }
 

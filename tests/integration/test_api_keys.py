@@ -65,6 +65,11 @@ class ApiKeysTest(unittest.TestCase):
         self.assertEqual(caught.exception.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
         self.assertIn("API key 'bob' is limited to 2 images per second", caught.exception.details())
         self.assertEqual(len(self.call("Generate", request, name="alice").images), 4)  # no limit
+        # More than bob's burst could never be admitted: not a retry-later refusal.
+        with self.assertRaises(grpc.RpcError) as never:
+            self.call("Generate", pb.GenerateRequest(prompt="a boot", num_images=5), name="bob")
+        self.assertEqual(never.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertIn("num_images is 5; the limit for API key 'bob' is 4", never.exception.details())
 
     def test_the_key_name_is_in_logs_and_metrics(self):
         self.call("Generate", pb.GenerateRequest(prompt="a hat", seed=3), name="alice")

@@ -202,10 +202,21 @@ class HttpApiKeysTest(unittest.TestCase):
 
     def test_over_the_rate_limit_is_429_with_retry_after(self):
         auth = {"Authorization": f"Bearer {self.SECRET}"}
-        status, headers, body = generate(self.server, {"prompt": "x", "n": 3}, auth)
-        self.assertEqual(status, 429, body)
+        # Each 2-image request takes the whole burst, which refills in 2 s.
+        answers = [generate(self.server, {"prompt": "x", "n": 2}, auth) for _ in range(3)]
+        refused = [(headers, body) for status, headers, body in answers if status == 429]
+        self.assertTrue(refused, [status for status, _, _ in answers])
+        headers, body = refused[0]
         self.assertEqual(body["error"]["code"], "rate_limit_exceeded")
         self.assertEqual(headers["Retry-After"], "1")
+
+    def test_more_than_the_burst_is_400_naming_n(self):
+        auth = {"Authorization": f"Bearer {self.SECRET}"}
+        status, headers, body = generate(self.server, {"prompt": "x", "n": 3}, auth)
+        self.assertEqual(status, 400, body)
+        self.assertEqual(body["error"]["param"], "n")
+        self.assertIn("the limit for API key 'alice' is 2", body["error"]["message"])
+        self.assertNotIn("Retry-After", headers)
 
 
 class HttpDrainTest(unittest.TestCase):

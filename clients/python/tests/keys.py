@@ -4,7 +4,7 @@ and the metric that counts each key's calls by status code."""
 from harness import metric_value, wait_until, write_api_keys
 
 #: name -> (secret, images per second or None). bob's burst (2 s of his rate) is 2 images, so
-#: a 4-image request is refused every time; carol's is 4.
+#: a 4-image request is never admitted; carol's is 4.
 KEYS = {"alice": ("alice-secret", None), "bob": ("bob-secret", 1), "carol": ("carol-secret", 2)}
 
 
