@@ -107,10 +107,13 @@ class AsyncClientTest(unittest.TestCase):
 
     def test_refusals_are_retried_then_raised(self):
         quick = RetryPolicy(max_attempts=4, initial_backoff_s=0.01, max_backoff_s=0.02)
+        async def body(client):
+            await client.generate(PROMPT, 2)  # bob's whole burst, which refills in 2 s
+            await client.generate(PROMPT, 2)  # so four quick attempts are all refused
+
         with self.assertLogs("dmdserve", logging.INFO) as logs:
             with self.assertRaises(dmdserve.ResourceExhaustedError) as caught:
-                self.run_client(lambda c: c.generate(PROMPT, 4), api_key=secret("bob"),
-                                retry=quick)
+                self.run_client(body, api_key=secret("bob"), retry=quick)
         self.assertIn("API key 'bob' is limited", caught.exception.message)
         self.assertEqual(len(logs.records), 3)
         self.assertEqual(key_calls(self.server, "bob", "RESOURCE_EXHAUSTED", at_least=4), 4)
