@@ -1,10 +1,7 @@
 #include "server/http_server.h"
 
-#include <arpa/inet.h>
 #include <curl/curl.h>
-#include <netinet/in.h>
 #include <sys/socket.h>
-#include <sys/time.h>
 #include <unistd.h>
 
 #include <memory>
@@ -26,6 +23,7 @@
 #include "server/fake_backend_testing.h"
 #include "server/metrics.h"
 #include "server/metrics_testing.h"
+#include "server/socket_testing.h"
 #include "spdlog/spdlog.h"
 
 namespace dmdserve {
@@ -51,46 +49,6 @@ size_t WriteBody(char* data, size_t size, size_t count, void* body) {
 size_t WriteHeader(char* data, size_t size, size_t count, void* headers) {
   static_cast<std::string*>(headers)->append(data, size * count);
   return size * count;
-}
-
-// A TCP connection to 127.0.0.1:`port` whose reads time out after kWait; -1 on failure.
-int ConnectLoopback(int port) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) return -1;
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_port = htons(static_cast<uint16_t>(port));
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  const timeval timeout = absl::ToTimeval(kWait);
-  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
-  if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) {
-    close(fd);
-    return -1;
-  }
-  return fd;
-}
-
-// Whether all of `bytes` went out.
-bool SendAll(int fd, const std::string& bytes) {
-  size_t sent = 0;
-  while (sent < bytes.size()) {
-    const ssize_t n = send(fd, bytes.data() + sent, bytes.size() - sent, MSG_NOSIGNAL);
-    if (n <= 0) return false;
-    sent += static_cast<size_t>(n);
-  }
-  return true;
-}
-
-// Reads until what came holds `marker` (or the connection ends or a read times out).
-std::string ReceiveUntil(int fd, const std::string& marker) {
-  std::string received;
-  char buffer[4096];
-  while (received.find(marker) == std::string::npos) {
-    const ssize_t n = recv(fd, buffer, sizeof(buffer), 0);
-    if (n <= 0) break;
-    received.append(buffer, static_cast<size_t>(n));
-  }
-  return received;
 }
 
 std::string RawPost(const std::string& path, const std::string& body) {
@@ -254,7 +212,7 @@ TEST_F(HttpServerTest, StreamWhoseClientGoesAwayIsCancelledBeforeItsOtherImages)
                 .wait_for_cancel_after = 2,
                 .resume = &client_gone,
                 .pause_after = 1});
-  const int fd = ConnectLoopback(server_->port());
+  const int fd = ConnectLoopback(server_->port(), kWait);
   ASSERT_GE(fd, 0);
   ASSERT_TRUE(SendAll(fd, RawPost("/v1/generate:stream", GenerateBody(4))));
   const std::string first = ReceiveUntil(fd, "}\n");
@@ -343,7 +301,7 @@ TEST_F(HttpServerTest, ConcurrentRequestsEachGetTheirOwnAnswer) {
 
 // A connection holding half a request's headers takes a connection slot and nothing else.
 TEST_F(HttpServerTest, StalledClientDelaysNoOtherRequest) {
-  const int stalled = ConnectLoopback(server_->port());
+  const int stalled = ConnectLoopback(server_->port(), kWait);
   ASSERT_GE(stalled, 0);
   ASSERT_TRUE(SendAll(stalled, "POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Le"));
 

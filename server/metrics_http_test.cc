@@ -1,8 +1,6 @@
 #include "server/metrics_http.h"
 
-#include <arpa/inet.h>
 #include <dirent.h>
-#include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -16,6 +14,7 @@
 #include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "server/socket_testing.h"
 
 namespace dmdserve {
 namespace {
@@ -24,24 +23,16 @@ using ::testing::HasSubstr;
 using ::testing::StartsWith;
 
 int Connect(int port) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_port = htons(static_cast<uint16_t>(port));
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  EXPECT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)), 0);
+  const int fd = ConnectLoopback(port);
+  EXPECT_GE(fd, 0) << "cannot connect to port " << port;
   return fd;
 }
 
 // Sends `request` on a new connection and returns everything the server sent until it closed.
 std::string Exchange(int port, const std::string& request) {
   const int fd = Connect(port);
-  EXPECT_EQ(send(fd, request.data(), request.size(), MSG_NOSIGNAL),
-            static_cast<ssize_t>(request.size()));
-  std::string response;
-  char buffer[4096];
-  ssize_t n;
-  while ((n = recv(fd, buffer, sizeof(buffer), 0)) > 0) response.append(buffer, n);
+  EXPECT_TRUE(SendAll(fd, request));
+  std::string response = ReceiveUntil(fd);
   close(fd);
   return response;
 }
